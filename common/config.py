@@ -1,0 +1,211 @@
+"""One typed config tree for every process (STYLE: one pydantic tree, extra keys forbidden).
+
+Loaded from YAML, overridden with ``--set section.key=value``, validated once at
+the edge (``load_config``), saved resolved into the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user error in the config: the message is one line naming the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+ScheduleName = Literal["linear", "cosine", "scaled_linear"]
+VarType = Literal["fixed_small", "fixed_large", "learned", "learned_range"]
+PredictionType = Literal["eps", "v", "x0"]
+
+
+class DiffusionConfig(_Strict):
+    """A teacher's diffusion (guided-diffusion's flags) and the distillation chain on it."""
+
+    schedule: ScheduleName = "cosine"
+    num_timesteps: int = Field(1000, ge=2)
+    var_type: VarType = "learned_range"
+    prediction: PredictionType = "eps"
+    clip_denoised: bool = True
+    # The distillation chain: "" = the full chain (the paper), else a respacing such as "100".
+    respacing: str = ""
+
+
+class AnalyticConfig(_Strict):
+    """The exact Gaussian-mixture teacher: K isotropic components in an image-shaped space."""
+
+    num_components: int = Field(8, ge=1)
+    channels: int = Field(1, ge=1)
+    image_size: int = Field(8, ge=1)
+    component_std: float = Field(0.1, gt=0)
+    mean_scale: float = Field(0.7, gt=0)
+    seed: int = 0
+
+
+class TeacherConfig(_Strict):
+    kind: Literal["analytic", "guided_diffusion", "diffusers", "dkdm"] = "analytic"
+    path: str | None = None               # checkpoint file or folder (local only)
+    flags: dict[str, Any] = Field(default_factory=dict)   # guided-diffusion create_model flags
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    analytic: AnalyticConfig = Field(default_factory=AnalyticConfig)
+    use_ema: bool = True                  # dkdm checkpoints: load ema.safetensors when present
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _path_needed(self):
+        if self.kind != "analytic" and not self.path:
+            raise ValueError(f"teacher.path is required for teacher.kind={self.kind!r}")
+        return self
+
+
+class StudentConfig(_Strict):
+    arch: Literal["adm", "dit", "mlp"] = "adm"
+    size: str | None = None               # a named size from the registry (e.g. "14M", "DiT-S/2")
+    flags: dict[str, Any] = Field(default_factory=dict)   # overrides of the size's flags
+
+
+class PoolConfig(_Strict):
+    backend: Literal["local", "ray", "redis"] = "local"
+    rho: float = Field(0.4, gt=0)
+    num_slots: int | None = Field(None, ge=1)   # explicit size instead of round(rho * T) * b
+    shards: int = Field(1, ge=1)
+    storage_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    lease_timeout_s: float = Field(60.0, gt=0)
+    claim_timeout_s: float = Field(60.0, gt=0)
+    min_ready_fraction: float = Field(1.0, ge=0, le=1)   # READY fill before the first draw
+    samples_per_insert: float = Field(1.0, gt=0)
+    block_timeout_s: float = Field(300.0, gt=0)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    name: str = "dkdm"
+
+
+class DistillConfig(_Strict):
+    variant: Literal["dynamic", "shuffled", "iterative"] = "dynamic"
+    batch_size: int = Field(128, ge=1)
+    steps: int = Field(1000, ge=0)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    ema_rate: float = Field(0.9999, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    lambda_vlb: float = Field(1.0, ge=0)        # reference: L_simple* + L_vlb* (bits/dim, mean)
+    teacher_microbatch: int = Field(256, ge=1)  # teacher forward batch (warm-up and refill)
+    bf16: bool = True                            # autocast where the device supports it
+
+
+class SampleConfig(_Strict):
+    sampler: Literal["ancestral", "ddim"] = "ancestral"
+    steps: str = "50"
+    eta: float = 0.0
+    num_samples: int = Field(64, ge=1)
+    batch_size: int = Field(256, ge=1)
+    use_ema: bool = True
+
+
+class RunConfig(_Strict):
+    name: str = "dkdm"
+    out_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = Field(10, ge=1)
+    sample_every: int = Field(0, ge=0)          # 0: only at the end
+    ckpt_every: int = Field(0, ge=0)            # 0: only at the end
+    progress: bool = True
+
+
+class RayConfig(_Strict):
+    address: str | None = None                  # None: RAY_ADDRESS, else a local cluster
+    num_workers: int = Field(1, ge=1)           # Ray Train student workers
+    use_gpu: bool = False
+    num_teachers: int = Field(1, ge=1)
+    teacher_num_gpus: float = Field(0.0, ge=0)
+    teacher_num_cpus: float = Field(1.0, gt=0)
+    worker_num_cpus: float = Field(1.0, gt=0)
+    max_restarts: int = Field(3, ge=0)
+    max_failures: int = Field(2, ge=0)
+
+
+class MetricsConfig(_Strict):
+    enabled: bool = True
+    port: int = Field(9400, ge=0, le=65535)     # base port of the project's Prometheus endpoints
+
+
+class Config(_Strict):
+    run: RunConfig = Field(default_factory=RunConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    pool: PoolConfig = Field(default_factory=PoolConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: {k!r} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=c`` -> ("a.b", yaml-parsed c)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _format_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"]) or "config"
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"config field {loc}: {msg}{more}"
+
+
+def config_from_dict(tree: dict) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML file (optional) + ``--set`` overrides -> validated Config, or ConfigError (one line)."""
+    tree: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
