@@ -1,9 +1,13 @@
 """Metric names, defined once (STYLE: names with units; components record through a thin call).
 
 Components call ``metrics.inc/set/observe(NAME, value, **labels)``; nothing is
-exported until a process calls ``serve(port)`` (the edge). Every process that
-records metrics (pool shard actors, teacher actors, trainer workers, the
-driver) serves its own prometheus-client endpoint; see docs/ARCHITECTURE.md.
+exported until a process calls ``serve_and_register(role, index, base_port)``
+(the edge). Every process that records metrics (pool shard actors, teacher
+actors, trainer workers, the driver) serves its own prometheus-client endpoint
+and announces it to Prometheus with a file_sd file (common/metrics_discovery.py;
+scrape targets are documented in docs/local_cluster.md).
+
+Counters are exported with ``_total``, histograms as ``_bucket/_sum/_count``.
 """
 
 from __future__ import annotations
@@ -32,8 +36,13 @@ TRAINER_LOSS = "dkdm_trainer_loss"                               # gauge{worker,
 TRAINER_SAMPLES_TOTAL = "dkdm_trainer_samples_total"             # counter{worker}
 TRAINER_STEPS_TOTAL = "dkdm_trainer_steps_total"                 # counter{worker}
 
+import atexit
+import os
 import threading
+import time
+from pathlib import Path
 
+from common import metrics_discovery as sd
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -107,3 +116,40 @@ def serve(port: int, addr: str = "0.0.0.0") -> int:
     """Expose this process's metrics on ``port`` (0: any free port). Returns the port."""
     server, _thread = start_http_server(port, addr=addr, registry=REGISTRY)
     return server.server_address[1]
+
+
+_served: dict[str, object] = {}     # this process's endpoint: {"port": int, "file": Path}
+
+
+def serve_and_register(role: str, index: int = 0, base_port: int = 0) -> int:
+    """Serve this process's metrics and announce the endpoint to Prometheus. Returns the port.
+
+    ``role`` is driver | trainer | teacher | pool (any other name gets a free
+    port); ``base_port`` is ``MetricsConfig.port`` (0: always a free port). The
+    port tried first is ``base_port + ROLE_OFFSETS[role] + index``; if it is
+    taken, any free port. Idempotent: a process serves one endpoint, the first
+    call's (role, index) names it. The target file is removed at exit, after
+    ``DKDM_METRICS_LINGER_S`` seconds.
+    """
+    with _lock:
+        if _served:
+            return int(_served["port"])
+        addr = sd.bind_address()
+        preferred = sd.preferred_port(base_port, role, index)
+        try:
+            port = serve(preferred, addr)
+        except OSError:                   # taken (another run, another process): any free port
+            port = serve(0, addr)
+        path = sd.write_target(sd.sd_dir(), role, index, sd.advertised_host(), port)
+        _served.update(port=port, file=path, pid=os.getpid())
+        atexit.register(_unregister)
+        return port
+
+
+def _unregister() -> None:
+    if not _served or _served.get("pid") != os.getpid():     # a forked child inherits atexit
+        return
+    linger = sd.linger_seconds()
+    if linger:
+        time.sleep(linger)
+    sd.remove_target(Path(_served["file"]))
