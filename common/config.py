@@ -109,6 +109,20 @@ class SampleConfig(_Strict):
     use_ema: bool = True
 
 
+class DataConfig(_Strict):
+    """The baselines' data (paper Sec. 5.1): data-based, data-free (synthetic) and data-limited training."""
+
+    dataset: str = "digits"                     # digits | digits16 | npz:PATH | folder:PATH | shards:PATH
+    image_size: int | None = None               # folder datasets: resize to this
+    class_cond: bool = False                    # data-based students conditioned on the dataset's labels
+    synthetic_dir: str | None = None            # where `dkdm synth` writes (and data-free training reads)
+    num_synthetic: int = Field(1797, ge=1)      # default: the size of sklearn's digits
+    synth_sampler: Literal["ancestral", "ddim"] = "ancestral"
+    synth_steps: str = "100"
+    shard_size: int = Field(1024, ge=1)
+    real_percent: float = Field(0.0, ge=0, le=100)   # data-limited: P% real images mixed into the synthetic set
+
+
 class RunConfig(_Strict):
     name: str = "dkdm"
     out_dir: str = "runs"
@@ -144,6 +158,7 @@ class Config(_Strict):
     pool: PoolConfig = Field(default_factory=PoolConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
