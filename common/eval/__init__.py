@@ -1,0 +1,1 @@
+"""Sample-quality evaluation: FID / sFID / IS / precision-recall (``fid``), feature networks (``features``)."""
