@@ -84,6 +84,7 @@ class PoolConfig(_Strict):
     samples_per_insert: float = Field(1.0, gt=0)
     block_timeout_s: float = Field(300.0, gt=0)
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_retry_timeout_s: float = Field(30.0, gt=0)   # connection loss: retry with backoff, then PoolError
     name: str = "dkdm"
 
 
