@@ -1,0 +1,277 @@
+"""LocalPool: N PoolShards in one process behind one lock (the single-process loop's backend).
+
+Thread safe: every call holds the pool's condition variable; blocking calls wait
+on it in short slices (expiry of a lease or claim needs no notification, so the
+waiter re-checks at least every 50 ms). A draw splits b over the shards with a
+multivariate hypergeometric draw on their READY counts (base.split_draw) and
+draws uniformly within each shard, which is one uniform draw without
+replacement over all READY slots. Snapshots copy one shard at a time under the
+lock and encode and write outside it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import numpy as np
+import torch
+
+from common import metrics
+from common.config import PoolConfig
+from common.pool.base import (
+    STATE_NAMES,
+    Claim,
+    Draw,
+    Pool,
+    PoolError,
+    PoolStats,
+    PoolTimeout,
+    min_ready_slots,
+    shard_ranges,
+    split_draw,
+    timeout_message,
+)
+from common.pool.codec import read_snapshot, write_snapshot
+from common.pool.shard import PoolShard
+from common.records import RecordBatch
+
+_WAIT_SLICE_S = 0.05
+
+
+def merge_stats(num_slots: int, shard_stats: list[dict], warm: bool, t_buckets: int, blocked: dict, seconds: dict) -> PoolStats:
+    """Per-shard stat dicts (PoolShard.stats) -> PoolStats."""
+    tot = {k: sum(s[k] for s in shard_stats) for k in shard_stats[0] if k not in ("shard", "counts", "t_histogram")}
+    counts = {n: sum(s["counts"][n] for s in shard_stats) for n in STATE_NAMES}
+    hist = np.sum([s["t_histogram"] for s in shard_stats], axis=0).astype(int).tolist() if t_buckets else []
+    return PoolStats(
+        num_slots=num_slots,
+        counts=counts,
+        shard_counts=[dict(s["counts"]) for s in shard_stats],
+        produced_total=tot["produced"],
+        consumed_total=tot["consumed"],
+        bytes_in_total=tot["bytes_in"],
+        bytes_out_total=tot["bytes_out"],
+        draw_blocked_seconds_total=blocked.get("draw", 0.0),
+        fill_blocked_seconds_total=blocked.get("fill", 0.0),
+        t_histogram=hist,
+        extra={"inserted_total": tot["inserted"]},
+        warm=warm,
+        released_total=tot["released"],
+        expired_leases_total=tot["expired_leases"],
+        expired_claims_total=tot["expired_claims"],
+        corrupt_total=tot["corrupt"],
+        fill_rejected_total=tot["fill_rejected"],
+        draw_seconds_total=seconds.get("draw", 0.0),
+        fill_seconds_total=seconds.get("fill", 0.0),
+        draws_total=tot["draws"],
+        fills_total=tot["fills"],
+        record_age_mean=tot["age_sum"] / max(tot["consumed"], 1),
+    )
+
+
+def snapshot_header(pool, inserted_total: int) -> dict:
+    return {
+        "num_slots": pool.num_slots, "record_shape": list(pool.record_shape), "storage_dtype": pool.storage_dtype,
+        "has_logvar": pool.has_logvar, "has_label": pool.has_label, "inserted_total": int(inserted_total),
+    }
+
+
+def check_snapshot_header(pool, header: dict, path: str) -> None:
+    for key, mine in (("num_slots", pool.num_slots), ("record_shape", list(pool.record_shape)),
+                      ("storage_dtype", pool.storage_dtype), ("has_logvar", pool.has_logvar), ("has_label", pool.has_label)):
+        if header.get(key) != mine:
+            raise PoolError(f"snapshot {path} has {key}={header.get(key)!r}, this pool has {key}={mine!r}")
+
+
+def load_snapshot_for(pool, path: str, ranges: list[tuple[int, int]]):
+    """Read a snapshot and cut it to this pool's shard ranges -> (header, [(arrays, bad)] per shard)."""
+    from common.pool.codec import SlotArrays
+
+    header, frames = read_snapshot(path)
+    check_snapshot_header(pool, header, path)
+    parts = sorted(frames, key=lambda fb: fb[0].lo)
+    covered = sum(len(a) for a, _ in parts)
+    if covered != pool.num_slots or (parts and parts[0][0].lo != 0):
+        raise PoolError(f"snapshot {path} covers {covered} slots, this pool has {pool.num_slots}")
+    names = ("state", "t", "uses", "produced_at", "x_t", "eps", "logvar", "y")
+    full = {n: (None if getattr(parts[0][0], n) is None else np.concatenate([getattr(a, n) for a, _ in parts])) for n in names}
+    bad = np.concatenate([b for _, b in parts])
+    out = []
+    for lo, hi in ranges:
+        arrays = SlotArrays(lo=lo, **{n: (None if v is None else v[lo:hi]) for n, v in full.items()})
+        out.append((arrays, bad[lo:hi]))
+    return header, out
+
+
+def surplus_inserted(header: dict, parts) -> int:
+    """Inserted records of the snapshot beyond the READY ones it restores (keeps a warm pool warm)."""
+    ready = sum(int((((a.state == 0) | (a.state == 1)) & ~bad).sum()) for a, bad in parts)
+    return max(0, int(header.get("inserted_total", 0)) - ready)
+
+
+class LocalPool(Pool):
+    def __init__(
+        self,
+        cfg: PoolConfig,
+        num_slots: int,
+        record_shape: tuple[int, int, int],
+        has_logvar: bool = False,
+        has_label: bool = False,
+        num_timesteps: int = 1000,
+        seed: int = 0,
+        t_buckets: int = 10,
+    ):
+        self.cfg, self.num_slots = cfg, int(num_slots)
+        self.record_shape = tuple(int(s) for s in record_shape)
+        self.storage_dtype, self.has_logvar, self.has_label = cfg.storage_dtype, has_logvar, has_label
+        self.t_buckets = t_buckets
+        self.ranges = shard_ranges(self.num_slots, cfg.shards)
+        self.shards = [
+            PoolShard(i, lo, hi - lo, self.record_shape, cfg.storage_dtype, has_logvar, has_label,
+                      cfg.lease_timeout_s, cfg.claim_timeout_s, cfg.samples_per_insert, num_timesteps, t_buckets, seed)
+            for i, (lo, hi) in enumerate(self.ranges)
+        ]
+        self.min_ready = min_ready_slots(cfg.min_ready_fraction, self.num_slots)
+        self.rng = np.random.default_rng(seed + 7919)
+        self.cond = threading.Condition()
+        self.claims: dict[str, list[tuple[int, int]]] = {}      # claim id -> [(shard, count)] in slot order
+        self.blocked = {"draw": 0.0, "fill": 0.0}
+        self.seconds = {"draw": 0.0, "fill": 0.0}
+        self.fill_rejected = 0
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _counts(self, now: float) -> tuple[np.ndarray, np.ndarray, int, dict]:
+        per = [s.counts(now) for s in self.shards]
+        ready = np.array([c["READY"] for c in per])
+        refill = np.array([c["REFILL"] for c in per])
+        inserted = sum(c["inserted"] for c in per)
+        counts = {n: sum(c[n] for c in per) for n in STATE_NAMES}
+        return ready, refill, inserted, counts
+
+    def _wait(self, ok, what: str, side: str, timeout_s: float | None):
+        """Wait on the condition until ok(ready, refill, inserted) or timeout -> PoolTimeout. Holds the lock."""
+        timeout_s = self.cfg.block_timeout_s if timeout_s is None else timeout_s
+        start = time.monotonic()
+        while True:
+            ready, refill, inserted, counts = self._counts(time.time())
+            if ok(ready, refill, inserted):
+                break
+            left = timeout_s - (time.monotonic() - start)
+            if left <= 0:
+                self._add_blocked(side, time.monotonic() - start)
+                raise PoolTimeout(timeout_message(what, timeout_s, counts, f", inserted={inserted}, min_ready={self.min_ready}"))
+            self.cond.wait(min(left, _WAIT_SLICE_S))
+        self._add_blocked(side, time.monotonic() - start)
+        return ready, refill
+
+    def _add_blocked(self, side: str, s: float) -> None:
+        if s > 1e-4:
+            self.blocked[side] += s
+            metrics.inc(metrics.POOL_BLOCKED_SECONDS_TOTAL, s, side=side)
+
+    # --- the contract ---------------------------------------------------------------------
+
+    def draw(self, b: int, timeout_s: float | None = None) -> Draw:
+        if not 1 <= b <= self.num_slots:
+            raise PoolError(f"cannot draw {b} records from a pool of {self.num_slots} slots")
+        t0 = time.perf_counter()
+        with self.cond:
+            ready, _ = self._wait(lambda r, f, ins: ins >= self.min_ready and r.sum() >= b,
+                                  f"{b} READY slots (warm-up needs {self.min_ready} inserted)", "draw", timeout_s)
+            lease_id = uuid.uuid4().hex
+            take = split_draw(ready, b, self.rng)
+            now = time.time()
+            parts = [self.shards[i].draw(int(m), lease_id, now) for i, m in enumerate(take) if m > 0]
+            deadline = now + self.cfg.lease_timeout_s
+        slots = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+        batch = RecordBatch.cat([p[1] for p in parts])
+        dt = time.perf_counter() - t0
+        self.seconds["draw"] += dt
+        metrics.observe(metrics.POOL_DRAW_SECONDS, dt)
+        return Draw(lease_id=lease_id, slots=slots, batch=batch, deadline=deadline)
+
+    def release(self, lease_id: str) -> None:
+        with self.cond:
+            now = time.time()
+            if sum(s.release(lease_id, now) for s in self.shards):
+                self.cond.notify_all()
+
+    def claim_refill(self, n: int, timeout_s: float | None = None) -> Claim:
+        if n < 1:
+            raise PoolError(f"claim_refill needs n >= 1, got {n}")
+        with self.cond:
+            _, refill = self._wait(lambda r, f, ins: f.sum() >= 1, "a REFILL slot", "fill", timeout_s)
+            claim_id = uuid.uuid4().hex
+            now = time.time()
+            want, parts, layout = n, [], []
+            # Random shard order spreads teachers over shards; within a shard the slots are random too.
+            for i in self.rng.permutation(len(self.shards)):
+                if want == 0:
+                    break
+                m = min(want, int(refill[i]))
+                if m:
+                    parts.append(self.shards[i].claim(m, claim_id, now))
+                    layout.append((int(i), m))
+                    want -= m
+            self.claims[claim_id] = layout
+            deadline = now + self.cfg.claim_timeout_s
+        slots = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+        return Claim(claim_id=claim_id, slots=slots, batch=RecordBatch.cat([p[1] for p in parts]), deadline=deadline)
+
+    def fill(self, claim_id: str, batch: RecordBatch) -> bool:
+        t0 = time.perf_counter()
+        with self.cond:
+            layout = self.claims.get(claim_id)
+            now = time.time()
+            for s in self.shards:
+                s.expire(now)
+            if layout is None or any(self.shards[i].claim_size(claim_id) != m for i, m in layout):
+                self.claims.pop(claim_id, None)
+                self.fill_rejected += 1
+                return False
+            total = sum(m for _, m in layout)
+            self.shards[layout[0][0]].check_batch(batch, total)   # every shard has the same layout
+            off = 0
+            for i, m in layout:
+                self.shards[i].fill(claim_id, batch.index(slice(off, off + m)), now)
+                off += m
+            del self.claims[claim_id]
+            self.cond.notify_all()
+        dt = time.perf_counter() - t0
+        self.seconds["fill"] += dt
+        metrics.observe(metrics.POOL_FILL_SECONDS, dt)
+        return True
+
+    def stats(self) -> PoolStats:
+        with self.cond:
+            now = time.time()
+            per = [s.stats(now) for s in self.shards]
+            inserted = sum(p["inserted"] for p in per)
+            st = merge_stats(self.num_slots, per, inserted >= self.min_ready, self.t_buckets, self.blocked, self.seconds)
+            st.fill_rejected_total += self.fill_rejected
+            self.cond.notify_all()       # expiry may have freed slots for waiters
+        return st
+
+    def snapshot(self, path: str) -> None:
+        with self.cond:
+            inserted = sum(s.c["inserted"] for s in self.shards)
+
+        def frames():
+            for s in self.shards:
+                with self.cond:          # the pool stops for one shard's copy only
+                    arrays = s.snapshot()
+                yield arrays
+
+        write_snapshot(path, snapshot_header(self, inserted), frames())
+
+    def restore(self, path: str) -> None:
+        header, parts = load_snapshot_for(self, path, self.ranges)
+        extra = surplus_inserted(header, parts)
+        with self.cond:
+            self.claims.clear()
+            for i, (s, (arrays, bad)) in enumerate(zip(self.shards, parts)):
+                s.restore(arrays, bad, inserted_extra=extra if i == 0 else 0)
+            self.cond.notify_all()

@@ -1,0 +1,301 @@
+"""PoolShard: n slots of B+ held as preallocated arrays, and every state transition on them.
+
+A plain, single-threaded class (the owner serializes calls: LocalPool with its
+lock, a Ray actor by running one method at a time). It never blocks; blocking,
+rate limiting across shards and the random split of a draw over shards live in
+the pool that owns the shards (local.py, ray_backend.py). See base.py for the
+contract; this module implements it for one contiguous range of global slots.
+
+Storage per slot: x_t, eps, logvar (optional) [n, C, H, W] in the storage dtype;
+y (optional) [n] int64; t [n] int64 (EMPTY_T = no record); state [n] uint8;
+uses [n] int32 (uses left of the record, samples_per_insert); produced_at [n]
+int64 (value of the shard's produced counter when the record was filled, for
+the record age); owner [n] object (lease or claim id) with deadline [n] float64.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from common import metrics
+from common.pool.base import (
+    STATE_NAMES,
+    STORAGE_DTYPES,
+    SlotState,
+    check_samples_per_insert,
+    record_uses,
+    t_histogram,
+)
+from common.pool.codec import SlotArrays, from_numpy, to_numpy
+from common.records import EMPTY_T, RecordBatch
+
+READY, LEASED, REFILL, FILLING = (int(s) for s in SlotState)
+
+_COUNTERS = (
+    "produced", "consumed", "inserted", "released", "bytes_in", "bytes_out", "expired_leases", "expired_claims",
+    "corrupt", "fill_rejected", "draws", "fills", "age_sum",
+)
+
+
+class PoolShard:
+    """Global slots [lo, lo + n) of a pool; ``rng`` seeded with seed + shard_id (STYLE: base seed plus index)."""
+
+    def __init__(
+        self,
+        shard_id: int,
+        lo: int,
+        n: int,
+        record_shape: tuple[int, int, int],
+        storage_dtype: str = "fp32",
+        has_logvar: bool = False,
+        has_label: bool = False,
+        lease_timeout_s: float = 60.0,
+        claim_timeout_s: float = 60.0,
+        samples_per_insert: float = 1.0,
+        num_timesteps: int = 1000,
+        t_buckets: int = 10,
+        seed: int = 0,
+        record_metrics: bool = True,
+    ):
+        if storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"pool.storage_dtype={storage_dtype!r} is not one of {sorted(STORAGE_DTYPES)}")
+        self.shard_id, self.lo, self.n = shard_id, lo, n
+        self.record_shape = tuple(int(s) for s in record_shape)
+        self.storage_dtype, self.has_logvar, self.has_label = storage_dtype, has_logvar, has_label
+        self.lease_timeout_s, self.claim_timeout_s = lease_timeout_s, claim_timeout_s
+        self.k = check_samples_per_insert(samples_per_insert)
+        self.num_timesteps, self.t_buckets = num_timesteps, t_buckets
+        self.rng = np.random.default_rng(seed + shard_id)
+        self.record_metrics = record_metrics
+        dt = STORAGE_DTYPES[storage_dtype]
+        shape = (n, *self.record_shape)
+        self.x_t = torch.zeros(shape, dtype=dt)
+        self.eps = torch.zeros(shape, dtype=dt)
+        self.logvar = torch.zeros(shape, dtype=dt) if has_logvar else None
+        self.y = torch.zeros(n, dtype=torch.int64) if has_label else None
+        self.t = np.full(n, EMPTY_T, dtype=np.int64)
+        self.state = np.full(n, REFILL, dtype=np.uint8)
+        self.uses = np.zeros(n, dtype=np.int32)
+        self.produced_at = np.zeros(n, dtype=np.int64)
+        self.leases: dict[str, tuple[np.ndarray, float]] = {}   # id -> (local slots, deadline)
+        self.claims: dict[str, tuple[np.ndarray, float]] = {}
+        self.c = dict.fromkeys(_COUNTERS, 0)
+        self.record_bytes = 2 * self.x_t[0].nbytes + (self.x_t[0].nbytes if has_logvar else 0) + 8 + (8 if has_label else 0)
+        self._publish()
+
+    # --- bookkeeping ----------------------------------------------------------------
+
+    def counts(self, now: float | None = None) -> dict[str, int]:
+        """State counts (after expiry) plus ``inserted``, the records ever inserted (for the warm-up)."""
+        self.expire(now)
+        out = dict(zip(STATE_NAMES, np.bincount(self.state, minlength=4).tolist()))
+        out["inserted"] = self.c["inserted"]
+        return out
+
+    def expire(self, now: float | None = None) -> tuple[int, int]:
+        """Overdue leases -> READY (record kept, no use spent); overdue claims -> REFILL. -> (slots, slots)."""
+        now = time.time() if now is None else now
+        nl = nc = 0
+        for lid in [k for k, (_, d) in self.leases.items() if d <= now]:
+            idx, _ = self.leases.pop(lid)
+            self.state[idx] = READY
+            nl += len(idx)
+        for cid in [k for k, (_, d) in self.claims.items() if d <= now]:
+            idx, _ = self.claims.pop(cid)
+            self.state[idx] = REFILL
+            nc += len(idx)
+        if nl or nc:
+            self.c["expired_leases"] += nl
+            self.c["expired_claims"] += nc
+            if self.record_metrics:
+                if nl:
+                    metrics.inc(metrics.POOL_EXPIRED_TOTAL, nl, kind="lease")
+                if nc:
+                    metrics.inc(metrics.POOL_EXPIRED_TOTAL, nc, kind="claim")
+                self._publish()
+        return nl, nc
+
+    def _records(self, idx: np.ndarray) -> RecordBatch:
+        ti = torch.from_numpy(idx)
+        return RecordBatch(
+            x_t=self.x_t[ti].clone(),
+            t=torch.from_numpy(self.t[idx].copy()),
+            eps=self.eps[ti].clone(),
+            logvar=None if self.logvar is None else self.logvar[ti].clone(),
+            y=None if self.y is None else self.y[ti].clone(),
+        )
+
+    def _publish(self) -> None:
+        if not self.record_metrics:
+            return
+        for name, v in zip(STATE_NAMES, np.bincount(self.state, minlength=4).tolist()):
+            metrics.set(metrics.POOL_SLOTS, v, shard=self.shard_id, state=name)
+
+    # --- transitions ------------------------------------------------------------------
+
+    def draw(self, m: int, lease_id: str, now: float | None = None) -> tuple[np.ndarray, RecordBatch]:
+        """Lease min(m, READY) slots chosen uniformly without replacement -> (global slots [m'], records)."""
+        now = time.time() if now is None else now
+        self.expire(now)
+        ready = np.flatnonzero(self.state == READY)
+        m = min(int(m), len(ready))
+        idx = np.sort(self.rng.choice(ready, size=m, replace=False)) if m else ready[:0]
+        if m:
+            self.state[idx] = LEASED
+            prev = self.leases.get(lease_id)
+            self.leases[lease_id] = (idx if prev is None else np.concatenate([prev[0], idx]), now + self.lease_timeout_s)
+            ages = self.c["produced"] - self.produced_at[idx]
+            self.c["consumed"] += m
+            self.c["draws"] += 1
+            self.c["age_sum"] += int(ages.sum())
+            self.c["bytes_out"] += m * self.record_bytes
+            if self.record_metrics:
+                metrics.inc(metrics.POOL_RECORDS_CONSUMED_TOTAL, m, shard=self.shard_id)
+                metrics.inc(metrics.POOL_BYTES_TOTAL, m * self.record_bytes, shard=self.shard_id, direction="out")
+                for a in ages.tolist():
+                    metrics.observe(metrics.POOL_RECORD_AGE_STEPS, a)
+                self._publish()
+        return idx + self.lo, self._records(idx)
+
+    def release(self, lease_id: str, now: float | None = None) -> int:
+        """Spend one use per leased slot: -> READY with uses left, else REFILL. Unknown lease: 0 (idempotent)."""
+        self.expire(now)
+        got = self.leases.pop(lease_id, None)
+        if got is None:
+            return 0
+        idx, _ = got
+        self.uses[idx] -= 1
+        self.state[idx] = np.where(self.uses[idx] > 0, READY, REFILL).astype(np.uint8)
+        self.c["released"] += len(idx)
+        self._publish()
+        return len(idx)
+
+    def claim(self, m: int, claim_id: str, now: float | None = None) -> tuple[np.ndarray, RecordBatch]:
+        """Claim min(m, REFILL) slots (random ones) -> (global slots, their previous records)."""
+        now = time.time() if now is None else now
+        self.expire(now)
+        refill = np.flatnonzero(self.state == REFILL)
+        m = min(int(m), len(refill))
+        idx = np.sort(self.rng.choice(refill, size=m, replace=False)) if m else refill[:0]
+        if m:
+            self.state[idx] = FILLING
+            self.claims[claim_id] = (idx, now + self.claim_timeout_s)
+            self._publish()
+        return idx + self.lo, self._records(idx)
+
+    def claim_size(self, claim_id: str) -> int:
+        got = self.claims.get(claim_id)
+        return 0 if got is None else len(got[0])
+
+    def check_batch(self, batch: RecordBatch, n: int) -> None:
+        """Raise ValueError (one line) unless ``batch`` is n records of this pool's layout."""
+        if len(batch) != n:
+            raise ValueError(f"fill got {len(batch)} records for a claim of {n} slots")
+        for name in ("x_t", "eps") + (("logvar",) if self.has_logvar else ()):
+            v = getattr(batch, name)
+            if v is None or tuple(v.shape) != (n, *self.record_shape):
+                got = None if v is None else tuple(v.shape)
+                raise ValueError(f"fill: {name} has shape {got}, the pool stores {(n, *self.record_shape)}")
+        if not self.has_logvar and batch.logvar is not None:
+            raise ValueError("fill: records carry logvar but the pool was built without has_logvar")
+        if self.has_label != (batch.y is not None):
+            raise ValueError(f"fill: records {'lack' if self.has_label else 'carry'} labels y but the pool has has_label={self.has_label}")
+        t = batch.t
+        if n and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
+            raise ValueError(f"fill: t must lie in [0, {self.num_timesteps}), got [{int(t.min())}, {int(t.max())}]")
+
+    def fill(self, claim_id: str, batch: RecordBatch, now: float | None = None) -> bool:
+        """FILLING -> READY with ``batch`` (claim slot order). Unknown or expired claim: False, nothing changes."""
+        self.expire(now)
+        got = self.claims.get(claim_id)
+        if got is None:
+            self.c["fill_rejected"] += 1
+            return False
+        idx, _ = got
+        self.check_batch(batch, len(idx))
+        del self.claims[claim_id]
+        ti = torch.from_numpy(idx)
+        dt = STORAGE_DTYPES[self.storage_dtype]
+        self.x_t[ti] = batch.x_t.to("cpu", dt)
+        self.eps[ti] = batch.eps.to("cpu", dt)
+        if self.logvar is not None:
+            self.logvar[ti] = batch.logvar.to("cpu", dt)
+        if self.y is not None:
+            self.y[ti] = batch.y.to("cpu", torch.int64)
+        self.t[idx] = batch.t.cpu().numpy()
+        self.uses[idx] = record_uses(self.k, len(idx), self.rng)
+        self.produced_at[idx] = self.c["produced"]
+        self.state[idx] = READY
+        m = len(idx)
+        for k in ("produced", "inserted"):
+            self.c[k] += m
+        self.c["fills"] += 1
+        self.c["bytes_in"] += m * self.record_bytes
+        if self.record_metrics:
+            metrics.inc(metrics.POOL_RECORDS_PRODUCED_TOTAL, m, shard=self.shard_id)
+            metrics.inc(metrics.POOL_BYTES_TOTAL, m * self.record_bytes, shard=self.shard_id, direction="in")
+            self._publish()
+        return True
+
+    # --- stats, snapshot, restore ----------------------------------------------------------
+
+    def stats(self, now: float | None = None) -> dict:
+        counts = self.counts(now)
+        hist = t_histogram(self.t[self.state == READY], self.num_timesteps, self.t_buckets)
+        if self.record_metrics:
+            for i, v in enumerate(hist):
+                metrics.set(metrics.POOL_READY_T, v, shard=self.shard_id, bucket=i)
+        return {"shard": self.shard_id, "counts": {k: counts[k] for k in STATE_NAMES}, "t_histogram": hist, **self.c}
+
+    def snapshot(self, now: float | None = None) -> SlotArrays:
+        """A copy of every slot, LEASED written as READY and FILLING as REFILL (their state after expiry)."""
+        self.expire(now)
+        state = self.state.copy()
+        state[state == LEASED] = READY
+        state[state == FILLING] = REFILL
+        s = self.storage_dtype
+        return SlotArrays(
+            lo=self.lo, state=state, t=self.t.copy(), uses=self.uses.copy(), produced_at=self.produced_at.copy(),
+            x_t=to_numpy(self.x_t, s).copy(), eps=to_numpy(self.eps, s).copy(),
+            logvar=None if self.logvar is None else to_numpy(self.logvar, s).copy(),
+            y=None if self.y is None else self.y.numpy().copy(),
+        )
+
+    def restore(self, arrays: SlotArrays, bad: np.ndarray, inserted_extra: int = 0) -> None:
+        """Replace every slot with ``arrays`` (this shard's range); ``bad`` records become empty REFILL slots.
+
+        ``inserted`` restarts at the restored READY count plus ``inserted_extra`` (the owner passes the
+        snapshot's surplus to one shard, so a pool that was warm when snapshotted is warm when restored).
+        """
+        if len(arrays) != self.n or arrays.lo != self.lo:
+            raise ValueError(f"shard {self.shard_id}: restore got slots [{arrays.lo}, {arrays.lo + len(arrays)}), owns [{self.lo}, {self.lo + self.n})")
+        s = self.storage_dtype
+        self.leases.clear()
+        self.claims.clear()
+        self.x_t.copy_(from_numpy(arrays.x_t, s))
+        self.eps.copy_(from_numpy(arrays.eps, s))
+        if self.logvar is not None:
+            self.logvar.copy_(from_numpy(arrays.logvar, s))
+        if self.y is not None:
+            self.y.copy_(torch.from_numpy(arrays.y))
+        self.t[:] = arrays.t
+        self.uses[:] = arrays.uses
+        self.produced_at[:] = arrays.produced_at
+        state = arrays.state.copy()
+        # A state byte outside the four states cannot come from a good record; treat it as damage.
+        bad = bad | (state > FILLING)
+        state[(state == LEASED)] = READY
+        state[(state == FILLING)] = REFILL
+        state[bad] = REFILL
+        self.t[bad] = EMPTY_T
+        self.uses[bad] = 0
+        self.state[:] = state
+        nbad = int(bad.sum())
+        self.c["corrupt"] += nbad
+        self.c["inserted"] = int((state == READY).sum()) + int(inserted_extra)
+        if self.record_metrics and nbad:
+            metrics.inc(metrics.POOL_CORRUPT_TOTAL, nbad, shard=self.shard_id)
+        self._publish()
