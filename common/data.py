@@ -232,12 +232,14 @@ class SyntheticShardWriter:
         self._labels: list[np.ndarray] | None = None
         self._has_labels: bool | None = None
         self._index = len(shards)                  # index of the shard the buffer will become
+        self._shape: tuple | None = None           # [H, W, C] of the data set's images
         for i, p in enumerate(shards):
             images, labels = _read_shard(p)
             last = i == len(shards) - 1
             if len(images) > shard_size or (len(images) < shard_size and not last):
                 raise ValueError(f"{p}: holds {len(images)} images, but shard_size is {shard_size}")
             self._check_labels(labels, p)
+            self._shape = self._shape or images.shape[1:]
             if len(images) < shard_size:           # a partial last shard: keep filling it
                 self._index = i
                 self._buffer = [images]
@@ -263,14 +265,15 @@ class SyntheticShardWriter:
         arr = images if isinstance(images, np.ndarray) and images.dtype == np.uint8 else to_uint8(images)
         if arr.ndim != 4:
             raise ValueError(f"shard images must be [n, H, W, C], got shape {arr.shape}")
-        if self._buffer and arr.shape[1:] != self._buffer[0].shape[1:]:
-            raise ValueError(f"image shape {arr.shape[1:]} differs from the data set's {self._buffer[0].shape[1:]}")
+        if self._shape is not None and arr.shape[1:] != self._shape:
+            raise ValueError(f"image shape {arr.shape[1:]} differs from the data set's {self._shape}")
         lab = None
         if labels is not None:
             lab = torch.as_tensor(labels).detach().cpu().numpy().astype(np.int64).reshape(-1)
             if len(lab) != len(arr):
                 raise ValueError(f"{len(lab)} labels for {len(arr)} images")
         self._check_labels(lab, "add()")
+        self._shape = arr.shape[1:]
         self._buffer.append(arr)
         if lab is not None:
             self._labels.append(lab)
