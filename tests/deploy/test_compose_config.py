@@ -1,0 +1,197 @@
+"""The Compose file, the Prometheus and Grafana provisioning, and the code's defaults agree.
+
+No Docker engine runs here: these tests validate the files (with Debian's
+``docker-compose`` and ``promtool``) and compare them with the code, they do not
+build or run images.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+from ray._private import ray_constants
+
+from common import metrics, metrics_discovery
+from common.config import MetricsConfig, PoolConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+PROM = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+DOCS = ROOT / "docs" / "local_cluster.md"
+RAY_NODES = ("ray-head", "ray-teacher", "ray-trainer", "ray-teacher-gpu", "ray-trainer-gpu")
+
+
+def _compose_config(*options: str, profile: str | None = "gpu") -> str:
+    profiles = ["--profile", profile] if profile else []
+    proc = subprocess.run(["docker-compose", "-f", str(COMPOSE), *profiles, "config", *options], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    """The file as docker-compose resolves it (anchors merged, defaults substituted)."""
+    return yaml.safe_load(_compose_config())
+
+
+def _flags(command: list[str]) -> dict[str, str]:
+    out = {}
+    for arg in command:
+        if arg.startswith("--"):
+            key, _, value = arg[2:].partition("=")
+            out[key] = value
+    return out
+
+
+def _mounts(service: dict) -> dict[str, str]:
+    """volume source -> container path (named volumes and bind mounts, as resolved)."""
+    out = {}
+    for v in service.get("volumes", []):
+        src, dst = (v["source"], v["target"]) if isinstance(v, dict) else v.split(":")[:2]
+        out[src] = dst
+    return out
+
+
+def test_docker_compose_accepts_the_file():
+    services = set(_compose_config("--services").split())
+    assert services == {"ray-head", "ray-teacher", "ray-trainer", "ray-teacher-gpu", "ray-trainer-gpu",
+                        "redis", "prometheus", "grafana"}
+
+
+def test_no_credentials_in_the_compose_file():
+    text = COMPOSE.read_text()
+    assert "${GRAFANA_ADMIN_PASSWORD:-admin}" in text
+    values = re.findall(r"(?im)^\s*-?\s*[\w.-]*(?:password|secret|token)[\w.-]*\s*[:=]\s*(.*)$", text)
+    assert values and all(v.startswith("${") for v in values), f"a literal credential in docker-compose.yml: {values}"
+
+
+def test_redis_matches_the_pool_default(compose):
+    default = urlparse(PoolConfig().redis_url)
+    redis = compose["services"]["redis"]
+    cmd = redis["command"]
+    assert cmd[cmd.index("--port") + 1] == str(default.port)
+    assert cmd[cmd.index("--appendonly") + 1] == "yes"
+    assert redis["healthcheck"]["test"][-1] == "ping"
+    assert "/data" in _mounts(redis).values() and "redis-data" in _mounts(redis)
+
+
+def test_ray_ports_match_ray_defaults(compose):
+    s = compose["services"]
+    head = _flags(s["ray-head"]["command"])
+    assert int(head["port"]) == ray_constants.DEFAULT_PORT
+    assert int(head["dashboard-port"]) == ray_constants.DEFAULT_DASHBOARD_PORT
+    assert head["dashboard-host"] == "0.0.0.0"
+    published = {(p["published"], p["target"]) for p in s["ray-head"]["ports"]}
+    assert (ray_constants.DEFAULT_DASHBOARD_PORT, ray_constants.DEFAULT_DASHBOARD_PORT) in published
+    for name in RAY_NODES[1:]:
+        flags = _flags(s[name]["command"])
+        assert flags["address"] == f"ray-head:{ray_constants.DEFAULT_PORT}", name
+        assert flags["metrics-export-port"] == head["metrics-export-port"], name
+        resources = json.loads(flags["resources"])
+        assert set(resources) == {name.split("-")[1]}, name       # teacher | trainer
+    for name in RAY_NODES[3:]:
+        devices = s[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"] and s[name]["profiles"] == ["gpu"]
+        assert s[name]["image"] != s["ray-teacher"]["image"]      # the CUDA build, not the CPU one
+
+
+def test_metrics_ports_and_discovery_folders_agree(compose):
+    s = compose["services"]
+    # the driver's endpoint (role driver, index 0) is published at MetricsConfig.port
+    base = MetricsConfig().port
+    assert metrics_discovery.preferred_port(base, "driver", 0) == base
+    assert {(p["published"], p["target"]) for p in s["ray-head"]["ports"]} >= {(base, base)}
+    prom_cfg = yaml.safe_load(PROM.read_text())
+    jobs = {j["job_name"]: j for j in prom_cfg["scrape_configs"]}
+    prom_mounts = _mounts(s["prometheus"])
+    for name in RAY_NODES:
+        sd = s[name]["environment"][metrics_discovery.SD_DIR_ENV]
+        assert _mounts(s[name])["metrics-sd"] == sd, name
+    # Prometheus reads the same volume where prometheus.yml looks for the project's targets ...
+    assert jobs["dkdm"]["file_sd_configs"][0]["files"] == [prom_mounts["metrics-sd"] + "/*.json"]
+    # ... and Ray's own service-discovery file from the head node's /tmp/ray.
+    assert _mounts(s["ray-head"])["ray-tmp"] == "/tmp/ray"
+    ray_sd = jobs["ray"]["file_sd_configs"][0]["files"][0]
+    assert ray_sd == prom_mounts["ray-tmp"] + "/" + ray_constants.PROMETHEUS_SERVICE_DISCOVERY_FILE
+    assert "--config.file=/etc/prometheus/prometheus.yml" in s["prometheus"]["command"]
+    assert prom_mounts[str(PROM)] == "/etc/prometheus/prometheus.yml"
+    assert "prometheus-data" in prom_mounts
+
+
+def test_grafana_provisioning_points_at_the_services(compose):
+    s = compose["services"]
+    g_mounts = _mounts(s["grafana"])
+    ds = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"][0]
+    prom_listen = _flags(s["prometheus"]["command"])["web.listen-address"].rsplit(":", 1)[1]
+    assert ds["url"] == f"http://prometheus:{prom_listen}"
+    provider = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/dkdm.yml").read_text())["providers"][0]
+    assert g_mounts[str(ROOT / "deploy/grafana/dashboards")] == provider["options"]["path"]
+    assert g_mounts[str(ROOT / "deploy/grafana/provisioning")] == "/etc/grafana/provisioning"
+    dash = json.loads((ROOT / "deploy/grafana/dashboards/dkdm.json").read_text())
+    assert {p["datasource"]["uid"] for p in dash["panels"] if "datasource" in p} == {ds["uid"]}
+    assert s["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "admin"   # the documented local default
+
+
+def test_promtool_accepts_the_prometheus_config():
+    proc = subprocess.run(["promtool", "check", "config", "--syntax-only", str(PROM)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dashboard_json_is_generated_and_uses_only_defined_metrics():
+    proc = subprocess.run([sys.executable, str(ROOT / "deploy/grafana/make_dashboard.py"), "--check"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    dash = json.loads((ROOT / "deploy/grafana/dashboards/dkdm.json").read_text())
+    exported = set()
+    for name, (kind, *_rest) in metrics.SPECS.items():
+        exported |= {name + s for s in ("_bucket", "_sum", "_count")} if kind == "histogram" else {name}
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    exprs += [v["definition"] for v in dash["templating"]["list"]]
+    used = {n for e in exprs for n in re.findall(r"\bdkdm_[a-z_]+", e)}
+    assert used and used <= exported, sorted(used - exported)
+    assert {v["name"] for v in dash["templating"]["list"]} == {"shard", "worker"}
+
+
+def test_lock_pins_every_dependency():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    lock = {}
+    for line in (ROOT / "deploy/requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version and "+" not in version, line
+            lock[re.sub(r"[-_.]+", "-", name).lower()] = version
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        req = Requirement(dep)
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        assert name in lock, f"{name} missing from deploy/requirements.lock"
+        assert req.specifier.contains(lock[name], prereleases=True), f"{name}=={lock[name]} violates {req.specifier}"
+
+
+def test_documented_submit_command_targets_the_compose_services(compose):
+    """The one documented command: right container, job port, working dir, redis host and port."""
+    text = DOCS.read_text()
+    block = re.search(r"docker compose exec ray-head ray job submit .*?(?=\n\S|\n```)", text, re.S)
+    assert block, "docs/local_cluster.md lacks the ray job submit command"
+    args = shlex.split(block.group(0).replace("\\\n", " "))
+    assert "ray-head" in compose["services"]
+    assert args[args.index("--address") + 1] == f"http://127.0.0.1:{ray_constants.DEFAULT_DASHBOARD_PORT}"
+    assert args[args.index("--working-dir") + 1] == "/app"
+    assert args[args.index("--") + 1:args.index("--") + 4] == ["python", "-m", "student_trainer.run"]
+    sets = dict(a.split("=", 1) for a in args[args.index("--") + 1:] if "=" in a and "." in a.split("=", 1)[0])
+    assert sets["pool.backend"] == "redis"
+    url = urlparse(sets["pool.redis_url"])
+    assert url.hostname in compose["services"] and url.port == urlparse(PoolConfig().redis_url).port
