@@ -127,4 +127,5 @@ def build_network(arch: Arch, size: str | None, flags: dict) -> nn.Module:
 
     Raises a one-line ValueError for an unknown arch, size or flag.
     """
-    return _BUILDERS[arch](**network_flags(arch, size, **(flags or {})))
+    resolved = network_flags(arch, size, **(flags or {}))
+    return _BUILDERS[arch](**resolved)
