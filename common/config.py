@@ -48,6 +48,7 @@ class AnalyticConfig(_Strict):
     component_std: float = Field(0.1, gt=0)
     mean_scale: float = Field(0.7, gt=0)
     seed: int = 0
+    class_conditional: bool = False       # labels y are the mixture components (num_classes = K)
 
 
 class TeacherConfig(_Strict):
