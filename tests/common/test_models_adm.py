@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from common.models.adm import (
-    QKVAttention, QKVAttentionLegacy, create_model, load_guided_diffusion, timestep_embedding,
+    AttentionBlock, QKVAttention, QKVAttentionLegacy, ResBlock, create_model, load_guided_diffusion, timestep_embedding,
 )
 from common.models.registry import adm_flags
 from common.teachers.base import TeacherLoadError
@@ -226,3 +227,46 @@ def test_load_guided_diffusion_strict_errors(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(TeacherLoadError, match="cannot read"):
         load_guided_diffusion(str(bad), TINY)
+
+
+def _gn(x, norm):
+    return F.group_norm(x.float(), 32, norm.weight, norm.bias, eps=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["plain", "down", "up", "additive"])
+def test_resblock_computes_guided_diffusion_formula(mode):
+    """h = conv_in(SiLU(GN(x))) (resampled after the SiLU for up/down);
+    FiLM: h = GN(h) * (1 + scale) + shift, or additive: GN(h + e); out = skip(x) + conv_out(SiLU(.))."""
+    torch.manual_seed(0)
+    rb = ResBlock(32, 16, 0.0, out_channels=64 if mode == "plain" else 32,
+                  use_scale_shift_norm=mode != "additive", up=mode == "up", down=mode == "down")
+    randomize(rb).eval()
+    x, emb = torch.randn(2, 32, 8, 8), torch.randn(2, 16)
+    resample = {"down": lambda z: F.avg_pool2d(z, 2), "up": lambda z: F.interpolate(z, scale_factor=2)}
+    rs = resample.get(mode, lambda z: z)
+    il, el, ol = rb.in_layers, rb.emb_layers, rb.out_layers
+    h = F.conv2d(rs(F.silu(_gn(x, il[0]))), il[2].weight, il[2].bias, padding=1)
+    e = F.linear(F.silu(emb), el[1].weight, el[1].bias)[..., None, None]
+    if mode == "additive":
+        h = _gn(h + e, ol[0])
+    else:
+        scale, shift = e.chunk(2, dim=1)
+        h = _gn(h, ol[0]) * (1 + scale) + shift
+    h = F.conv2d(F.silu(h), ol[3].weight, ol[3].bias, padding=1)
+    skip = F.conv2d(x, rb.skip_connection.weight, rb.skip_connection.bias) if mode == "plain" else rs(x)
+    with torch.no_grad():
+        assert torch.allclose(rb(x, emb), skip + h, atol=1e-5)
+
+
+def test_attention_block_formula():
+    """out = x + proj_out(attention(qkv(GN(x)))) over the H*W positions, heads of num_head_channels."""
+    torch.manual_seed(0)
+    blk = randomize(AttentionBlock(64, num_head_channels=32, use_new_attention_order=True)).eval()
+    x = torch.randn(2, 64, 4, 4)
+    flat = x.reshape(2, 64, 16)
+    qkv = F.conv1d(_gn(flat, blk.norm), blk.qkv.weight, blk.qkv.bias)
+    q, k, v = (z.reshape(4, 32, 16) for z in qkv.chunk(3, dim=1))
+    a = _reference_attention(q, k, v).reshape(2, 64, 16)
+    want = flat + F.conv1d(a, blk.proj_out.weight, blk.proj_out.bias)
+    with torch.no_grad():
+        assert torch.allclose(blk(x), want.reshape(2, 64, 4, 4), atol=1e-5)
