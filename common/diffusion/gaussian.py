@@ -109,6 +109,10 @@ class Diffusion:
         h.update(np.ascontiguousarray(self.timestep_map, dtype="<i8").tobytes())
         return h.hexdigest()
 
+    def __getstate__(self) -> dict:
+        # Device tensors stay out of pickles (Ray ships a Diffusion to actors on other devices).
+        return {**self.__dict__, "_cache": {}}
+
     def _table(self, name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         key = (name, str(device), dtype)
         cached = self._cache.get(key)
@@ -143,38 +147,40 @@ def respace(d: Diffusion, respacing: str) -> Diffusion:
     return Diffusion.from_betas(np.array(new_betas, dtype=np.float64), timestep_map=d.timestep_map[kept])
 
 
-def _extract(d: Diffusion, name: str, t: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """Table ``name`` gathered at t [N] as float32, shaped [N, 1, ..., 1] to broadcast against ``shape``."""
-    values = d._table(name, t.device)[t.long()]
+def _extract(d: Diffusion, name: str, t: torch.Tensor, shape: torch.Size | tuple[int, ...],
+             device: torch.device | None = None) -> torch.Tensor:
+    """Table ``name`` gathered at t [N] as float32 on ``device`` (default t's), shaped [N, 1, ..., 1] to broadcast against ``shape``."""
+    device = t.device if device is None else device
+    values = d._table(name, device)[t.to(device).long()]
     return values.reshape(values.shape[0], *([1] * (len(shape) - 1)))
 
 
 def q_sample(d: Diffusion, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (Eq. 9; DDPM Eq. 4). All [N, C, H, W]."""
-    return (_extract(d, "sqrt_alphas_cumprod", t, x0.shape) * x0
-            + _extract(d, "sqrt_one_minus_alphas_cumprod", t, x0.shape) * noise)
+    return (_extract(d, "sqrt_alphas_cumprod", t, x0.shape, x0.device) * x0
+            + _extract(d, "sqrt_one_minus_alphas_cumprod", t, x0.shape, x0.device) * noise)
 
 
 def q_posterior_mean_variance(d: Diffusion, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q(x_{t-1} | x_t, x_0) (Eqs. 10-12 of IDDPM, DDPM Eqs. 6-7) -> (mean [N, C, H, W], var, log_var_clipped [N, 1, 1, 1])."""
-    mean = (_extract(d, "posterior_mean_coef1", t, x_t.shape) * x0
-            + _extract(d, "posterior_mean_coef2", t, x_t.shape) * x_t)
-    var = _extract(d, "posterior_variance", t, x_t.shape)
-    log_var = _extract(d, "posterior_log_variance_clipped", t, x_t.shape)
+    mean = (_extract(d, "posterior_mean_coef1", t, x_t.shape, x_t.device) * x0
+            + _extract(d, "posterior_mean_coef2", t, x_t.shape, x_t.device) * x_t)
+    var = _extract(d, "posterior_variance", t, x_t.shape, x_t.device)
+    log_var = _extract(d, "posterior_log_variance_clipped", t, x_t.shape, x_t.device)
     return mean, var, log_var
 
 
 def predict_xstart_from_eps(d: Diffusion, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """x_0 = sqrt(1 / alpha_bar_t) x_t - sqrt(1 / alpha_bar_t - 1) eps (Eq. 9 solved for x_0). [N, C, H, W]."""
-    return (_extract(d, "sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t
-            - _extract(d, "sqrt_recipm1_alphas_cumprod", t, x_t.shape) * eps)
+    return (_extract(d, "sqrt_recip_alphas_cumprod", t, x_t.shape, x_t.device) * x_t
+            - _extract(d, "sqrt_recipm1_alphas_cumprod", t, x_t.shape, x_t.device) * eps)
 
 
 def predict_eps_from_xstart(d: Diffusion, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """eps = (sqrt(1 / alpha_bar_t) x_t - x_0) / sqrt(1 / alpha_bar_t - 1) (Eq. 9 solved for eps). [N, C, H, W]."""
-    return ((_extract(d, "sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t - x0)
-            / _extract(d, "sqrt_recipm1_alphas_cumprod", t, x_t.shape))
+    return ((_extract(d, "sqrt_recip_alphas_cumprod", t, x_t.shape, x_t.device) * x_t - x0)
+            / _extract(d, "sqrt_recipm1_alphas_cumprod", t, x_t.shape, x_t.device))
 
 
 def eps_from_prediction(d: Diffusion, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor, prediction: str) -> torch.Tensor:
@@ -186,8 +192,8 @@ def eps_from_prediction(d: Diffusion, x_t: torch.Tensor, t: torch.Tensor, out: t
     if prediction == "eps":
         return out
     if prediction == "v":
-        return (_extract(d, "sqrt_alphas_cumprod", t, x_t.shape) * out
-                + _extract(d, "sqrt_one_minus_alphas_cumprod", t, x_t.shape) * x_t)
+        return (_extract(d, "sqrt_alphas_cumprod", t, x_t.shape, x_t.device) * out
+                + _extract(d, "sqrt_one_minus_alphas_cumprod", t, x_t.shape, x_t.device) * x_t)
     if prediction == "x0":
         return predict_eps_from_xstart(d, x_t, t, out)
     raise ValueError(f"unknown prediction type {prediction!r}; expected one of {', '.join(PREDICTION_TYPES)}")
@@ -210,21 +216,22 @@ def model_log_variance(d: Diffusion, t: torch.Tensor, var_type: str, var_values:
         if var_values is None:
             raise ValueError("model_log_variance needs shape (or var_values) for a fixed variance")
         shape = var_values.shape
+    device = var_values.device if var_values is not None else t.device
     if var_type == "learned":
         return var_values.float().expand(shape)
     if var_type == "learned_range":
-        min_log = _extract(d, "posterior_log_variance_clipped", t, shape)
-        max_log = _extract(d, "log_betas", t, shape)
+        min_log = _extract(d, "posterior_log_variance_clipped", t, shape, device)
+        max_log = _extract(d, "log_betas", t, shape, device)
         frac = (var_values.float() + 1) / 2
         return (frac * max_log + (1 - frac) * min_log).expand(shape)
     name = "posterior_log_variance_clipped" if var_type == "fixed_small" else "fixed_large_log_variance"
-    return _extract(d, name, t, shape).expand(shape)
+    return _extract(d, name, t, shape, device).expand(shape)
 
 
 def _model_variance(d: Diffusion, t: torch.Tensor, var_type: str, log_variance: torch.Tensor) -> torch.Tensor:
     # The fixed variances are the tables themselves (fixed_small is exactly 0 at t = 0, as guided-diffusion).
     if var_type == "fixed_small":
-        return _extract(d, "posterior_variance", t, log_variance.shape).expand(log_variance.shape)
+        return _extract(d, "posterior_variance", t, log_variance.shape, log_variance.device).expand(log_variance.shape)
     return torch.exp(log_variance)
 
 
@@ -237,7 +244,7 @@ def p_mean_variance(d: Diffusion, x_t: torch.Tensor, t: torch.Tensor, eps: torch
     pred_xstart is ``denoised_fn`` applied, then clipped to [-1, 1] when ``clip_denoised``; the mean is
     the posterior mean at pred_xstart.
     """
-    log_variance = model_log_variance(d, t, var_type, var_values, shape=x_t.shape)
+    log_variance = model_log_variance(d, t.to(x_t.device), var_type, var_values, shape=x_t.shape)
     variance = _model_variance(d, t, var_type, log_variance)
     pred_xstart = predict_xstart_from_eps(d, x_t, t, eps)
     if denoised_fn is not None:

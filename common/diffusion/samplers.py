@@ -42,7 +42,7 @@ def ancestral_step(d: Diffusion, x_t: torch.Tensor, t: torch.Tensor, eps: torch.
     out = p_mean_variance(d, x_t, t, eps, var_type, var_values, clip_denoised, denoised_fn)
     if noise is None:
         noise = torch.randn_like(x_t)
-    nonzero_mask = (t != 0).float().reshape(-1, *([1] * (x_t.ndim - 1)))
+    nonzero_mask = (t != 0).to(x_t.device, torch.float32).reshape(-1, *([1] * (x_t.ndim - 1)))
     sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
     return {"sample": sample, "pred_xstart": out["pred_xstart"], "log_variance": out["log_variance"]}
 
@@ -87,8 +87,8 @@ def ddim_step(d: Diffusion, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tenso
     if clip_denoised:
         pred_xstart = pred_xstart.clamp(-1, 1)
     eps = predict_eps_from_xstart(d, x_t, t, pred_xstart)
-    alpha_bar = _extract(d, "alphas_cumprod", t, x_t.shape)
-    alpha_bar_prev = _extract(d, "alphas_cumprod_prev", t, x_t.shape)
+    alpha_bar = _extract(d, "alphas_cumprod", t, x_t.shape, x_t.device)
+    alpha_bar_prev = _extract(d, "alphas_cumprod_prev", t, x_t.shape, x_t.device)
     sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
     # The clamp only guards float32 rounding: 1 - abar_prev - sigma^2 >= 0 holds exactly.
     mean_pred = pred_xstart * torch.sqrt(alpha_bar_prev) + torch.sqrt((1 - alpha_bar_prev - sigma**2).clamp(min=0)) * eps
@@ -96,7 +96,7 @@ def ddim_step(d: Diffusion, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tenso
         return {"sample": mean_pred, "pred_xstart": pred_xstart}
     if noise is None:
         noise = torch.randn_like(x_t)
-    nonzero_mask = (t != 0).float().reshape(-1, *([1] * (x_t.ndim - 1)))
+    nonzero_mask = (t != 0).to(x_t.device, torch.float32).reshape(-1, *([1] * (x_t.ndim - 1)))
     return {"sample": mean_pred + nonzero_mask * sigma * noise, "pred_xstart": pred_xstart}
 
 

@@ -160,3 +160,19 @@ def test_gaussian_data_recovers_its_mean_and_std(sampler):
         out = ancestral_sample(d, denoise, shape, "fixed_small", clip_denoised=False, noise=g)
     assert out.mean().item() == pytest.approx(mu, abs=0.01)
     assert out.std().item() == pytest.approx(s, rel=0.03)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tables_follow_the_data_and_cpu_generators_drive_cuda_samples():
+    from common.diffusion import q_sample
+
+    d = make_diffusion("cosine", 1000, "10")
+    x = torch.randn(SHAPE, device="cuda")
+    t_cpu = torch.tensor([0, 4, 9])
+    assert q_sample(d, x, t_cpu, x).device.type == "cuda"
+    eps, v = wiggly_denoiser(x, t_cpu.cuda())
+    out = ancestral_step(d, x, t_cpu, eps, "learned_range", v)
+    assert out["sample"].device.type == "cuda"
+    cpu = ancestral_sample(d, wiggly_denoiser, SHAPE, "learned_range", noise=torch.Generator().manual_seed(0))
+    gpu = ancestral_sample(d, wiggly_denoiser, SHAPE, "learned_range", noise=torch.Generator().manual_seed(0), device="cuda")
+    assert gpu.device.type == "cuda" and torch.allclose(gpu.cpu(), cpu, atol=1e-4)

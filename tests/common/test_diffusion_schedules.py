@@ -159,3 +159,25 @@ def test_map_timesteps_and_from_betas_validation():
         Diffusion.from_betas(np.array([0.1, 0.0, 0.2]))
     with pytest.raises(ValueError, match="timestep_map"):
         Diffusion.from_betas(np.array([0.1, 0.2]), timestep_map=[0])
+
+
+def test_diffusion_is_frozen_and_pickles_without_its_device_cache():
+    import dataclasses
+    import pickle
+
+    import torch
+
+    from common.diffusion import q_sample
+
+    d = make_diffusion("cosine", 100, "10")
+    x = torch.ones(2, 1, 2, 2)
+    t = torch.tensor([0, 9])
+    before = q_sample(d, x, t, x)
+    assert d._cache  # filled by the gather
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.num_timesteps = 5
+    e = pickle.loads(pickle.dumps(d))
+    assert e._cache == {}
+    assert np.array_equal(e.betas, d.betas) and np.array_equal(e.timestep_map, d.timestep_map)
+    assert e.fingerprint() == d.fingerprint()
+    assert torch.equal(q_sample(e, x, t, x), before)
