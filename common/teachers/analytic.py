@@ -229,9 +229,14 @@ class AnalyticTeacher(Teacher):
 
     @classmethod
     def from_config(cls, cfg: AnalyticConfig, diffusion_cfg: DiffusionConfig | None = None,
-                    device: torch.device | str = "cpu", class_conditional: bool = False) -> "AnalyticTeacher":
-        """Mixture from ``cfg``, chain ``make_diffusion(schedule, T, respacing)`` from ``diffusion_cfg``."""
+                    device: torch.device | str = "cpu", class_conditional: bool | None = None) -> "AnalyticTeacher":
+        """Mixture from ``cfg``, chain ``make_diffusion(schedule, T, respacing)`` from ``diffusion_cfg``.
+
+        ``class_conditional`` defaults to ``cfg.class_conditional``.
+        """
         dcfg = diffusion_cfg or DiffusionConfig()
+        if class_conditional is None:
+            class_conditional = cfg.class_conditional
         diffusion = make_diffusion(dcfg.schedule, dcfg.num_timesteps, dcfg.respacing)
         return cls(GaussianMixture.from_config(cfg), diffusion, var_type=dcfg.var_type,
                    clip_denoised=dcfg.clip_denoised, class_conditional=class_conditional,
