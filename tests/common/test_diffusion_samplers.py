@@ -1,6 +1,5 @@
 """Samplers: noise injection and order, t = 0 handling, DDIM eta = 0 / eta = 1 relations, exact denoisers."""
 
-
 import pytest
 import torch
 
