@@ -517,8 +517,9 @@ def check_model_flags(flags: dict) -> None:
 def load_guided_diffusion(checkpoint_path: str, flags: dict) -> UNetModel:
     """Build ``create_model(**flags)`` and load a guided-diffusion ``.pt`` state dict strictly.
 
-    Raises ``TeacherLoadError`` (one line) for a missing file, an unreadable
-    file, unknown flags, or a state dict whose keys or shapes do not match.
+    Returns the model in eval mode on the CPU. Raises ``TeacherLoadError`` (one
+    line) for a missing file, an unreadable file, unknown or missing flags, or a
+    state dict whose keys or shapes do not match.
     """
     from common.models.state import StateDictMismatch, load_state_dict_strict
     from common.teachers.base import TeacherLoadError  # lazy: teachers import models
@@ -526,7 +527,7 @@ def load_guided_diffusion(checkpoint_path: str, flags: dict) -> UNetModel:
     try:
         check_model_flags(flags)
         model = create_model(**flags)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise TeacherLoadError(f"guided-diffusion flags: {e}") from None
     if not os.path.isfile(checkpoint_path):
         raise TeacherLoadError(f"guided-diffusion checkpoint not found: {checkpoint_path}")
@@ -541,4 +542,4 @@ def load_guided_diffusion(checkpoint_path: str, flags: dict) -> UNetModel:
         load_state_dict_strict(model, state)
     except StateDictMismatch as e:
         raise TeacherLoadError(f"{checkpoint_path}: {e}") from None
-    return model
+    return model.eval()   # a teacher: dropout off (the 57M teacher was trained with dropout 0.3)

@@ -193,7 +193,8 @@ def test_load_guided_diffusion_round_trip(tmp_path):
     src = randomize(create_model(**TINY)).eval()
     path = tmp_path / "model.pt"
     torch.save(src.state_dict(), path)
-    loaded = load_guided_diffusion(str(path), TINY).eval()
+    loaded = load_guided_diffusion(str(path), TINY)
+    assert not loaded.training
     x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), torch.tensor([0, 9])
     with torch.no_grad():
         assert torch.equal(src(x, t, y), loaded(x, t, y))
