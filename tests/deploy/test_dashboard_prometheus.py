@@ -1,0 +1,172 @@
+"""Every dashboard expression returns data from a real Prometheus scraping a real run.
+
+A real ``prometheus`` (Debian's package; scrape interval 1 s) discovers the
+project's endpoints through the file_sd folder that ``metrics.serve_and_register``
+writes, while ``_run_workload`` runs a short distillation on the CPU in a
+separate process. Afterwards every PromQL expression of
+deploy/grafana/dashboards/dkdm.json is evaluated over the run's time range
+through the HTTP API (``/api/v1/query_range``, what a Grafana panel sends),
+with ``$shard``/``$worker`` set to ``.*``, and each must return at least one
+finite value: no panel may point at a metric that nobody records.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from common import metrics_discovery as sd
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "dkdm.json"
+SCRAPE_S = 1
+RATE_INTERVAL = "10s"          # stands in for Grafana's $__rate_interval (>= 4 scrapes)
+LINGER_S = 4                   # the workload keeps its endpoint up this long after it finishes
+
+pytestmark = pytest.mark.slow
+
+# The tiny run: analytic mixture teacher, MLP student, a short chain (a few seconds on one CPU thread).
+WORKLOAD_CONFIG = textwrap.dedent("""\
+    run: {name: metrics-smoke, out_dir: "{out_dir}", device: cpu, progress: false, log_every: 50, seed: 0}
+    teacher:
+      kind: analytic
+      diffusion: {num_timesteps: 40, schedule: cosine, var_type: learned_range}
+      analytic: {num_components: 4, channels: 1, image_size: 4}
+    student: {arch: mlp}
+    pool: {backend: local, rho: 0.5}
+    distill: {batch_size: 16, steps: 120, lr: 0.001, bf16: false, teacher_microbatch: 64}
+    sample: {num_samples: 4, batch_size: 4, steps: "10"}
+    metrics: {enabled: true, port: 0}
+""")
+
+# Until student_trainer.run exists: the single-process loop with the driver's endpoint registered.
+# Later: ["-m", "student_trainer.run", "--config", str(config)].
+WORKLOAD_SCRIPT = textwrap.dedent("""\
+    import sys
+    import torch
+    torch.set_num_threads(1)
+    from common import metrics
+    from common.config import load_config
+    from student_trainer.distill import distill
+    cfg = load_config(sys.argv[1])
+    metrics.serve_and_register("driver", 0, cfg.metrics.port)
+    print(distill(cfg))
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 10.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _run_workload(tmp_path: Path, sd_dir: Path) -> subprocess.CompletedProcess:
+    """A short real run whose processes register their endpoints in ``sd_dir``."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(WORKLOAD_CONFIG.replace("{out_dir}", str(tmp_path / "runs")))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.update({sd.SD_DIR_ENV: str(sd_dir), sd.HOST_ENV: "127.0.0.1", sd.BIND_ENV: "127.0.0.1",
+                sd.LINGER_ENV: str(LINGER_S)})
+    return subprocess.run([sys.executable, "-c", WORKLOAD_SCRIPT, str(config)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def prometheus(tmp_path):
+    """A real Prometheus watching ``tmp_path/sd/*.json``; yields (base URL, sd folder)."""
+    sd_dir = tmp_path / "sd"
+    sd_dir.mkdir()
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text(json.dumps({
+        "global": {"scrape_interval": f"{SCRAPE_S}s", "scrape_timeout": f"{SCRAPE_S}s"},
+        "scrape_configs": [{"job_name": "dkdm",
+                            "file_sd_configs": [{"files": [str(sd_dir / "*.json")], "refresh_interval": "1s"}]}],
+    }))
+    port = _free_port()
+    log = open(tmp_path / "prometheus.log", "w")
+    proc = subprocess.Popen(["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+            try:
+                urllib.request.urlopen(url + "/-/ready", timeout=1)
+                break
+            except OSError:
+                assert time.time() < deadline, "prometheus did not become ready"
+                time.sleep(0.2)
+        yield url, sd_dir
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _expressions() -> list[tuple[str, str]]:
+    dash = json.loads(DASHBOARD.read_text())
+    out = []
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            expr = (target["expr"].replace("$__rate_interval", RATE_INTERVAL)
+                    .replace("$shard", ".*").replace("$worker", ".*"))
+            out.append((f"{panel['title']} / {target['legendFormat']}", expr))
+    return out
+
+
+def _query_range(url: str, expr: str, start: float, end: float) -> list[dict]:
+    q = urllib.parse.urlencode({"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": "1s"})
+    body = _get(f"{url}/api/v1/query_range?{q}")
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def _has_finite_value(result: list[dict]) -> bool:
+    return any(math.isfinite(float(v)) for series in result for _, v in series["values"])
+
+
+def test_every_dashboard_expression_returns_data(prometheus, tmp_path):
+    url, sd_dir = prometheus
+    start = time.time()
+    run = _run_workload(tmp_path, sd_dir)
+    end = time.time()
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    time.sleep(2 * SCRAPE_S)                       # let the last scrape land
+
+    # the endpoints were discovered through the files and scraped; the files are gone again
+    up = _query_range(url, 'up{job="dkdm"}', start, end)
+    assert {s["metric"]["role"] for s in up} >= {"driver"}, up
+    assert _has_finite_value(up) and any(float(v) == 1 for s in up for _, v in s["values"])
+    assert list(sd_dir.glob("*.json")) == [], "a finished process left its target file behind"
+
+    empty = [name for name, expr in _expressions() if not _has_finite_value(_query_range(url, expr, start, end))]
+    assert not empty, f"dashboard expressions without data: {empty}"
+
+    # the dashboard variables' label queries find values
+    dash = json.loads(DASHBOARD.read_text())
+    for var in dash["templating"]["list"]:
+        selector, label = var["definition"].removeprefix("label_values(").removesuffix(")").rsplit(", ", 1)
+        q = urllib.parse.urlencode({"match[]": selector, "start": f"{start:.3f}", "end": f"{end:.3f}"})
+        values = _get(f"{url}/api/v1/label/{label}/values?{q}")["data"]
+        assert values, f"variable ${var['name']} ({var['definition']}) has no values"
