@@ -103,8 +103,11 @@ class GaussianMixture:
         """log w_k + log N(x; sqrt(a) mu_k, v_a I): x [n, C, H, W], a scalar or [n] -> [n, K]."""
         x, a = self._prepare(x, a)
         var = _marginal_var(a, self.std)                                              # [n]
-        mu_t = a.sqrt()[:, None, None] * self.means.flatten(1)[None]                  # [n, K, D]
-        sq = (x.flatten(1)[:, None, :] - mu_t).pow(2).sum(-1)                         # [n, K]
+        # ||x - sqrt(a) mu_k||^2 expanded, so memory is [n, K] + [n, D], never [n, K, D];
+        # the cancellation error is ~1e-16 * ||x||^2 in float64, far below 2 v_a.
+        xf, mu = x.flatten(1), self.means.flatten(1)
+        sq = (xf.pow(2).sum(1, keepdim=True) - 2 * a.sqrt()[:, None] * (xf @ mu.T)
+              + a[:, None] * mu.pow(2).sum(1)[None]).clamp(min=0)                    # [n, K]
         log_norm = -0.5 * self.dim * torch.log(2 * math.pi * var)                     # [n]
         return self.weights.log()[None] + log_norm[:, None] - sq / (2 * var[:, None])
 
@@ -151,7 +154,7 @@ class GaussianMixture:
             m_k = mu_k + (s^2 sqrt(a) / v_a) (x_t - sqrt(a) mu_k),   var_c = s^2 (1 - a) / v_a,
         so the mixture posterior has mean sum_k r_k m_k and variance
             var_c + sum_k r_k m_k^2 - (sum_k r_k m_k)^2 = var_c + ((1 - a) / v_a)^2 sum_k r_k (mu_k - mu_bar)^2,
-        the second form (m_k - m_bar = ((1 - a) / v_a)(mu_k - mu_bar)) avoids cancellation.
+        using m_k - m_bar = ((1 - a) / v_a)(mu_k - mu_bar).
         """
         x, a = self._prepare(x, a)
         s2 = self.std ** 2
@@ -159,7 +162,9 @@ class GaussianMixture:
         r = self._weights_for(x, a, component)                                        # [n, K]
         mu = self.means.flatten(1)                                                    # [K, D]
         mu_bar = r @ mu                                                               # [n, D]
-        spread = torch.einsum("nk,nkd->nd", r, (mu[None] - mu_bar[:, None]).pow(2))   # [n, D]
+        # sum_k r_k (mu_k - mu_bar)^2 = sum_k r_k mu_k^2 - mu_bar^2 ([n, D] memory; |mu| <= 1 keeps
+        # the float64 cancellation error ~1e-16, negligible next to var_c).
+        spread = (r @ mu.pow(2) - mu_bar.pow(2)).clamp(min=0)                         # [n, D]
         shrink = (1 - a) / var                                                        # [n]
         mean = shrink[:, None] * mu_bar + (s2 * a.sqrt() / var)[:, None] * x.flatten(1)
         variance = (s2 * (1 - a) / var)[:, None] + shrink[:, None] ** 2 * spread

@@ -201,3 +201,14 @@ def test_ancestral_sampling_with_exact_teacher_recovers_the_mixture():
     nll_exact = exact_nll(exact, mix)
     assert abs(exact_nll(results["learned_range"], mix) - nll_exact) < 1.0
     assert exact_nll(results["fixed_small"], mix) < nll_exact - 3.0
+
+
+def test_teacher_pickles_for_remote_workers():
+    import pickle
+
+    teacher = AnalyticTeacher.from_config(AnalyticConfig(image_size=4), DiffusionConfig(respacing="10"))
+    clone = pickle.loads(pickle.dumps(teacher))
+    x, t = torch.randn(3, 1, 4, 4), torch.tensor([0, 4, 9])
+    for a, b in zip(teacher.predict(x, t), clone.predict(x, t)):
+        torch.testing.assert_close(a, b)
+    assert clone.identity() == teacher.identity()
