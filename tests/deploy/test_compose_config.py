@@ -119,9 +119,10 @@ def test_metrics_ports_and_discovery_folders_agree(compose):
     # Prometheus reads the same volume where prometheus.yml looks for the project's targets ...
     assert jobs["dkdm"]["file_sd_configs"][0]["files"] == [prom_mounts["metrics-sd"] + "/*.json"]
     # ... and Ray's own service-discovery file from the head node's /tmp/ray.
-    assert _mounts(s["ray-head"])["ray-tmp"] == "/tmp/ray"
+    # Ray links /tmp/ray/<file> to its session folder by absolute path: same mount point on both sides.
+    assert _mounts(s["ray-head"])["ray-tmp"] == prom_mounts["ray-tmp"] == "/tmp/ray"
     ray_sd = jobs["ray"]["file_sd_configs"][0]["files"][0]
-    assert ray_sd == prom_mounts["ray-tmp"] + "/" + ray_constants.PROMETHEUS_SERVICE_DISCOVERY_FILE
+    assert ray_sd == "/tmp/ray/" + ray_constants.PROMETHEUS_SERVICE_DISCOVERY_FILE
     assert "--config.file=/etc/prometheus/prometheus.yml" in s["prometheus"]["command"]
     assert prom_mounts[str(PROM)] == "/etc/prometheus/prometheus.yml"
     assert "prometheus-data" in prom_mounts

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -87,41 +88,51 @@ def _run_workload(tmp_path: Path, sd_dir: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture
-def prometheus(tmp_path):
-    """A real Prometheus watching ``tmp_path/sd/*.json``; yields (base URL, sd folder)."""
-    sd_dir = tmp_path / "sd"
-    sd_dir.mkdir()
-    cfg = tmp_path / "prometheus.yml"
-    cfg.write_text(json.dumps({
-        "global": {"scrape_interval": f"{SCRAPE_S}s", "scrape_timeout": f"{SCRAPE_S}s"},
-        "scrape_configs": [{"job_name": "dkdm",
-                            "file_sd_configs": [{"files": [str(sd_dir / "*.json")], "refresh_interval": "1s"}]}],
-    }))
-    port = _free_port()
-    log = open(tmp_path / "prometheus.log", "w")
-    proc = subprocess.Popen(["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
+class Prometheus:
+    """A real Prometheus on a free port, scraping every second; stopped by ``close``."""
+
+    def __init__(self, folder: Path, scrape_configs: list[dict]):
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = folder / "prometheus.yml"
+        cfg.write_text(json.dumps({"global": {"scrape_interval": f"{SCRAPE_S}s", "scrape_timeout": f"{SCRAPE_S}s"},
+                                   "scrape_configs": scrape_configs}))
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        self._log_path = folder / "prometheus.log"
+        self._log = open(self._log_path, "w")
+        self._proc = subprocess.Popen(["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={folder / 'tsdb'}",
+                                       f"--web.listen-address={self.url.removeprefix('http://')}"],
+                                      stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.time() + 60
         while True:
-            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+            assert self._proc.poll() is None, self._log_path.read_text()[-2000:]
             try:
-                urllib.request.urlopen(url + "/-/ready", timeout=1)
-                break
+                urllib.request.urlopen(self.url + "/-/ready", timeout=1)
+                return
             except OSError:
                 assert time.time() < deadline, "prometheus did not become ready"
                 time.sleep(0.2)
-        yield url, sd_dir
-    finally:
-        proc.terminate()
+
+    def close(self) -> None:
+        self._proc.terminate()
         try:
-            proc.wait(timeout=20)
+            self._proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+            self._proc.kill()
+            self._proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def prometheus(tmp_path):
+    """Prometheus watching ``tmp_path/sd/*.json`` (job dkdm); yields (base URL, sd folder)."""
+    sd_dir = tmp_path / "sd"
+    sd_dir.mkdir()
+    prom = Prometheus(tmp_path / "prometheus", [
+        {"job_name": "dkdm", "file_sd_configs": [{"files": [str(sd_dir / "*.json")], "refresh_interval": "1s"}]}])
+    try:
+        yield prom.url, sd_dir
+    finally:
+        prom.close()
 
 
 def _expressions() -> list[tuple[str, str]]:
@@ -170,3 +181,48 @@ def test_every_dashboard_expression_returns_data(prometheus, tmp_path):
         q = urllib.parse.urlencode({"match[]": selector, "start": f"{start:.3f}", "end": f"{end:.3f}"})
         values = _get(f"{url}/api/v1/label/{label}/values?{q}")["data"]
         assert values, f"variable ${var['name']} ({var['definition']}) has no values"
+
+
+RAY_SCRIPT = textwrap.dedent("""\
+    import sys, ray
+    ray.init(num_cpus=1, include_dashboard=True, dashboard_port=int(sys.argv[2]),
+             _metrics_export_port=int(sys.argv[3]), _temp_dir=sys.argv[1])
+    print("up", flush=True)
+    sys.stdin.readline()
+    ray.shutdown()
+""")
+
+
+def test_ray_node_metrics_are_scraped_through_rays_discovery_file(tmp_path):
+    """The ``ray`` job of deploy/prometheus/prometheus.yml: Ray's SD file under its temp dir finds the node."""
+    import tempfile
+
+    from ray._private.ray_constants import PROMETHEUS_SERVICE_DISCOVERY_FILE
+
+    temp_dir = Path(tempfile.mkdtemp(prefix="rq", dir="/tmp"))     # short: Ray's socket paths have a length limit
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    ray_proc = subprocess.Popen([sys.executable, "-c", RAY_SCRIPT, str(temp_dir), str(_free_port()), str(_free_port())],
+                                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    prom = None
+    try:
+        assert ray_proc.stdout.readline().strip() == "up", "ray.init failed"
+        prom = Prometheus(tmp_path / "prometheus", [{"job_name": "ray", "file_sd_configs": [
+            {"files": [str(temp_dir / PROMETHEUS_SERVICE_DISCOVERY_FILE)], "refresh_interval": "1s"}]}])
+        deadline = time.time() + 120
+        while True:
+            q = urllib.parse.urlencode({"query": 'count({job="ray", __name__=~"ray_.+"})'})
+            result = _get(f"{prom.url}/api/v1/query?{q}")["data"]["result"]
+            if result and float(result[0]["value"][1]) > 0:
+                break
+            assert time.time() < deadline, f"no ray_ metrics scraped via {temp_dir / PROMETHEUS_SERVICE_DISCOVERY_FILE}"
+            time.sleep(1)
+    finally:
+        if prom is not None:
+            prom.close()
+        ray_proc.stdin.close()
+        try:
+            ray_proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            ray_proc.kill()
+            ray_proc.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
