@@ -36,6 +36,8 @@ def checkpoint_diffusion(section: dict, source: str = "config.json") -> tuple[Di
     if "betas" not in section:
         return cfg, make_diffusion(cfg.schedule, cfg.num_timesteps, cfg.respacing)
     betas = np.asarray(section["betas"], dtype=np.float64)
+    if betas.shape != (cfg.num_timesteps,):
+        raise TeacherLoadError(f"{source}: diffusion.betas has {betas.size} values but num_timesteps is {cfg.num_timesteps}")
     timestep_map = section.get("timestep_map")
     try:
         d = Diffusion.from_betas(betas, None if timestep_map is None else np.asarray(timestep_map, dtype=np.int64))
