@@ -22,7 +22,7 @@ from student_trainer.checkpoints import load_checkpoint, model_config, save_chec
 from student_trainer.distill import resolve_device
 from student_trainer.losses import data_batch
 from student_trainer.run_dir import RunDir
-from student_trainer.sampling import network_denoiser, sample_images
+from student_trainer.sampling import sample_images, sample_teacher
 from student_trainer.student import build_student
 from student_trainer.trainer import StudentTrainer
 
@@ -107,9 +107,7 @@ def synthesize(cfg: Config) -> dict:
         while writer.count < dc.num_synthetic:
             n = min(scfg.batch_size, dc.num_synthetic - writer.count)
             # Each batch's seed depends on where it starts, so a resumed run continues the same stream.
-            x, y = sample_images(_TeacherNet(teacher), teacher.diffusion, teacher.var_type, scfg, teacher.image_shape,
-                                 teacher.num_classes, seed=cfg.run.seed * 1_000_003 + writer.count, device=device,
-                                 num_samples=n, clip_denoised=teacher.clip_denoised)
+            x, y = sample_teacher(teacher, scfg, seed=cfg.run.seed * 1_000_003 + writer.count, num_samples=n)
             writer.add(x, y)
             writer.flush()
             if bar is not None:
@@ -118,18 +116,3 @@ def synthesize(cfg: Config) -> dict:
         bar.close()
     return {"synthetic_dir": dc.synthetic_dir, "count": dc.num_synthetic}
 
-
-class _TeacherNet(torch.nn.Module):
-    """A teacher seen as a network called with original timesteps (for the shared sampler path)."""
-
-    def __init__(self, teacher):
-        super().__init__()
-        self.teacher = teacher
-        tmap = torch.as_tensor(teacher.diffusion.timestep_map)
-        self._chain_index = torch.full((int(tmap.max()) + 1,), -1, dtype=torch.long)
-        self._chain_index[tmap] = torch.arange(len(tmap))
-
-    def forward(self, x, timesteps, y=None):
-        t = self._chain_index.to(x.device)[timesteps]
-        eps, var_values = self.teacher.predict(x, t, y)
-        return eps if var_values is None else torch.cat([eps, var_values], dim=1)

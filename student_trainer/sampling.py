@@ -1,16 +1,19 @@
-"""Sampling a trained student (or any network) on a respacing of its chain: ancestral or DDIM."""
+"""Sampling a network or a teacher on a respacing of its chain: ancestral (IDDPM) or DDIM."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from common.config import SampleConfig
-from common.diffusion import Diffusion, ancestral_sample, ddim_sample, respace
+from common.diffusion import Diffusion, ancestral_sample, ddim_sample, respace, space_timesteps
+from common.teachers.base import Teacher
 from student_trainer.losses import split_output
 
 
-def network_denoiser(model: torch.nn.Module, d: Diffusion, channels: int):
-    """A network called with original timesteps -> the samplers' denoise(x_t, t[, y]) on chain indices."""
+def network_denoiser(model: torch.nn.Module, d: Diffusion, channels: int) -> Callable:
+    """A network called with original timesteps -> the samplers' denoise(x_t, t[, y]) on d's chain indices."""
 
     @torch.no_grad()
     def denoise(x_t, t, y=None):
@@ -21,15 +24,22 @@ def network_denoiser(model: torch.nn.Module, d: Diffusion, channels: int):
     return denoise
 
 
-def sample_images(model: torch.nn.Module, chain: Diffusion, var_type: str, cfg: SampleConfig,
-                  image_shape: tuple[int, int, int], num_classes: int | None, seed: int,
-                  device: torch.device, num_samples: int | None = None, progress: bool = False,
-                  clip_denoised: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``num_samples`` images [N, C, H, W] in [-1, 1] (and labels when class-conditional), batched."""
+def teacher_denoiser(teacher: Teacher, steps: str) -> tuple[Diffusion, Callable]:
+    """(respaced chain, denoise on its indices): index i of the respacing is teacher chain index kept[i]."""
+    kept = torch.tensor(sorted(space_timesteps(teacher.diffusion.num_timesteps, steps)), dtype=torch.long)
+
+    def denoise(x_t, t, y=None):
+        return teacher.predict(x_t, kept.to(t.device)[t], y)
+
+    return respace(teacher.diffusion, steps), denoise
+
+
+def run_sampler(d: Diffusion, denoise: Callable, var_type: str, cfg: SampleConfig, image_shape: tuple[int, int, int],
+                num_classes: int | None, seed: int, device: torch.device, num_samples: int | None = None,
+                progress: bool = False, clip_denoised: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``num_samples`` images [N, C, H, W] in [-1, 1] (and labels [N] when class-conditional), in batches."""
     n = num_samples or cfg.num_samples
-    d = respace(chain, cfg.steps)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    denoise = network_denoiser(model.eval(), d, image_shape[0])
     out, labels = [], []
     for start in range(0, n, cfg.batch_size):
         m = min(cfg.batch_size, n - start)
@@ -37,8 +47,8 @@ def sample_images(model: torch.nn.Module, chain: Diffusion, var_type: str, cfg: 
         noise = lambda k, shape: torch.randn(shape, generator=gen).to(device)  # noqa: E731
         shape = (m, *image_shape)
         if cfg.sampler == "ddim":
-            x = ddim_sample(d, denoise, shape, eta=cfg.eta, clip_denoised=clip_denoised, noise=noise, y=y, device=device,
-                            progress=progress)
+            x = ddim_sample(d, denoise, shape, eta=cfg.eta, clip_denoised=clip_denoised, noise=noise, y=y,
+                            device=device, progress=progress)
         else:
             x = ancestral_sample(d, denoise, shape, var_type, clip_denoised=clip_denoised, noise=noise, y=y,
                                  device=device, progress=progress)
@@ -46,3 +56,22 @@ def sample_images(model: torch.nn.Module, chain: Diffusion, var_type: str, cfg: 
         if y is not None:
             labels.append(y.cpu())
     return torch.cat(out), (torch.cat(labels) if labels else None)
+
+
+def sample_images(model: torch.nn.Module, chain: Diffusion, var_type: str, cfg: SampleConfig,
+                  image_shape: tuple[int, int, int], num_classes: int | None, seed: int,
+                  device: torch.device, num_samples: int | None = None, progress: bool = False,
+                  clip_denoised: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Samples of a network trained on ``chain``, on the respacing ``cfg.steps`` of it."""
+    d = respace(chain, cfg.steps)
+    denoise = network_denoiser(model.eval(), d, image_shape[0])
+    return run_sampler(d, denoise, var_type, cfg, image_shape, num_classes, seed, device, num_samples, progress,
+                       clip_denoised)
+
+
+def sample_teacher(teacher: Teacher, cfg: SampleConfig, seed: int, num_samples: int | None = None,
+                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Samples of any teacher (a checkpoint loaded as a ``dkdm`` teacher included)."""
+    d, denoise = teacher_denoiser(teacher, cfg.steps)
+    return run_sampler(d, denoise, teacher.var_type, cfg, teacher.image_shape, teacher.num_classes, seed,
+                       teacher.device, num_samples, progress, teacher.clip_denoised)

@@ -48,7 +48,7 @@ class StudentTrainer:
         self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.ema_rate, self.grad_clip, self.lambda_vlb, self.bf16 = ema_rate, grad_clip, lambda_vlb, bf16
         self.step = 0
-        self._tmap = torch.as_tensor(d.timestep_map, dtype=torch.long, device=device)
+        self._tmap = d.map_timesteps(torch.arange(d.num_timesteps, device=device))
 
     def _forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         with autocast_for(self.device, self.bf16):
