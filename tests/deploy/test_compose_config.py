@@ -196,3 +196,5 @@ def test_documented_submit_command_targets_the_compose_services(compose):
     assert sets["pool.backend"] == "redis"
     url = urlparse(sets["pool.redis_url"])
     assert url.hostname in compose["services"] and url.port == urlparse(PoolConfig().redis_url).port
+    for name in RAY_NODES:                        # the run folder is the volume every node shares
+        assert _mounts(compose["services"][name])["runs"] == sets["run.out_dir"], name

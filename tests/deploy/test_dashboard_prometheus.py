@@ -77,8 +77,9 @@ def _get(url: str, timeout: float = 10.0) -> dict:
         return json.loads(resp.read())
 
 
-def _run_workload(tmp_path: Path, sd_dir: Path) -> subprocess.CompletedProcess:
-    """A short real run whose processes register their endpoints in ``sd_dir``."""
+def _run_workload(tmp_path: Path) -> subprocess.CompletedProcess:
+    """A short real run whose processes register their endpoints in ``tmp_path/sd`` (watched by the fixture)."""
+    sd_dir = tmp_path / "sd"
     config = tmp_path / "tiny.yaml"
     config.write_text(WORKLOAD_CONFIG.replace("{out_dir}", str(tmp_path / "runs")))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -160,7 +161,7 @@ def _has_finite_value(result: list[dict]) -> bool:
 def test_every_dashboard_expression_returns_data(prometheus, tmp_path):
     url, sd_dir = prometheus
     start = time.time()
-    run = _run_workload(tmp_path, sd_dir)
+    run = _run_workload(tmp_path)
     end = time.time()
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     time.sleep(2 * SCRAPE_S)                       # let the last scrape land
