@@ -1,0 +1,831 @@
+"""The Redis backend of the pool: shards as key groups, state transitions as Lua scripts.
+
+Layout (one key group per shard, hash tag ``{<name>:<shard>}``, so every key a
+script touches lies in one Redis Cluster hash slot; shard i lives on server
+i mod n when ``redis_url`` lists n servers):
+
+    {tag}:meta     hash   layout string, pool_id, shard range (the marker key: a server
+                          without it has lost the pool and the shard is re-initialised)
+    {tag}:ready    set    READY global slot ids
+    {tag}:refill   set    REFILL slot ids
+    {tag}:leased   zset   LEASED slot ids scored by lease deadline (server clock, seconds)
+    {tag}:filling  zset   FILLING slot ids scored by claim deadline
+    {tag}:owner    hash   slot -> lease or claim id (a LEASED/FILLING slot has exactly one)
+    {tag}:rec      hash   slot -> encoded record (codec envelope of one record); absent = empty
+    {tag}:t        hash   slot -> chain index t of the stored record (stats' t histogram)
+    {tag}:uses     hash   slot -> uses left (samples_per_insert budget)
+    {tag}:born     hash   slot -> shard's produced counter at fill (record age)
+    {tag}:stats    hash   produced, inserted, consumed, released, bytes_in, bytes_out,
+                          expired_leases, expired_claims, corrupt, fill_rejected, draws, fills,
+                          age_sum, draw_blocked_s, fill_blocked_s
+    {tag}:g:<id>   set (lease) / list (claim): the members of one lease or claim in this shard
+
+Every script first checks the marker (error ``DKDMNOINIT`` when it is gone:
+the client re-initialises the shard, all slots empty REFILL, and retries) and
+then expires overdue leases (LEASED -> READY) and claims (FILLING -> REFILL).
+Deadlines use the Redis server's clock (``TIME``), the one clock every client
+of a shard agrees on; ``Draw.deadline``/``Claim.deadline`` are the client's
+estimate in ``time.time()``.
+
+Semantics follow base.py and shard.py exactly (rate limiting, uses, corruption,
+snapshots); blocking is client-side polling with a growing sleep (1 ms..50 ms).
+Connection loss (refused, reset, timeout, server loading its data) is retried
+with exponential backoff for ``redis_retry_timeout_s``, then raises one
+PoolError naming the URL. A retried draw or claim whose first attempt ran on
+the server leaves a lease or claim nobody holds; it expires like any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+import uuid
+
+import numpy as np
+import redis
+import torch
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from common import metrics
+from common.config import PoolConfig
+from common.pool.base import (
+    STATE_NAMES,
+    STORAGE_DTYPES,
+    Claim,
+    Draw,
+    Pool,
+    PoolError,
+    PoolStats,
+    PoolTimeout,
+    RecordCorrupt,
+    check_samples_per_insert,
+    min_ready_slots,
+    record_uses,
+    shard_ranges,
+    split_draw,
+    t_histogram,
+    timeout_message,
+)
+from common.pool.codec import SlotArrays, decode_record, encode_records, from_numpy, to_numpy, write_snapshot
+from common.pool.local import load_snapshot_for, snapshot_header, surplus_inserted
+from common.records import EMPTY_T, RecordBatch
+
+LAYOUT_VERSION = "dkdm-pool-redis/1"
+CLUSTER_SCHEME = "redis+cluster://"
+_KEY_SUFFIXES = ("meta", "ready", "refill", "leased", "filling", "owner", "rec", "t", "uses", "born", "stats")
+_STAT_FIELDS = (
+    "produced", "inserted", "consumed", "released", "bytes_in", "bytes_out", "expired_leases", "expired_claims",
+    "corrupt", "fill_rejected", "draws", "fills", "age_sum",
+)
+_CONN_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, ConnectionError, OSError)
+_CHUNK = 2000   # members per variadic command inside scripts (Lua's C stack holds ~8000)
+
+# KEYS (all scripts): 1 meta 2 ready 3 refill 4 leased 5 filling 6 owner 7 rec 8 t 9 uses 10 born 11 stats 12 group
+_PRELUDE = r"""
+local function now_s()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
+local function chunked(cmd, key, list)
+  local out = {}
+  for i = 1, #list, 2000 do
+    local part = redis.call(cmd, key, unpack(list, i, math.min(i + 1999, #list)))
+    if type(part) == 'table' then for _, v in ipairs(part) do out[#out + 1] = v end end
+  end
+  return out
+end
+local function expire(now)
+  local L = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)
+  for _, m in ipairs(L) do
+    redis.call('ZREM', KEYS[4], m); redis.call('HDEL', KEYS[6], m); redis.call('SADD', KEYS[2], m)
+  end
+  if #L > 0 then redis.call('HINCRBY', KEYS[11], 'expired_leases', #L) end
+  local F = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now)
+  for _, m in ipairs(F) do
+    redis.call('ZREM', KEYS[5], m); redis.call('HDEL', KEYS[6], m); redis.call('SADD', KEYS[3], m)
+  end
+  if #F > 0 then redis.call('HINCRBY', KEYS[11], 'expired_claims', #F) end
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('DKDMNOINIT ' .. KEYS[1]) end
+local now = now_s()
+expire(now)
+"""
+
+# ARGV: k, lease_id, lease_timeout_s, count_call (1 on one shard per draw call) -> {members, records, ages, deadline}
+_DRAW = _PRELUDE + r"""
+local members = redis.call('SPOP', KEYS[2], tonumber(ARGV[1]))
+if #members == 0 then return {{}, {}, {}, tostring(now)} end
+local deadline = now + tonumber(ARGV[3])
+for _, m in ipairs(members) do
+  redis.call('ZADD', KEYS[4], deadline, m); redis.call('HSET', KEYS[6], m, ARGV[2])
+end
+chunked('SADD', KEYS[12], members)
+redis.call('PEXPIRE', KEYS[12], math.floor((tonumber(ARGV[3]) + 3600) * 1000))
+local recs = chunked('HMGET', KEYS[7], members)
+local born = chunked('HMGET', KEYS[10], members)
+local produced = tonumber(redis.call('HGET', KEYS[11], 'produced') or '0')
+local bytes, ages, age_sum = 0, {}, 0
+for i = 1, #members do
+  if recs[i] then bytes = bytes + #recs[i] end
+  ages[i] = produced - tonumber(born[i] or produced)
+  age_sum = age_sum + ages[i]
+end
+redis.call('HINCRBY', KEYS[11], 'consumed', #members)
+redis.call('HINCRBY', KEYS[11], 'bytes_out', bytes)
+redis.call('HINCRBY', KEYS[11], 'draws', tonumber(ARGV[4]))
+redis.call('HINCRBY', KEYS[11], 'age_sum', age_sum)
+return {members, recs, ages, tostring(deadline)}
+"""
+
+# ARGV: lease_id, refund (1: back to READY, no use spent) -> slots released
+_RELEASE = _PRELUDE + r"""
+local members = redis.call('SMEMBERS', KEYS[12])
+local n = 0
+for _, m in ipairs(members) do
+  if redis.call('HGET', KEYS[6], m) == ARGV[1] and redis.call('ZSCORE', KEYS[4], m) then
+    redis.call('ZREM', KEYS[4], m); redis.call('HDEL', KEYS[6], m)
+    if ARGV[2] == '1' then
+      redis.call('SADD', KEYS[2], m)
+    elseif redis.call('HINCRBY', KEYS[9], m, -1) > 0 then
+      redis.call('SADD', KEYS[2], m)
+    else
+      redis.call('SADD', KEYS[3], m)
+    end
+    n = n + 1
+  end
+end
+redis.call('DEL', KEYS[12])
+if ARGV[2] ~= '1' and n > 0 then redis.call('HINCRBY', KEYS[11], 'released', n) end
+return n
+"""
+
+# ARGV: lease_id, slot... : corrupt leased records -> empty REFILL slots
+_CORRUPT = _PRELUDE + r"""
+local n = 0
+for i = 2, #ARGV do
+  local m = ARGV[i]
+  if redis.call('HGET', KEYS[6], m) == ARGV[1] and redis.call('ZSCORE', KEYS[4], m) then
+    redis.call('ZREM', KEYS[4], m); redis.call('HDEL', KEYS[6], m)
+    redis.call('HDEL', KEYS[7], m); redis.call('HDEL', KEYS[8], m); redis.call('HDEL', KEYS[9], m)
+    redis.call('SREM', KEYS[12], m)
+    redis.call('SADD', KEYS[3], m)
+    n = n + 1
+  end
+end
+if n > 0 then redis.call('HINCRBY', KEYS[11], 'corrupt', n) end
+return n
+"""
+
+# ARGV: k, claim_id, claim_timeout_s -> {members, previous records, deadline}
+_CLAIM = _PRELUDE + r"""
+local members = redis.call('SPOP', KEYS[3], tonumber(ARGV[1]))
+if #members == 0 then return {{}, {}, tostring(now)} end
+local deadline = now + tonumber(ARGV[3])
+for _, m in ipairs(members) do
+  redis.call('ZADD', KEYS[5], deadline, m); redis.call('HSET', KEYS[6], m, ARGV[2])
+end
+redis.call('DEL', KEYS[12])
+chunked('RPUSH', KEYS[12], members)
+redis.call('PEXPIRE', KEYS[12], math.floor((tonumber(ARGV[3]) + 3600) * 1000))
+return {members, chunked('HMGET', KEYS[7], members), tostring(deadline)}
+"""
+
+# ARGV: claim_id, count_call, then (slot, record, t, uses) per record -> records accepted (0: the claim is gone)
+_FILL = _PRELUDE + r"""
+local n, bytes = 0, 0
+local owned = {}
+for i = 3, #ARGV, 4 do
+  local m = ARGV[i]
+  if redis.call('HGET', KEYS[6], m) ~= ARGV[1] or not redis.call('ZSCORE', KEYS[5], m) then
+    return 0
+  end
+end
+local produced = tonumber(redis.call('HGET', KEYS[11], 'produced') or '0')
+for i = 3, #ARGV, 4 do
+  local m = ARGV[i]
+  redis.call('ZREM', KEYS[5], m); redis.call('HDEL', KEYS[6], m)
+  redis.call('HSET', KEYS[7], m, ARGV[i + 1]); redis.call('HSET', KEYS[8], m, ARGV[i + 2])
+  redis.call('HSET', KEYS[9], m, ARGV[i + 3]); redis.call('HSET', KEYS[10], m, produced)
+  redis.call('SADD', KEYS[2], m)
+  n = n + 1
+  bytes = bytes + #ARGV[i + 1]
+end
+redis.call('DEL', KEYS[12])
+redis.call('HINCRBY', KEYS[11], 'produced', n)
+redis.call('HINCRBY', KEYS[11], 'inserted', n)
+redis.call('HINCRBY', KEYS[11], 'bytes_in', bytes)
+redis.call('HINCRBY', KEYS[11], 'fills', tonumber(ARGV[2]))
+return n
+"""
+
+# -> {READY, LEASED, REFILL, FILLING, inserted}
+_COUNTS = _PRELUDE + r"""
+return {redis.call('SCARD', KEYS[2]), redis.call('ZCARD', KEYS[4]), redis.call('SCARD', KEYS[3]),
+        redis.call('ZCARD', KEYS[5]), tonumber(redis.call('HGET', KEYS[11], 'inserted') or '0')}
+"""
+
+# -> {counts (4), stats hash (flat), t of READY slots}
+_STATS = _PRELUDE + r"""
+local ready = redis.call('SMEMBERS', KEYS[2])
+local ts = {}
+if #ready > 0 then ts = chunked('HMGET', KEYS[8], ready) end
+return {{redis.call('SCARD', KEYS[2]), redis.call('ZCARD', KEYS[4]), redis.call('SCARD', KEYS[3]),
+         redis.call('ZCARD', KEYS[5])}, redis.call('HGETALL', KEYS[11]), ts}
+"""
+
+# The whole shard in one atomic call (a snapshot stops this shard only for its own copy).
+_DUMP = _PRELUDE + r"""
+return {redis.call('SMEMBERS', KEYS[2]), redis.call('SMEMBERS', KEYS[3]), redis.call('ZRANGE', KEYS[4], 0, -1),
+        redis.call('ZRANGE', KEYS[5], 0, -1), redis.call('HGETALL', KEYS[7]), redis.call('HGETALL', KEYS[9]),
+        redis.call('HGETALL', KEYS[10]), redis.call('HGETALL', KEYS[11])}
+"""
+
+# ARGV: layout, lo, hi, pool_id, force -> {created (0/1), layout now stored}
+_INIT = r"""
+if redis.call('EXISTS', KEYS[1]) == 1 and ARGV[5] ~= '1' then
+  return {0, redis.call('HGET', KEYS[1], 'layout')}
+end
+for i = 1, 11 do redis.call('DEL', KEYS[i]) end
+local lo, hi = tonumber(ARGV[2]), tonumber(ARGV[3])
+local batch = {}
+for s = lo, hi - 1 do
+  batch[#batch + 1] = s
+  if #batch == 2000 then redis.call('SADD', KEYS[3], unpack(batch)); batch = {} end
+end
+if #batch > 0 then redis.call('SADD', KEYS[3], unpack(batch)) end
+redis.call('HSET', KEYS[1], 'layout', ARGV[1], 'pool_id', ARGV[4], 'lo', lo, 'hi', hi)
+redis.call('HSET', KEYS[11], 'produced', 0, 'inserted', 0)
+return {1, ARGV[1]}
+"""
+
+# Restore, begin: ARGV layout, pool_id, inserted_extra -> the shard is emptied (no slot in any state yet)
+_RESTORE_BEGIN = r"""
+for i = 1, 11 do redis.call('DEL', KEYS[i]) end
+redis.call('HSET', KEYS[1], 'layout', ARGV[1], 'pool_id', ARGV[2])
+redis.call('HSET', KEYS[11], 'produced', 0, 'inserted', tonumber(ARGV[3]))
+return 1
+"""
+
+# Restore, a chunk: ARGV corrupt, then (slot, state R|F, record or '', t, uses, born) per slot
+_RESTORE_ADD = r"""
+local ready = 0
+for i = 2, #ARGV, 6 do
+  local m = ARGV[i]
+  if ARGV[i + 2] ~= '' then
+    redis.call('HSET', KEYS[7], m, ARGV[i + 2]); redis.call('HSET', KEYS[8], m, ARGV[i + 3])
+    redis.call('HSET', KEYS[9], m, ARGV[i + 4]); redis.call('HSET', KEYS[10], m, ARGV[i + 5])
+  end
+  if ARGV[i + 1] == 'R' then redis.call('SADD', KEYS[2], m); ready = ready + 1 else redis.call('SADD', KEYS[3], m) end
+end
+redis.call('HINCRBY', KEYS[11], 'inserted', ready)
+redis.call('HINCRBY', KEYS[11], 'corrupt', tonumber(ARGV[1]))
+return ready
+"""
+
+_SCRIPTS = {
+    "draw": _DRAW, "release": _RELEASE, "corrupt": _CORRUPT, "claim": _CLAIM, "fill": _FILL,
+    "counts": _COUNTS, "stats": _STATS, "dump": _DUMP, "init": _INIT,
+    "restore_begin": _RESTORE_BEGIN, "restore_add": _RESTORE_ADD,
+}
+
+
+def parse_urls(url: str) -> tuple[list[str], bool]:
+    """``redis_url`` -> (server URLs, cluster?). Comma-separated URLs: shard i on server i mod n.
+
+    ``redis+cluster://host:port`` connects to a Redis Cluster (one seed node).
+    """
+    urls = [u.strip() for u in url.split(",") if u.strip()]
+    if not urls:
+        raise PoolError("pool.redis_url is empty")
+    cluster = any(u.startswith(CLUSTER_SCHEME) for u in urls)
+    if cluster and len(urls) != 1:
+        raise PoolError(f"pool.redis_url: a Redis Cluster takes one seed URL, got {len(urls)}")
+    for u in urls:
+        if not u.startswith(("redis://", "rediss://", "unix://", CLUSTER_SCHEME)):
+            raise PoolError(f"pool.redis_url entry {u!r} is not a redis://, rediss://, unix:// or {CLUSTER_SCHEME} URL")
+    return urls, cluster
+
+
+class RedisPool(Pool):
+    """B+ in one or more Redis servers (or a Redis Cluster); any number of processes share it by name."""
+
+    def __init__(
+        self,
+        cfg: PoolConfig,
+        num_slots: int,
+        record_shape: tuple[int, int, int],
+        has_logvar: bool,
+        has_label: bool,
+        num_timesteps: int = 1000,
+        seed: int = 0,
+        t_buckets: int = 10,
+    ):
+        self.cfg = cfg
+        self.num_slots = int(num_slots)
+        self.record_shape = tuple(int(s) for s in record_shape)
+        self.has_logvar, self.has_label = bool(has_logvar), bool(has_label)
+        self.storage_dtype = cfg.storage_dtype
+        self.num_timesteps, self.t_buckets = int(num_timesteps), int(t_buckets)
+        self.k = check_samples_per_insert(cfg.samples_per_insert)
+        self.min_ready = min_ready_slots(cfg.min_ready_fraction, self.num_slots)
+        self.ranges = shard_ranges(self.num_slots, cfg.shards)
+        self.shards = len(self.ranges)
+        # Process-unique stream: several clients with the same seed must not draw the same splits.
+        self.rng = np.random.default_rng([seed, uuid.uuid4().int & 0xFFFFFFFF])
+        self.urls, self.cluster = parse_urls(cfg.redis_url)
+        self.layout = (
+            f"{LAYOUT_VERSION} slots={self.num_slots} shards={self.shards} shape={'x'.join(map(str, self.record_shape))} "
+            f"dtype={self.storage_dtype} logvar={int(self.has_logvar)} label={int(self.has_label)} T={self.num_timesteps}"
+        )
+        self.record_bytes = (2 + self.has_logvar) * int(np.prod(self.record_shape)) * STORAGE_DTYPES[self.storage_dtype].itemsize
+        self._clients = [self._connect(u) for u in self.urls]
+        self._shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in _SCRIPTS.items()}
+        self._claims: dict[str, list[tuple[int, list[int]]]] = {}   # claim id -> [(shard, slots in order)]
+        self.local = {"draw_blocked_s": 0.0, "fill_blocked_s": 0.0, "draw_s": 0.0, "fill_s": 0.0,
+                      "reinitialised_shards": 0, "retries": 0}
+        self._init_shards(force=False)
+
+    @classmethod
+    def from_options(cls, redis_url: str, num_slots: int, record_shape=(3, 8, 8), has_logvar: bool = False,
+                     has_label: bool = False, num_timesteps: int = 1000, seed: int = 0, t_buckets: int = 10, **cfg_fields):
+        """Convenience constructor for tests and benchmarks: PoolConfig fields as keywords."""
+        cfg = PoolConfig(backend="redis", redis_url=redis_url, num_slots=num_slots, **cfg_fields)
+        return cls(cfg=cfg, num_slots=num_slots, record_shape=record_shape, has_logvar=has_logvar,
+                   has_label=has_label, num_timesteps=num_timesteps, seed=seed, t_buckets=t_buckets)
+
+    # --- connections and key layout -------------------------------------------------
+
+    def _connect(self, url: str):
+        # Our own retry loop (_with_retry) owns connection loss; redis-py's hidden retries are off.
+        opts = dict(socket_connect_timeout=2.0, socket_timeout=60.0, retry=Retry(NoBackoff(), 0), health_check_interval=0)
+        if url.startswith(CLUSTER_SCHEME):
+            from redis.cluster import RedisCluster
+
+            return RedisCluster.from_url("redis://" + url[len(CLUSTER_SCHEME):], socket_connect_timeout=2.0, socket_timeout=60.0)
+        return redis.Redis.from_url(url, **opts)
+
+    def _server(self, shard: int) -> int:
+        return 0 if self.cluster else shard % len(self._clients)
+
+    def keys(self, shard: int, group: str | None = None) -> list[str]:
+        tag = f"{{{self.cfg.name}:{shard}}}"
+        return [f"{tag}:{s}" for s in _KEY_SUFFIXES] + [f"{tag}:g:{group or '-'}"]
+
+    def _with_retry(self, server: int, fn):
+        """Run ``fn()``; on connection loss retry with exponential backoff, then PoolError naming the URL."""
+        start = time.monotonic()
+        delay = 0.02
+        while True:
+            try:
+                return fn()
+            except _CONN_ERRORS as err:
+                waited = time.monotonic() - start
+                if waited >= self.cfg.redis_retry_timeout_s:
+                    raise PoolError(
+                        f"redis server {self.urls[server]} unreachable for {waited:.1f}s "
+                        f"(pool.redis_retry_timeout_s={self.cfg.redis_retry_timeout_s:g}): {type(err).__name__}: {err}"
+                    ) from None
+                self.local["retries"] += 1
+                time.sleep(min(delay, max(0.0, self.cfg.redis_retry_timeout_s - waited)))
+                delay = min(delay * 2, 1.0)
+
+    def _run(self, calls: list[tuple[int, str, str | None, list]]) -> dict[int, object]:
+        """Run (shard, script, group, argv) calls, pipelined per server -> {shard: reply}.
+
+        A shard whose marker is gone (server restarted without persistence) is
+        re-initialised as empty REFILL slots and its call is run once more.
+        """
+        out: dict[int, object] = {}
+        by_server: dict[int, list] = {}
+        for c in calls:
+            by_server.setdefault(self._server(c[0]), []).append(c)
+        for server, group in by_server.items():
+            replies = self._with_retry(server, lambda: self._execute(server, group))
+            again = []
+            for c, r in zip(group, replies):
+                if isinstance(r, redis.ResponseError) and str(r).startswith("DKDMNOINIT"):
+                    again.append(c)
+                elif isinstance(r, Exception):
+                    raise PoolError(f"redis server {self.urls[server]}: script {c[1]} failed on shard {c[0]}: {r}")
+                else:
+                    out[c[0]] = r
+            if again:
+                self._init_shards(force=False, only=[c[0] for c in again])
+                for c, r in zip(again, self._with_retry(server, lambda: self._execute(server, again))):
+                    if isinstance(r, Exception):
+                        raise PoolError(f"redis server {self.urls[server]}: script {c[1]} failed on shard {c[0]}: {r}")
+                    out[c[0]] = r
+        return out
+
+    def _execute(self, server: int, calls: list) -> list:
+        """EVALSHA each call (pipelined unless on a cluster); scripts missing on the server are loaded
+        (SCRIPT LOAD) and only the calls that failed with NOSCRIPT are run again."""
+        client = self._clients[server]
+        replies: list = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            if self.cluster:
+                got = []
+                for i in todo:
+                    shard, name, grp, argv = calls[i]
+                    keys = self.keys(shard, grp)
+                    try:
+                        got.append(client.evalsha(self._shas[name], len(keys), *keys, *argv))
+                    except redis.ResponseError as err:
+                        got.append(err)
+            else:
+                pipe = client.pipeline(transaction=False)
+                for i in todo:
+                    shard, name, grp, argv = calls[i]
+                    keys = self.keys(shard, grp)
+                    pipe.evalsha(self._shas[name], len(keys), *keys, *argv)
+                got = pipe.execute(raise_on_error=False)
+            missing = []
+            for i, r in zip(todo, got):
+                replies[i] = r
+                if isinstance(r, redis.exceptions.NoScriptError):
+                    missing.append(i)
+            if not missing or attempt == 1:
+                break
+            for name in {calls[i][1] for i in missing}:
+                client.script_load(_SCRIPTS[name])   # a cluster sends SCRIPT LOAD to every primary
+            todo = missing
+        return replies
+
+    def _init_shards(self, force: bool, only: list[int] | None = None) -> None:
+        shards = range(self.shards) if only is None else only
+        calls = [(s, "init", None, [self.layout, self.ranges[s][0], self.ranges[s][1], uuid.uuid4().hex, int(force)])
+                 for s in shards]
+        by_server: dict[int, list] = {}
+        for c in calls:
+            by_server.setdefault(self._server(c[0]), []).append(c)
+        for server, group in by_server.items():
+            replies = self._with_retry(server, lambda: self._execute(server, group))
+            for (shard, *_), r in zip(group, replies):
+                if isinstance(r, Exception):
+                    raise PoolError(f"redis server {self.urls[server]}: cannot initialise shard {shard}: {r}")
+                created, layout = int(r[0]), r[1].decode() if isinstance(r[1], bytes) else str(r[1])
+                if layout != self.layout:
+                    raise PoolError(
+                        f"pool {self.cfg.name!r} on {self.urls[server]} has layout '{layout}', this process expects "
+                        f"'{self.layout}' (another pool uses that name: pick another pool.name or restore over it)"
+                    )
+                if created and only is not None:
+                    self.local["reinitialised_shards"] += 1
+
+    # --- decoding -----------------------------------------------------------------------
+
+    def _empty(self, n: int) -> RecordBatch:
+        dt = STORAGE_DTYPES[self.storage_dtype]
+        shape = (n, *self.record_shape)
+        return RecordBatch(
+            x_t=torch.zeros(shape, dtype=dt), t=torch.full((n,), EMPTY_T, dtype=torch.int64),
+            eps=torch.zeros(shape, dtype=dt), logvar=torch.zeros(shape, dtype=dt) if self.has_logvar else None,
+            y=torch.zeros(n, dtype=torch.int64) if self.has_label else None,
+        )
+
+    def _decode(self, payload) -> RecordBatch:
+        """One stored record -> RecordBatch of 1 in the storage dtype; RecordCorrupt if foreign or damaged."""
+        if payload is None:
+            raise RecordCorrupt("READY slot holds no record")
+        rec = decode_record(payload)
+        dt = STORAGE_DTYPES[self.storage_dtype]
+        if tuple(rec.x_t.shape[1:]) != self.record_shape or rec.x_t.dtype != dt:
+            raise RecordCorrupt(f"record of shape {tuple(rec.x_t.shape[1:])} {rec.x_t.dtype}, pool stores {self.record_shape} {dt}")
+        if (rec.logvar is not None) != self.has_logvar or (rec.y is not None) != self.has_label:
+            raise RecordCorrupt("record fields (logvar, y) do not match the pool's layout")
+        return rec
+
+    def _encode(self, batch: RecordBatch) -> list[bytes]:
+        return [encode_records(batch.index(slice(i, i + 1)), self.storage_dtype) for i in range(len(batch))]
+
+    # --- counts -------------------------------------------------------------------------
+
+    def _counts(self) -> np.ndarray:
+        """[S, 5]: READY, LEASED, REFILL, FILLING, inserted per shard (after expiry)."""
+        res = self._run([(s, "counts", None, []) for s in range(self.shards)])
+        return np.array([[int(v) for v in res[s]] for s in range(self.shards)], dtype=np.int64)
+
+    @staticmethod
+    def _state_counts(rows: np.ndarray) -> dict[str, int]:
+        return {n: int(rows[:, i].sum()) for i, n in enumerate(STATE_NAMES)}
+
+    def _wait(self, delay: float) -> float:
+        time.sleep(delay)
+        return min(delay * 1.5, 0.05)
+
+    def _add_blocked(self, side: str, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        self.local[f"{side}_blocked_s"] += seconds
+        metrics.inc(metrics.POOL_BLOCKED_SECONDS_TOTAL, seconds, side=side)
+        client = self._clients[self._server(0)]
+        self._with_retry(self._server(0), lambda: client.hincrbyfloat(self.keys(0)[10], f"{side}_blocked_s", seconds))
+
+    # --- the contract -------------------------------------------------------------------
+
+    def draw(self, b: int, timeout_s: float | None = None) -> Draw:
+        """Lease b READY slots uniformly at random over all shards (multivariate hypergeometric split)."""
+        if not 1 <= b <= self.num_slots:
+            raise PoolError(f"cannot draw {b} records from a pool of {self.num_slots} slots")
+        timeout_s = self.cfg.block_timeout_s if timeout_s is None else timeout_s
+        t0 = time.monotonic()
+        lease_id = uuid.uuid4().hex
+        slots: list[int] = []
+        recs: list[RecordBatch] = []
+        ages: list[int] = []
+        deadline = math.inf
+        blocked, delay = 0.0, 0.001
+        while len(slots) < b:
+            rows = self._counts()
+            need = b - len(slots)
+            warm = int(rows[:, 4].sum()) >= self.min_ready
+            if not warm or int(rows[:, 0].sum()) < need:
+                if time.monotonic() - t0 >= timeout_s:
+                    self._run([(s, "release", lease_id, [lease_id, 1]) for s in range(self.shards)])
+                    self._add_blocked("draw", blocked)
+                    what = f"{need} READY records" if warm else f"the warm-up ({self.min_ready} records inserted)"
+                    raise PoolTimeout(timeout_message(what, timeout_s, self._state_counts(rows),
+                                                      f", inserted={int(rows[:, 4].sum())}"))
+                w0 = time.monotonic()
+                delay = self._wait(delay)
+                blocked += time.monotonic() - w0
+                continue
+            split = split_draw(rows[:, 0], need, self.rng)
+            first = len(slots) == 0
+            res = self._run([(s, "draw", lease_id, [int(split[s]), lease_id, self.cfg.lease_timeout_s, int(first and j == 0)])
+                             for j, s in enumerate(np.flatnonzero(split).tolist())])
+            for s, (members, payloads, shard_ages, srv_deadline) in sorted(res.items()):
+                deadline = min(deadline, time.time() + self.cfg.lease_timeout_s)
+                bad = []
+                for m, p, a in zip(members, payloads, shard_ages):
+                    try:
+                        recs.append(self._decode(p))
+                    except RecordCorrupt:
+                        bad.append(int(m))
+                        continue
+                    slots.append(int(m))
+                    ages.append(int(a))
+                if bad:
+                    self._run([(s, "corrupt", lease_id, [lease_id, *bad])])
+                    metrics.inc(metrics.POOL_CORRUPT_TOTAL, len(bad), shard=s)
+        self._add_blocked("draw", blocked)
+        # Shuffle so the batch order carries no shard structure (SPOP order is already random within a shard).
+        perm = self.rng.permutation(b)
+        batch = RecordBatch.cat(recs).index(torch.from_numpy(perm))
+        elapsed = time.monotonic() - t0
+        self.local["draw_s"] += elapsed
+        metrics.observe(metrics.POOL_DRAW_SECONDS, elapsed)
+        for a in ages:
+            metrics.observe(metrics.POOL_RECORD_AGE_STEPS, a)
+        return Draw(lease_id=lease_id, slots=torch.tensor(slots, dtype=torch.int64)[perm], batch=batch, deadline=deadline)
+
+    def release(self, lease_id: str) -> None:
+        """Spend one use of each record still leased under ``lease_id``; a no-op otherwise (idempotent)."""
+        self._run([(s, "release", lease_id, [lease_id, 0]) for s in range(self.shards)])
+
+    def claim_refill(self, n: int, timeout_s: float | None = None) -> Claim:
+        """Claim up to n REFILL slots, spread uniformly over the shards' REFILL slots; previous records returned."""
+        if n < 1:
+            raise PoolError(f"claim_refill needs n >= 1, got {n}")
+        timeout_s = self.cfg.block_timeout_s if timeout_s is None else timeout_s
+        t0 = time.monotonic()
+        claim_id = uuid.uuid4().hex
+        blocked, delay = 0.0, 0.001
+        while True:
+            rows = self._counts()
+            refill = rows[:, 2]
+            if refill.sum() > 0:
+                split = split_draw(refill, min(n, int(refill.sum())), self.rng)
+                res = self._run([(s, "claim", claim_id, [int(split[s]), claim_id, self.cfg.claim_timeout_s])
+                                 for s in np.flatnonzero(split).tolist()])
+                parts = [(s, [int(m) for m in r[0]], r[1]) for s, r in sorted(res.items()) if len(r[0])]
+                if parts:
+                    break
+            if time.monotonic() - t0 >= timeout_s:
+                self._add_blocked("fill", blocked)
+                raise PoolTimeout(timeout_message("a REFILL slot to claim", timeout_s, self._state_counts(rows)))
+            w0 = time.monotonic()
+            delay = self._wait(delay)
+            blocked += time.monotonic() - w0
+        self._add_blocked("fill", blocked)
+        self._claims[claim_id] = [(s, members) for s, members, _ in parts]
+        recs = []
+        for _, members, payloads in parts:
+            for p in payloads:
+                try:
+                    recs.append(self._empty(1) if p is None else self._decode(p))
+                except RecordCorrupt:
+                    recs.append(self._empty(1))   # the teacher rebuilds the slot from scratch
+        slots = torch.tensor([m for _, members, _ in parts for m in members], dtype=torch.int64)
+        return Claim(claim_id=claim_id, slots=slots, batch=RecordBatch.cat(recs),
+                     deadline=time.time() + self.cfg.claim_timeout_s)
+
+    def _claim_parts(self, claim_id: str) -> list[tuple[int, list[int]]]:
+        parts = self._claims.pop(claim_id, None)
+        if parts is not None:
+            return parts
+        # A claim made by another client object: read its members (in order) from the shards.
+        parts = []
+        for s in range(self.shards):
+            key = self.keys(s, claim_id)[11]
+            srv = self._server(s)
+            members = self._with_retry(srv, lambda: self._clients[srv].lrange(key, 0, -1))
+            if members:
+                parts.append((s, [int(m) for m in members]))
+        return parts
+
+    def fill(self, claim_id: str, batch: RecordBatch) -> bool:
+        """FILLING -> READY with ``batch`` in the claim's slot order; False when the claim is unknown or expired."""
+        t0 = time.monotonic()
+        parts = self._claim_parts(claim_id)
+        n = sum(len(m) for _, m in parts)
+        if n == 0:
+            self._count_rejected()
+            return False
+        self._check_batch(batch, n)
+        payloads = self._encode(batch)
+        uses = record_uses(self.k, n, self.rng)
+        t = batch.t.cpu().tolist()
+        calls, i = [], 0
+        for s, members in parts:
+            argv: list = [claim_id, int(not calls)]
+            for m in members:
+                argv += [m, payloads[i], int(t[i]), int(uses[i])]
+                i += 1
+            calls.append((s, "fill", claim_id, argv))
+        res = self._run(calls)
+        accepted = sum(int(v) for v in res.values())
+        elapsed = time.monotonic() - t0
+        self.local["fill_s"] += elapsed
+        metrics.observe(metrics.POOL_FILL_SECONDS, elapsed)
+        if accepted < n:
+            self._count_rejected()
+        if accepted:
+            for s, members in parts:
+                metrics.inc(metrics.POOL_RECORDS_PRODUCED_TOTAL, len(members), shard=s)
+        return accepted == n
+
+    def _count_rejected(self) -> None:
+        client = self._clients[self._server(0)]
+        self._with_retry(self._server(0), lambda: client.hincrby(self.keys(0)[10], "fill_rejected", 1))
+
+    def _check_batch(self, batch: RecordBatch, n: int) -> None:
+        if len(batch) != n:
+            raise ValueError(f"fill got {len(batch)} records for a claim of {n} slots")
+        for name in ("x_t", "eps") + (("logvar",) if self.has_logvar else ()):
+            v = getattr(batch, name)
+            if v is None or tuple(v.shape) != (n, *self.record_shape):
+                got = None if v is None else tuple(v.shape)
+                raise ValueError(f"fill: {name} has shape {got}, the pool stores {(n, *self.record_shape)}")
+        if not self.has_logvar and batch.logvar is not None:
+            raise ValueError("fill: records carry logvar but the pool was built without has_logvar")
+        if self.has_label != (batch.y is not None):
+            raise ValueError(f"fill: records {'lack' if self.has_label else 'carry'} labels y but the pool has has_label={self.has_label}")
+        if n and (int(batch.t.min()) < 0 or int(batch.t.max()) >= self.num_timesteps):
+            raise ValueError(f"fill: t must lie in [0, {self.num_timesteps}), got [{int(batch.t.min())}, {int(batch.t.max())}]")
+
+    def stats(self) -> PoolStats:
+        res = self._run([(s, "stats", None, []) for s in range(self.shards)])
+        shard_counts, totals, ts = [], dict.fromkeys(_STAT_FIELDS, 0), []
+        blocked = {"draw_blocked_s": 0.0, "fill_blocked_s": 0.0}
+        for s in range(self.shards):
+            counts, flat, tvals = res[s]
+            shard_counts.append(dict(zip(STATE_NAMES, (int(c) for c in counts))))
+            h = {k.decode(): v for k, v in zip(flat[::2], flat[1::2])}
+            for k in _STAT_FIELDS:
+                totals[k] += int(h.get(k, 0))
+            for k in blocked:
+                blocked[k] += float(h.get(k, 0.0))
+            ts.extend(int(v) for v in tvals if v is not None)
+        counts = {n: sum(c[n] for c in shard_counts) for n in STATE_NAMES}
+        hist = t_histogram(np.array(ts, dtype=np.int64), self.num_timesteps, self.t_buckets)
+        for s, c in enumerate(shard_counts):
+            for name, v in c.items():
+                metrics.set(metrics.POOL_SLOTS, v, shard=s, state=name)
+        return PoolStats(
+            num_slots=self.num_slots, counts=counts, shard_counts=shard_counts,
+            produced_total=totals["produced"], consumed_total=totals["consumed"],
+            bytes_in_total=totals["bytes_in"], bytes_out_total=totals["bytes_out"],
+            draw_blocked_seconds_total=blocked["draw_blocked_s"], fill_blocked_seconds_total=blocked["fill_blocked_s"],
+            t_histogram=hist, warm=totals["inserted"] >= self.min_ready, released_total=totals["released"],
+            expired_leases_total=totals["expired_leases"], expired_claims_total=totals["expired_claims"],
+            corrupt_total=totals["corrupt"], fill_rejected_total=totals["fill_rejected"],
+            draw_seconds_total=self.local["draw_s"], fill_seconds_total=self.local["fill_s"],
+            draws_total=totals["draws"], fills_total=totals["fills"],
+            record_age_mean=totals["age_sum"] / max(totals["consumed"], 1),
+            extra={"backend": "redis", "urls": list(self.urls), "inserted_total": totals["inserted"],
+                   "encoded_bytes_in_total": totals["bytes_in"], **self.local},
+        )
+
+    # --- snapshot and restore ----------------------------------------------------------
+
+    def _dump_shard(self, s: int) -> SlotArrays:
+        """One shard as SlotArrays (one atomic Lua call on the server, then decoded here)."""
+        ready, refill, leased, filling, rec_flat, uses_flat, born_flat, _ = self._run([(s, "dump", None, [])])[s]
+        lo, hi = self.ranges[s]
+        n = hi - lo
+        state = np.full(n, 2, dtype=np.uint8)
+        for m in list(ready) + list(leased):
+            state[int(m) - lo] = 0
+        for m in list(refill) + list(filling):
+            state[int(m) - lo] = 2
+        empty = self._empty(n)
+        x_t, eps = to_numpy(empty.x_t, self.storage_dtype), to_numpy(empty.eps, self.storage_dtype)
+        logvar = None if empty.logvar is None else to_numpy(empty.logvar, self.storage_dtype)
+        y = None if empty.y is None else empty.y.numpy().copy()
+        t = np.full(n, EMPTY_T, dtype=np.int64)
+        uses = np.zeros(n, dtype=np.int32)
+        born = np.zeros(n, dtype=np.int64)
+        for k, v in zip(uses_flat[::2], uses_flat[1::2]):
+            uses[int(k) - lo] = int(v)
+        for k, v in zip(born_flat[::2], born_flat[1::2]):
+            born[int(k) - lo] = int(v)
+        for k, payload in zip(rec_flat[::2], rec_flat[1::2]):
+            i = int(k) - lo
+            try:
+                rec = self._decode(payload)
+            except RecordCorrupt:
+                state[i] = 2 if state[i] == 0 else state[i]   # written as an empty REFILL slot
+                uses[i] = 0
+                continue
+            x_t[i] = to_numpy(rec.x_t, self.storage_dtype)[0]
+            eps[i] = to_numpy(rec.eps, self.storage_dtype)[0]
+            if logvar is not None:
+                logvar[i] = to_numpy(rec.logvar, self.storage_dtype)[0]
+            if y is not None:
+                y[i] = int(rec.y[0])
+            t[i] = int(rec.t[0])
+        # READY without a decodable record cannot be served: write it as empty REFILL.
+        state[(state == 0) & (t == EMPTY_T)] = 2
+        return SlotArrays(lo=lo, state=state, t=t, uses=uses, produced_at=born, x_t=x_t, eps=eps, logvar=logvar, y=y)
+
+    def snapshot(self, path: str) -> None:
+        """Write the pool to ``path`` in the codec's snapshot format (the same file the local and ray
+        backends write and read), one shard at a time: each shard is copied by one Lua call, so the
+        pool stops for at most one shard's copy."""
+        inserted = int(self._counts()[:, 4].sum())
+        write_snapshot(path, snapshot_header(self, inserted), (self._dump_shard(s) for s in range(self.shards)))
+
+    def restore(self, path: str) -> None:
+        """Replace the pool's contents with a snapshot (slot count and record layout must match; the
+        shard count may differ). LEASED come back READY, FILLING and damaged records as REFILL."""
+        header, parts = load_snapshot_for(self, path, self.ranges)
+        extra = surplus_inserted(header, parts)
+        pool_id = uuid.uuid4().hex
+        # Per shard: empty it, then add its slots in chunks of about 4 MB (a restore is not a hot
+        # path; a draw running meanwhile only sees fewer READY slots, every one of them valid).
+        chunk = max(1, (4 << 20) // max(self.record_bytes, 1))
+        for s, (arrays, bad) in enumerate(parts):
+            lo = arrays.lo
+            bad = bad | (arrays.state > 3)
+            state = np.where(np.isin(arrays.state, (0, 1)) & ~bad & (arrays.t != EMPTY_T), "R", "F")
+            batch = RecordBatch(
+                x_t=from_numpy(arrays.x_t, self.storage_dtype), t=torch.from_numpy(arrays.t),
+                eps=from_numpy(arrays.eps, self.storage_dtype),
+                logvar=None if arrays.logvar is None else from_numpy(arrays.logvar, self.storage_dtype),
+                y=None if arrays.y is None else torch.from_numpy(arrays.y),
+            )
+            self._run([(s, "restore_begin", None, [self.layout, pool_id, extra if s == 0 else 0])])
+            for c0 in range(0, len(arrays), chunk):
+                c1 = min(len(arrays), c0 + chunk)
+                argv: list = [int(bad[c0:c1].sum())]
+                for i in range(c0, c1):
+                    keep = not bad[i] and arrays.t[i] != EMPTY_T
+                    blob = encode_records(batch.index(slice(i, i + 1)), self.storage_dtype) if keep else b""
+                    argv += [lo + i, str(state[i]), blob, int(arrays.t[i]) if keep else EMPTY_T,
+                             int(arrays.uses[i]) if keep else 0, int(arrays.produced_at[i])]
+                self._run([(s, "restore_add", None, argv)])
+            if bad.any():
+                metrics.inc(metrics.POOL_CORRUPT_TOTAL, int(bad.sum()), shard=s)
+        self._claims.clear()
+
+    # --- maintenance ------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Re-initialise every shard: all slots empty REFILL, counters zero (teachers rebuild the pool)."""
+        self._init_shards(force=True)
+        self._claims.clear()
+
+    def destroy(self) -> None:
+        """Delete every key of this pool (benchmarks and tests clean up with it)."""
+        for s in range(self.shards):
+            srv = self._server(s)
+            tag = self.keys(s)[0].rsplit(":", 1)[0]
+            keys = self.keys(s)[:11]
+
+            def drop():
+                c = self._clients[srv]
+                groups = list(c.scan_iter(match=f"{tag}:g:*", count=1000))
+                c.delete(*keys, *groups)
+
+            self._with_retry(srv, drop)
+
+    def close(self) -> None:
+        for c in self._clients:
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001 - closing a dead connection is fine
+                pass
