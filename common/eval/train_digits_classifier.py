@@ -44,28 +44,37 @@ def accuracy(model: DigitsCNN, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def train(seed: int = 0, epochs: int = 40, batch_size: int = 64, lr: float = 3e-3) -> tuple[DigitsCNN, dict]:
     """Train the classifier; returns the model and a summary (accuracies, sizes, hyper-parameters)."""
-    torch.manual_seed(seed)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
-    gen = torch.Generator().manual_seed(seed)
-    x_train, y_train = load_digits(split="train")
-    x_test, y_test = load_digits(split="test")
-    model = DigitsCNN(**ARCH)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    for _ in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(x_train), generator=gen).split(batch_size):
-            loss = F.cross_entropy(model(augment(x_train[idx], gen)), y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sched.step()
+    try:
+        torch.manual_seed(seed)
+        model = DigitsCNN(**ARCH)
+        x_train, y_train = load_digits(split="train")
+        x_test, y_test = load_digits(split="test")
+        fit(model, x_train, y_train, torch.Generator().manual_seed(seed), epochs, batch_size, lr)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
     summary = dict(
         train_accuracy=accuracy(model, x_train, y_train), test_accuracy=accuracy(model, x_test, y_test),
         train_size=len(x_train), test_size=len(x_test), split_seed=DIGITS_SPLIT_SEED,
         test_fraction=DIGITS_TEST_FRACTION, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
     )
     return model.eval(), summary
+
+
+def fit(model: DigitsCNN, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
+        epochs: int, batch_size: int, lr: float) -> None:
+    """AdamW with a cosine learning rate over ``epochs`` passes of augmented mini-batches."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
+            loss = F.cross_entropy(model(augment(x[idx], gen)), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
 
 
 def save(model: DigitsCNN, summary: dict, out: str | Path) -> Path:

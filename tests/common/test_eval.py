@@ -217,3 +217,17 @@ def test_inception_torchscript_code_path(tmp_path):
     pool, spatial, logits = net.features(torch.rand(3, 1, 8, 8) * 2 - 1)
     assert pool.shape == (3, 8) and spatial.shape == (3, 7 * 17 * 17) and logits.shape == (3, 5)
     assert torch.allclose(logits.exp().sum(1), torch.ones(3), atol=1e-5)
+
+
+def test_digits_classifier_rebuild_is_deterministic(tmp_path):
+    """The rebuild command's training is seeded: two short runs give byte-identical weights that load back."""
+    from common.eval import train_digits_classifier as tdc
+
+    assert tdc.main(["--out", str(tmp_path / "a"), "--epochs", "1"]) == 0
+    model, summary = tdc.train(seed=0, epochs=1)
+    tdc.save(model, summary, tmp_path / "b")
+    assert sha256_file(tmp_path / "a" / "model.safetensors") == sha256_file(tmp_path / "b" / "model.safetensors")
+    net = DigitsFeatureNet.from_pretrained(tmp_path / "a")
+    assert net.config["epochs"] == 1 and net.config["rebuild"].endswith("--out common/assets/digits_classifier")
+    x, y = load_digits(split="test")
+    assert float((net.predict(x) == y).float().mean()) == pytest.approx(net.config["test_accuracy"], abs=1e-6)
