@@ -77,7 +77,7 @@ CLUSTER_SCHEME = "redis+cluster://"
 _KEY_SUFFIXES = ("meta", "ready", "refill", "leased", "filling", "owner", "rec", "t", "uses", "born", "stats")
 _STAT_FIELDS = (
     "produced", "inserted", "consumed", "released", "bytes_in", "bytes_out", "expired_leases", "expired_claims",
-    "corrupt", "fill_rejected", "draws", "fills", "age_sum",
+    "corrupt", "fill_rejected", "draws", "fills", "age_sum", "wire_bytes_in", "wire_bytes_out",
 )
 _CONN_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, ConnectionError, OSError)
 _CHUNK = 2000   # members per variadic command inside scripts (Lua's C stack holds ~8000)
@@ -113,7 +113,8 @@ local now = now_s()
 expire(now)
 """
 
-# ARGV: k, lease_id, lease_timeout_s, count_call (1 on one shard per draw call) -> {members, records, ages, deadline}
+# ARGV: k, lease_id, lease_timeout_s, count_call (1 on one shard per draw call), record_bytes
+#   -> {members, records, ages, deadline}
 _DRAW = _PRELUDE + r"""
 local members = redis.call('SPOP', KEYS[2], tonumber(ARGV[1]))
 if #members == 0 then return {{}, {}, {}, tostring(now)} end
@@ -133,7 +134,8 @@ for i = 1, #members do
   age_sum = age_sum + ages[i]
 end
 redis.call('HINCRBY', KEYS[11], 'consumed', #members)
-redis.call('HINCRBY', KEYS[11], 'bytes_out', bytes)
+redis.call('HINCRBY', KEYS[11], 'bytes_out', #members * tonumber(ARGV[5]))
+redis.call('HINCRBY', KEYS[11], 'wire_bytes_out', bytes)
 redis.call('HINCRBY', KEYS[11], 'draws', tonumber(ARGV[4]))
 redis.call('HINCRBY', KEYS[11], 'age_sum', age_sum)
 return {members, recs, ages, tostring(deadline)}
@@ -192,18 +194,19 @@ redis.call('PEXPIRE', KEYS[12], math.floor((tonumber(ARGV[3]) + 3600) * 1000))
 return {members, chunked('HMGET', KEYS[7], members), tostring(deadline)}
 """
 
-# ARGV: claim_id, count_call, then (slot, record, t, uses) per record -> records accepted (0: the claim is gone)
+# ARGV: claim_id, count_call, record_bytes, then (slot, record, t, uses) per record
+#   -> records accepted (0: the claim is gone)
 _FILL = _PRELUDE + r"""
 local n, bytes = 0, 0
 local owned = {}
-for i = 3, #ARGV, 4 do
+for i = 4, #ARGV, 4 do
   local m = ARGV[i]
   if redis.call('HGET', KEYS[6], m) ~= ARGV[1] or not redis.call('ZSCORE', KEYS[5], m) then
     return 0
   end
 end
 local produced = tonumber(redis.call('HGET', KEYS[11], 'produced') or '0')
-for i = 3, #ARGV, 4 do
+for i = 4, #ARGV, 4 do
   local m = ARGV[i]
   redis.call('ZREM', KEYS[5], m); redis.call('HDEL', KEYS[6], m)
   redis.call('HSET', KEYS[7], m, ARGV[i + 1]); redis.call('HSET', KEYS[8], m, ARGV[i + 2])
@@ -215,7 +218,8 @@ end
 redis.call('DEL', KEYS[12])
 redis.call('HINCRBY', KEYS[11], 'produced', n)
 redis.call('HINCRBY', KEYS[11], 'inserted', n)
-redis.call('HINCRBY', KEYS[11], 'bytes_in', bytes)
+redis.call('HINCRBY', KEYS[11], 'bytes_in', n * tonumber(ARGV[3]))
+redis.call('HINCRBY', KEYS[11], 'wire_bytes_in', bytes)
 redis.call('HINCRBY', KEYS[11], 'fills', tonumber(ARGV[2]))
 return n
 """
@@ -333,19 +337,28 @@ class RedisPool(Pool):
         self.ranges = shard_ranges(self.num_slots, cfg.shards)
         self.shards = len(self.ranges)
         # Process-unique stream: several clients with the same seed must not draw the same splits.
+        self._seed = seed
         self.rng = np.random.default_rng([seed, uuid.uuid4().int & 0xFFFFFFFF])
         self.urls, self.cluster = parse_urls(cfg.redis_url)
         self.layout = (
             f"{LAYOUT_VERSION} slots={self.num_slots} shards={self.shards} shape={'x'.join(map(str, self.record_shape))} "
             f"dtype={self.storage_dtype} logvar={int(self.has_logvar)} label={int(self.has_label)} T={self.num_timesteps}"
         )
-        self.record_bytes = (2 + self.has_logvar) * int(np.prod(self.record_shape)) * STORAGE_DTYPES[self.storage_dtype].itemsize
+        # Raw bytes of one record, counted as shard.py counts them (tensors, t, label; not the envelope).
+        elem = int(np.prod(self.record_shape)) * STORAGE_DTYPES[self.storage_dtype].itemsize
+        self.record_bytes = (2 + self.has_logvar) * elem + 8 + 8 * self.has_label
         self._clients = [self._connect(u) for u in self.urls]
         self._shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in _SCRIPTS.items()}
         self._claims: dict[str, list[tuple[int, list[int]]]] = {}   # claim id -> [(shard, slots in order)]
         self.local = {"draw_blocked_s": 0.0, "fill_blocked_s": 0.0, "draw_s": 0.0, "fill_s": 0.0,
                       "reinitialised_shards": 0, "retries": 0}
         self._init_shards(force=False)
+
+    def __reduce__(self):
+        # A pool travels to other processes (Ray actors, workers) as its arguments; the copy reconnects.
+        args = dict(cfg=self.cfg, num_slots=self.num_slots, record_shape=self.record_shape, has_logvar=self.has_logvar,
+                    has_label=self.has_label, num_timesteps=self.num_timesteps, seed=self._seed, t_buckets=self.t_buckets)
+        return (_rebuild, (args,))
 
     @classmethod
     def from_options(cls, redis_url: str, num_slots: int, record_shape=(3, 8, 8), has_logvar: bool = False,
@@ -546,16 +559,16 @@ class RedisPool(Pool):
                 if time.monotonic() - t0 >= timeout_s:
                     self._run([(s, "release", lease_id, [lease_id, 1]) for s in range(self.shards)])
                     self._add_blocked("draw", blocked)
-                    what = f"{need} READY records" if warm else f"the warm-up ({self.min_ready} records inserted)"
+                    what = f"{need} READY slots (warm-up needs {self.min_ready} inserted)"
                     raise PoolTimeout(timeout_message(what, timeout_s, self._state_counts(rows),
-                                                      f", inserted={int(rows[:, 4].sum())}"))
+                                                      f", inserted={int(rows[:, 4].sum())}, min_ready={self.min_ready}"))
                 w0 = time.monotonic()
                 delay = self._wait(delay)
                 blocked += time.monotonic() - w0
                 continue
             split = split_draw(rows[:, 0], need, self.rng)
             first = len(slots) == 0
-            res = self._run([(s, "draw", lease_id, [int(split[s]), lease_id, self.cfg.lease_timeout_s, int(first and j == 0)])
+            res = self._run([(s, "draw", lease_id, [int(split[s]), lease_id, self.cfg.lease_timeout_s, int(first and j == 0), self.record_bytes])
                              for j, s in enumerate(np.flatnonzero(split).tolist())])
             for s, (members, payloads, shard_ages, srv_deadline) in sorted(res.items()):
                 deadline = min(deadline, time.time() + self.cfg.lease_timeout_s)
@@ -606,7 +619,7 @@ class RedisPool(Pool):
                     break
             if time.monotonic() - t0 >= timeout_s:
                 self._add_blocked("fill", blocked)
-                raise PoolTimeout(timeout_message("a REFILL slot to claim", timeout_s, self._state_counts(rows)))
+                raise PoolTimeout(timeout_message("a REFILL slot", timeout_s, self._state_counts(rows)))
             w0 = time.monotonic()
             delay = self._wait(delay)
             blocked += time.monotonic() - w0
@@ -624,7 +637,7 @@ class RedisPool(Pool):
                      deadline=time.time() + self.cfg.claim_timeout_s)
 
     def _claim_parts(self, claim_id: str) -> list[tuple[int, list[int]]]:
-        parts = self._claims.pop(claim_id, None)
+        parts = self._claims.get(claim_id)
         if parts is not None:
             return parts
         # A claim made by another client object: read its members (in order) from the shards.
@@ -643,6 +656,7 @@ class RedisPool(Pool):
         parts = self._claim_parts(claim_id)
         n = sum(len(m) for _, m in parts)
         if n == 0:
+            self._claims.pop(claim_id, None)
             self._count_rejected()
             return False
         self._check_batch(batch, n)
@@ -651,12 +665,13 @@ class RedisPool(Pool):
         t = batch.t.cpu().tolist()
         calls, i = [], 0
         for s, members in parts:
-            argv: list = [claim_id, int(not calls)]
+            argv: list = [claim_id, int(not calls), self.record_bytes]
             for m in members:
                 argv += [m, payloads[i], int(t[i]), int(uses[i])]
                 i += 1
             calls.append((s, "fill", claim_id, argv))
         res = self._run(calls)
+        self._claims.pop(claim_id, None)
         accepted = sum(int(v) for v in res.values())
         elapsed = time.monotonic() - t0
         self.local["fill_s"] += elapsed
@@ -717,7 +732,8 @@ class RedisPool(Pool):
             draws_total=totals["draws"], fills_total=totals["fills"],
             record_age_mean=totals["age_sum"] / max(totals["consumed"], 1),
             extra={"backend": "redis", "urls": list(self.urls), "inserted_total": totals["inserted"],
-                   "encoded_bytes_in_total": totals["bytes_in"], **self.local},
+                   "wire_bytes_in_total": totals["wire_bytes_in"], "wire_bytes_out_total": totals["wire_bytes_out"],
+                   **self.local},
         )
 
     # --- snapshot and restore ----------------------------------------------------------
@@ -829,3 +845,7 @@ class RedisPool(Pool):
                 c.close()
             except Exception:  # noqa: BLE001 - closing a dead connection is fine
                 pass
+
+
+def _rebuild(args: dict) -> RedisPool:
+    return RedisPool(**args)

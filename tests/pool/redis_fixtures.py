@@ -8,23 +8,39 @@ folder (so persisted data, if any, is reloaded). Two persistence modes:
 - ``persist=True``: ``--appendonly yes --appendfsync always`` (every write is
   on disk before the reply, so even ``kill -9`` loses nothing).
 
-Fixtures (imported by ``tests/pool/conftest.py`` when present, and by the Redis
-tests directly): ``redis_server`` (no persistence), ``redis_server_aof``
-(AOF always), and ``redis_pool_factory`` which builds a ``RedisPool`` on
-``redis_server``.
+Fixtures (loaded by ``tests/pool/conftest.py``, which makes them visible to
+every test under tests/pool): ``redis_server`` (no persistence),
+``redis_server_aof`` (AOF always), ``redis_pool_factory`` which builds a
+``RedisPool`` on ``redis_server``, and ``redis_harness``, the Redis backend of
+the conformance suite (registered below in ``BACKENDS``). Its workers are
+separate Python processes (the pool travels pickled and reconnects), so
+``kill`` is a real SIGKILL of a process holding a lease and a claim.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
+
+try:  # the conformance conftest loads this module after defining these (as ``pool_conftest``)
+    from pool_conftest import Harness, WorkerHandle
+except ImportError:  # pragma: no cover - imported on its own
+    Harness = WorkerHandle = None
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent.parent
+BACKENDS = {"redis": "redis_harness"}
 
 REDIS_SERVER = shutil.which("redis-server")
 
@@ -161,3 +177,100 @@ def redis_pool_factory(redis_server):
     yield factory
     for p in pools:
         p.close()
+
+
+# --- the conformance suite's Redis backend ---------------------------------------------------------
+
+_WORKER_MAIN = r"""
+import importlib.util, json, os, pickle, sys
+root, conftest, pool_file, kw, out = sys.argv[1:]
+sys.path.insert(0, root)
+import torch
+torch.set_num_threads(1)
+spec = importlib.util.spec_from_file_location("pool_conftest", conftest)
+mod = importlib.util.module_from_spec(spec)
+sys.modules["pool_conftest"] = mod
+spec.loader.exec_module(mod)
+with open(pool_file, "rb") as f:
+    pool = pickle.load(f)
+res = mod.pool_worker(pool, **json.loads(kw))
+with open(out + ".tmp", "w") as f:
+    json.dump(res, f)
+os.replace(out + ".tmp", out)
+"""
+
+
+class _ProcessWorker:
+    """``pool_worker`` in a fresh Python process; ``kill`` is SIGKILL."""
+
+    def __init__(self, pool, kw: dict, tmp_dir: Path):
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        tag = uuid.uuid4().hex[:8]
+        pool_file, self.out = tmp_dir / f"pool-{tag}.pkl", tmp_dir / f"result-{tag}.json"
+        pool_file.write_bytes(pickle.dumps(pool))
+        kw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _WORKER_MAIN, str(ROOT), str(HERE / "conftest.py"), str(pool_file), json.dumps(kw), str(self.out)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+
+    def result(self, timeout: float) -> dict:
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            raise AssertionError(f"worker process did not finish within {timeout}s") from None
+        assert self.proc.returncode == 0, f"worker process failed ({self.proc.returncode}): {err.decode()[-2000:]}"
+        return json.loads(self.out.read_text())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+
+def corrupt_redis_records(pool, slots: list[int]) -> None:
+    """Damage stored records in Redis itself: a flipped byte (checksum), a truncation, foreign bytes."""
+    client = pool._clients
+    for j, slot in enumerate(slots):
+        shard = next(i for i, (lo, hi) in enumerate(pool.ranges) if lo <= slot < hi)
+        key = pool.keys(shard)[6]
+        c = client[pool._server(shard)]
+        blob = bytearray(c.hget(key, str(slot)))
+        if j % 3 == 0:
+            blob[len(blob) - 5] ^= 0xFF
+        elif j % 3 == 1:
+            blob = blob[: len(blob) // 2]
+        else:
+            blob = bytearray(b"\x93\x01\x02\x03 a foreign value")
+        c.hset(key, str(slot), bytes(blob))
+
+
+if Harness is not None:
+
+    class RedisHarness(Harness):
+        name = "redis"
+        processes = True
+
+        def __init__(self, server: RedisServer, tmp_dir: Path):
+            super().__init__()
+            self.server, self.tmp_dir = server, tmp_dir
+
+        def config(self, **kw):
+            kw.setdefault("redis_url", self.server.url)
+            kw.setdefault("name", f"conf-{uuid.uuid4().hex[:8]}")
+            kw.setdefault("redis_retry_timeout_s", 5.0)
+            return super().config(**kw)
+
+        def corrupt(self, pool, slots, tmp_path) -> None:
+            corrupt_redis_records(pool, slots)
+
+        def start_worker(self, pool, **kw):
+            return _ProcessWorker(pool, kw, self.tmp_dir)
+
+    @pytest.fixture
+    def redis_harness(redis_server, tmp_path):
+        h = RedisHarness(redis_server, tmp_path / "workers")
+        yield h
+        h.close()
