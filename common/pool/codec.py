@@ -61,7 +61,10 @@ def to_numpy(x: torch.Tensor, storage: str) -> np.ndarray:
 
 def from_numpy(a: np.ndarray, storage: str) -> torch.Tensor:
     """Inverse of ``to_numpy`` (shares memory where it can)."""
-    t = torch.from_numpy(np.ascontiguousarray(a))
+    a = np.ascontiguousarray(a)
+    if not a.flags.writeable:      # e.g. a zero-copy Ray buffer: torch must not alias read-only memory
+        a = a.copy()
+    t = torch.from_numpy(a)
     return t.view(torch.bfloat16) if storage == "bf16" else t
 
 

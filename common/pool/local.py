@@ -34,7 +34,7 @@ from common.pool.base import (
     timeout_message,
 )
 from common.pool.codec import read_snapshot, write_snapshot
-from common.pool.shard import PoolShard
+from common.pool.shard import SHARD_COUNTERS, PoolShard
 from common.records import RecordBatch
 
 _WAIT_SLICE_S = 0.05
@@ -42,7 +42,7 @@ _WAIT_SLICE_S = 0.05
 
 def merge_stats(num_slots: int, shard_stats: list[dict], warm: bool, t_buckets: int, blocked: dict, seconds: dict) -> PoolStats:
     """Per-shard stat dicts (PoolShard.stats) -> PoolStats."""
-    tot = {k: sum(s[k] for s in shard_stats) for k in shard_stats[0] if k not in ("shard", "counts", "t_histogram")}
+    tot = {k: sum(s[k] for s in shard_stats) for k in SHARD_COUNTERS}
     counts = {n: sum(s["counts"][n] for s in shard_stats) for n in STATE_NAMES}
     hist = np.sum([s["t_histogram"] for s in shard_stats], axis=0).astype(int).tolist() if t_buckets else []
     return PoolStats(

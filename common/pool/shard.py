@@ -34,10 +34,28 @@ from common.records import EMPTY_T, RecordBatch
 
 READY, LEASED, REFILL, FILLING = (int(s) for s in SlotState)
 
-_COUNTERS = (
+SHARD_COUNTERS = (
     "produced", "consumed", "inserted", "released", "bytes_in", "bytes_out", "expired_leases", "expired_claims",
     "corrupt", "fill_rejected", "draws", "fills", "age_sum",
 )
+
+
+def check_batch(batch: RecordBatch, n: int, record_shape, has_logvar: bool, has_label: bool, num_timesteps: int) -> None:
+    """Raise ValueError (one line) unless ``batch`` is n records of the pool's layout."""
+    if len(batch) != n:
+        raise ValueError(f"fill got {len(batch)} records for a claim of {n} slots")
+    want = (n, *record_shape)
+    for name in ("x_t", "eps") + (("logvar",) if has_logvar else ()):
+        v = getattr(batch, name)
+        if v is None or tuple(v.shape) != want:
+            raise ValueError(f"fill: {name} has shape {None if v is None else tuple(v.shape)}, the pool stores {want}")
+    if not has_logvar and batch.logvar is not None:
+        raise ValueError("fill: records carry logvar but the pool was built without has_logvar")
+    if has_label != (batch.y is not None):
+        raise ValueError(f"fill: records {'lack' if has_label else 'carry'} labels y but the pool has has_label={has_label}")
+    t = batch.t
+    if n and (int(t.min()) < 0 or int(t.max()) >= num_timesteps):
+        raise ValueError(f"fill: t must lie in [0, {num_timesteps}), got [{int(t.min())}, {int(t.max())}]")
 
 
 class PoolShard:
@@ -82,7 +100,7 @@ class PoolShard:
         self.produced_at = np.zeros(n, dtype=np.int64)
         self.leases: dict[str, tuple[np.ndarray, float]] = {}   # id -> (local slots, deadline)
         self.claims: dict[str, tuple[np.ndarray, float]] = {}
-        self.c = dict.fromkeys(_COUNTERS, 0)
+        self.c = dict.fromkeys(SHARD_COUNTERS, 0)
         self.record_bytes = 2 * self.x_t[0].nbytes + (self.x_t[0].nbytes if has_logvar else 0) + 8 + (8 if has_label else 0)
         self._publish()
 
@@ -191,21 +209,7 @@ class PoolShard:
         return 0 if got is None else len(got[0])
 
     def check_batch(self, batch: RecordBatch, n: int) -> None:
-        """Raise ValueError (one line) unless ``batch`` is n records of this pool's layout."""
-        if len(batch) != n:
-            raise ValueError(f"fill got {len(batch)} records for a claim of {n} slots")
-        for name in ("x_t", "eps") + (("logvar",) if self.has_logvar else ()):
-            v = getattr(batch, name)
-            if v is None or tuple(v.shape) != (n, *self.record_shape):
-                got = None if v is None else tuple(v.shape)
-                raise ValueError(f"fill: {name} has shape {got}, the pool stores {(n, *self.record_shape)}")
-        if not self.has_logvar and batch.logvar is not None:
-            raise ValueError("fill: records carry logvar but the pool was built without has_logvar")
-        if self.has_label != (batch.y is not None):
-            raise ValueError(f"fill: records {'lack' if self.has_label else 'carry'} labels y but the pool has has_label={self.has_label}")
-        t = batch.t
-        if n and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
-            raise ValueError(f"fill: t must lie in [0, {self.num_timesteps}), got [{int(t.min())}, {int(t.max())}]")
+        check_batch(batch, n, self.record_shape, self.has_logvar, self.has_label, self.num_timesteps)
 
     def fill(self, claim_id: str, batch: RecordBatch, now: float | None = None) -> bool:
         """FILLING -> READY with ``batch`` (claim slot order). Unknown or expired claim: False, nothing changes."""

@@ -1,0 +1,371 @@
+"""RayPool: the pool as N shard actors (PoolShard behind ``ray.remote`` here, at the edge).
+
+The client object (RayPool) holds only actor handles and the layout, so it is
+picklable: pass it to Ray tasks, actors or Train workers, or attach from another
+driver with ``RayPool.attach(name)`` (actors are named ``dkdm_pool.<name>.<i>``;
+``detached=True`` keeps them alive after the creating driver exits).
+
+Records cross the RPC boundary as a few numpy arrays per call (Ray serializes
+numpy with zero-copy pickle-5 buffers; objects over 100 KiB go through the
+object store instead of being inlined), never one object per record.
+
+A draw asks every shard for its counts, splits b over the shards
+hypergeometrically (base.split_draw), leases from the shards in parallel and
+concatenates; a shard that returns fewer than asked (another client got there
+first) has its remainder re-split over fresh counts. Blocking is client-side
+polling with exponential backoff (1 ms to 50 ms) until the limiter allows or the
+timeout passes. A dead shard actor surfaces as PoolError naming the shard.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import numpy as np
+import ray
+import torch
+
+from common import metrics
+from common.config import PoolConfig
+from common.pool.base import (
+    STATE_NAMES,
+    Claim,
+    Draw,
+    Pool,
+    PoolError,
+    PoolStats,
+    PoolTimeout,
+    min_ready_slots,
+    shard_ranges,
+    split_draw,
+    timeout_message,
+)
+from common.pool.codec import from_numpy, to_numpy, write_snapshot
+from common.pool.local import load_snapshot_for, merge_stats, snapshot_header, surplus_inserted
+from common.pool.shard import PoolShard, check_batch
+from common.records import RecordBatch
+
+SHARD_NUM_CPUS = 0.05
+
+
+def _to_wire(batch: RecordBatch, storage: str) -> dict:
+    return {
+        "x_t": to_numpy(batch.x_t, storage), "eps": to_numpy(batch.eps, storage), "t": batch.t.numpy(),
+        "logvar": None if batch.logvar is None else to_numpy(batch.logvar, storage),
+        "y": None if batch.y is None else batch.y.numpy(),
+    }
+
+
+def _from_wire(w: dict, storage: str) -> RecordBatch:
+    return RecordBatch(
+        x_t=from_numpy(w["x_t"], storage), t=torch.from_numpy(np.array(w["t"], dtype=np.int64)), eps=from_numpy(w["eps"], storage),
+        logvar=None if w["logvar"] is None else from_numpy(w["logvar"], storage),
+        y=None if w["y"] is None else torch.from_numpy(np.array(w["y"], dtype=np.int64)),
+    )
+
+
+class ShardServer:
+    """A PoolShard speaking numpy over RPC, plus the pool-wide bits kept on shard 0 (layout, blocked time)."""
+
+    def __init__(self, meta: dict, **shard_kw):
+        self.reset(meta, **shard_kw)
+
+    def reset(self, meta: dict, **shard_kw) -> None:
+        """Become a fresh, empty shard with a new layout (RayPool(reuse_actors=True) keeps the process)."""
+        self.meta_ = meta
+        self.shard = PoolShard(**shard_kw)
+        self.blocked = {"draw": 0.0, "fill": 0.0}
+        self.seconds = {"draw": 0.0, "fill": 0.0}
+        self.extra = {"fill_rejected": 0}
+
+    def meta(self) -> dict:
+        return self.meta_
+
+    def counts(self) -> dict:
+        return self.shard.counts()
+
+    def draw(self, m: int, lease_id: str) -> tuple[np.ndarray, dict, dict]:
+        slots, batch = self.shard.draw(m, lease_id)
+        return slots, _to_wire(batch, self.shard.storage_dtype), self.shard.counts()
+
+    def release(self, lease_id: str) -> int:
+        return self.shard.release(lease_id)
+
+    def claim(self, m: int, claim_id: str) -> tuple[np.ndarray, dict]:
+        slots, batch = self.shard.claim(m, claim_id)
+        return slots, _to_wire(batch, self.shard.storage_dtype)
+
+    def claim_size(self, claim_id: str) -> int:
+        self.shard.expire()
+        return self.shard.claim_size(claim_id)
+
+    def fill(self, claim_id: str, w: dict) -> bool:
+        return self.shard.fill(claim_id, _from_wire(w, self.shard.storage_dtype))
+
+    def add_time(self, side: str, blocked_s: float, call_s: float, rejected: int = 0) -> None:
+        self.blocked[side] += blocked_s
+        self.seconds[side] += call_s
+        self.extra["fill_rejected"] += rejected
+        if blocked_s > 0:
+            metrics.inc(metrics.POOL_BLOCKED_SECONDS_TOTAL, blocked_s, side=side)
+
+    def stats(self) -> dict:
+        return {**self.shard.stats(), "blocked": dict(self.blocked), "seconds": dict(self.seconds), "extra": dict(self.extra)}
+
+    def snapshot(self):
+        return self.shard.snapshot()
+
+    def restore(self, arrays, bad, inserted_extra: int = 0) -> None:
+        self.shard.restore(arrays, bad, inserted_extra)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+def actor_name(name: str, i: int) -> str:
+    return f"dkdm_pool.{name}.{i}"
+
+
+class RayPool(Pool):
+    def __init__(
+        self,
+        cfg: PoolConfig,
+        num_slots: int,
+        record_shape: tuple[int, int, int],
+        has_logvar: bool = False,
+        has_label: bool = False,
+        num_timesteps: int = 1000,
+        seed: int = 0,
+        t_buckets: int = 10,
+        detached: bool = False,
+        reuse_actors: bool = False,
+        shard_num_cpus: float = SHARD_NUM_CPUS,
+    ):
+        """Start ``cfg.shards`` shard actors named after ``cfg.name`` (Ray is initialized if it is not).
+
+        ``reuse_actors``: running shard actors of the same name are reset to empty shards of this
+        layout instead of refusing (saves the process start; the test suite uses it).
+        """
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False)
+        ranges = shard_ranges(int(num_slots), cfg.shards)
+        meta = {
+            "cfg": cfg.model_dump(), "num_slots": int(num_slots), "record_shape": list(record_shape),
+            "has_logvar": has_logvar, "has_label": has_label, "t_buckets": t_buckets, "seed": seed,
+            "num_timesteps": num_timesteps,
+        }
+        actor_cls = ray.remote(ShardServer)
+        handles, refs = [], []
+        for i, (lo, hi) in enumerate(ranges):
+            shard_kw = dict(
+                shard_id=i, lo=lo, n=hi - lo, record_shape=tuple(record_shape), storage_dtype=cfg.storage_dtype,
+                has_logvar=has_logvar, has_label=has_label, lease_timeout_s=cfg.lease_timeout_s,
+                claim_timeout_s=cfg.claim_timeout_s, samples_per_insert=cfg.samples_per_insert,
+                num_timesteps=num_timesteps, t_buckets=t_buckets, seed=seed)
+            try:
+                h = ray.get_actor(actor_name(cfg.name, i))
+            except ValueError:
+                h = None
+            if h is not None and not reuse_actors:
+                raise PoolError(f"a Ray pool named {cfg.name!r} already exists; attach with RayPool.attach({cfg.name!r}) or pick another pool.name")
+            if h is not None:
+                refs.append(h.reset.remote(meta, **shard_kw))
+            else:
+                opts = {"name": actor_name(cfg.name, i), "num_cpus": shard_num_cpus, "max_restarts": 0}
+                if detached:
+                    opts["lifetime"] = "detached"
+                h = actor_cls.options(**opts).remote(meta, **shard_kw)
+            handles.append(h)
+        self._setup(meta, handles, owner=not reuse_actors)
+        self.rng = np.random.default_rng(seed + 7919)
+        self._get(refs + [h.ping.remote() for h in handles], "start the shard actors")   # fail here, not at first use
+
+    def _setup(self, meta: dict, handles: list, owner: bool) -> None:
+        self.meta = meta
+        self.cfg = PoolConfig(**meta["cfg"])
+        self.num_slots = meta["num_slots"]
+        self.record_shape = tuple(meta["record_shape"])
+        self.storage_dtype = self.cfg.storage_dtype
+        self.has_logvar, self.has_label, self.t_buckets = meta["has_logvar"], meta["has_label"], meta["t_buckets"]
+        self.ranges = shard_ranges(self.num_slots, self.cfg.shards)
+        self.handles = handles
+        self.owner = owner
+        self.min_ready = min_ready_slots(self.cfg.min_ready_fraction, self.num_slots)
+        self.rng = np.random.default_rng()
+        self.leases: dict[str, list[int]] = {}
+        self.claims: dict[str, list[tuple[int, int]]] = {}
+
+    @classmethod
+    def attach(cls, name: str) -> "RayPool":
+        """A client of the running pool named ``name`` (Ray must be initialized in this process)."""
+        try:
+            h0 = ray.get_actor(actor_name(name, 0))
+        except ValueError:
+            raise PoolError(f"no Ray pool named {name!r} is running (looked for actor {actor_name(name, 0)!r})") from None
+        self = cls.__new__(cls)
+        meta = self._get(h0.meta.remote(), f"read the layout of pool {name!r}")
+        shards = PoolConfig(**meta["cfg"]).shards
+        self._setup(meta, [h0] + [ray.get_actor(actor_name(name, i)) for i in range(1, shards)], owner=False)
+        return self
+
+    def __getstate__(self):
+        return {"meta": self.meta, "handles": self.handles}
+
+    def __setstate__(self, state):
+        self._setup(state["meta"], state["handles"], owner=False)
+
+    def _get(self, refs, what: str):
+        try:
+            return ray.get(refs)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+            name = getattr(self, "cfg", None) and self.cfg.name
+            raise PoolError(f"pool {name!r}: a shard actor died or is unreachable while trying to {what} ({type(err).__name__})") from None
+
+    def _counts(self) -> list[dict]:
+        return self._get([h.counts.remote() for h in self.handles], "read the shard counts")
+
+    def _poll(self, ok, what: str, side: str, timeout_s: float | None) -> tuple[list[dict], float]:
+        """Poll counts with backoff until ok(per-shard counts) -> (counts, seconds blocked); PoolTimeout after timeout."""
+        timeout_s = self.cfg.block_timeout_s if timeout_s is None else timeout_s
+        start, sleep = time.monotonic(), 0.001
+        while True:
+            per = self._counts()
+            if ok(per):
+                return per, time.monotonic() - start
+            left = timeout_s - (time.monotonic() - start)
+            if left <= 0:
+                waited = time.monotonic() - start
+                self.handles[0].add_time.remote(side, waited, waited)
+                counts = {n: sum(c[n] for c in per) for n in STATE_NAMES}
+                inserted = sum(c["inserted"] for c in per)
+                raise PoolTimeout(timeout_message(what, timeout_s, counts, f", inserted={inserted}, min_ready={self.min_ready}"))
+            time.sleep(min(sleep, left))
+            sleep = min(sleep * 2, 0.05)
+
+    # --- the contract ---------------------------------------------------------------------
+
+    def draw(self, b: int, timeout_s: float | None = None) -> Draw:
+        if not 1 <= b <= self.num_slots:
+            raise PoolError(f"cannot draw {b} records from a pool of {self.num_slots} slots")
+        t0 = time.perf_counter()
+        ok = lambda per: sum(c["inserted"] for c in per) >= self.min_ready and sum(c["READY"] for c in per) >= b  # noqa: E731
+        what = f"{b} READY slots (warm-up needs {self.min_ready} inserted)"
+        per, blocked = self._poll(ok, what, "draw", timeout_s)
+        lease_id, want, got_slots, got = uuid.uuid4().hex, b, [], []
+        self.leases[lease_id] = list(range(len(self.handles)))
+        deadline = time.time() + self.cfg.lease_timeout_s
+        while want > 0:
+            ready = np.array([c["READY"] for c in per])
+            if ready.sum() < want:      # lost a race with another client: wait for the rest
+                per, more = self._poll(lambda p: sum(c["READY"] for c in p) >= want, what, "draw", timeout_s)
+                blocked += more
+                continue
+            take = split_draw(ready, want, self.rng)
+            asked = [(i, int(m)) for i, m in enumerate(take) if m > 0]
+            replies = self._get([self.handles[i].draw.remote(m, lease_id) for i, m in asked], "draw")
+            per = list(per)
+            for (i, _), (slots, wire, counts) in zip(asked, replies):
+                if len(slots):
+                    got_slots.append(slots)
+                    got.append(_from_wire(wire, self.storage_dtype))
+                    want -= len(slots)
+                per[i] = counts
+        order = np.argsort(np.concatenate(got_slots), kind="stable")
+        slots = torch.from_numpy(np.concatenate(got_slots)[order])
+        batch = RecordBatch.cat(got).index(torch.from_numpy(order))
+        dt = time.perf_counter() - t0
+        self.handles[0].add_time.remote("draw", blocked, dt)
+        metrics.observe(metrics.POOL_DRAW_SECONDS, dt)
+        return Draw(lease_id=lease_id, slots=slots, batch=batch, deadline=deadline)
+
+    def release(self, lease_id: str) -> None:
+        shards = self.leases.pop(lease_id, range(len(self.handles)))   # unknown here: ask every shard (idempotent)
+        self._get([self.handles[i].release.remote(lease_id) for i in shards], "release a lease")
+
+    def claim_refill(self, n: int, timeout_s: float | None = None) -> Claim:
+        if n < 1:
+            raise PoolError(f"claim_refill needs n >= 1, got {n}")
+        per, blocked = self._poll(lambda p: sum(c["REFILL"] for c in p) >= 1, "a REFILL slot", "fill", timeout_s)
+        if blocked > 1e-4:
+            self.handles[0].add_time.remote("fill", blocked, 0.0)
+        claim_id, want, layout, parts = uuid.uuid4().hex, n, [], []
+        deadline = time.time() + self.cfg.claim_timeout_s
+        refill = np.array([c["REFILL"] for c in per])
+        asked, left = [], want
+        for i in self.rng.permutation(len(self.handles)):
+            m = min(left, int(refill[i]))
+            if m:
+                asked.append((int(i), m))
+                left -= m
+        replies = self._get([self.handles[i].claim.remote(m, claim_id) for i, m in asked], "claim slots")
+        for (i, _), (slots, wire) in zip(asked, replies):
+            if len(slots):
+                layout.append((i, len(slots)))
+                parts.append((slots, _from_wire(wire, self.storage_dtype)))
+        if not parts:           # another client took them: try again
+            return self.claim_refill(n, timeout_s)
+        self.claims[claim_id] = layout
+        slots = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+        return Claim(claim_id=claim_id, slots=slots, batch=RecordBatch.cat([p[1] for p in parts]), deadline=deadline)
+
+    def fill(self, claim_id: str, batch: RecordBatch) -> bool:
+        t0 = time.perf_counter()
+        layout = self.claims.pop(claim_id, None)
+        if layout is None:     # claimed by another client object: ask the shards for their part
+            sizes = self._get([h.claim_size.remote(claim_id) for h in self.handles], "look up a claim")
+            layout = [(i, m) for i, m in enumerate(sizes) if m]
+        if not layout:
+            self.handles[0].add_time.remote("fill", 0.0, 0.0, 1)
+            return False
+        wire = _to_wire(batch, self.storage_dtype)
+        check_batch(batch, sum(m for _, m in layout), self.record_shape, self.has_logvar, self.has_label, self.meta["num_timesteps"])
+        off, refs = 0, []
+        for i, m in layout:
+            part = {k: (None if v is None else v[off:off + m]) for k, v in wire.items()}
+            refs.append(self.handles[i].fill.remote(claim_id, part))
+            off += m
+        ok = all(self._get(refs, "fill slots"))
+        dt = time.perf_counter() - t0
+        self.handles[0].add_time.remote("fill", 0.0, dt, 0 if ok else 1)
+        metrics.observe(metrics.POOL_FILL_SECONDS, dt)
+        return ok
+
+    def stats(self) -> PoolStats:
+        per = self._get([h.stats.remote() for h in self.handles], "read stats")
+        inserted = sum(p["inserted"] for p in per)
+        st = merge_stats(self.num_slots, per, inserted >= self.min_ready, self.t_buckets, per[0]["blocked"], per[0]["seconds"])
+        st.fill_rejected_total += per[0]["extra"]["fill_rejected"]
+        return st
+
+    def snapshot(self, path: str) -> None:
+        inserted = sum(c["inserted"] for c in self._counts())
+
+        def frames():
+            for h in self.handles:     # one shard at a time: each stops only for its own copy
+                yield self._get(h.snapshot.remote(), "snapshot a shard")
+
+        write_snapshot(path, snapshot_header(self, inserted), frames())
+
+    def restore(self, path: str) -> None:
+        header, parts = load_snapshot_for(self, path, self.ranges)
+        extra = surplus_inserted(header, parts)
+        self._get([h.restore.remote(a, bad, extra if i == 0 else 0) for i, (h, (a, bad)) in enumerate(zip(self.handles, parts))],
+                  "restore the shards")
+        self.leases.clear()
+        self.claims.clear()
+
+    def close(self) -> None:
+        """Kill the shard actors if this client created them (attached clients leave them running).
+
+        Without ``detached=True`` the actors also die when the creating client and every handle
+        copied from it are garbage collected (Ray's owner semantics).
+        """
+        if self.owner:
+            for h in self.handles:
+                try:
+                    ray.kill(h)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+            self.owner = False
