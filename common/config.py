@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 ScheduleName = Literal["linear", "cosine", "scaled_linear"]
@@ -96,7 +96,7 @@ class DistillConfig(_Strict):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     ema_rate: float = Field(0.9999, ge=0, lt=1)
-    grad_clip: float | None = Field(1.0, gt=0)
+    grad_clip: float | None = Field(None, gt=0)        # None: no clipping (as the reference)
     lambda_vlb: float = Field(1.0, ge=0)        # reference: L_simple* + L_vlb* (bits/dim, mean)
     teacher_microbatch: int = Field(256, ge=1)  # teacher forward batch (warm-up and refill)
     bf16: bool = True                            # autocast where the device supports it

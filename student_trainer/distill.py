@@ -104,6 +104,13 @@ def write_samples(s: Session, tag: str) -> Path:
     return path
 
 
+def pool_summary(pool: Pool) -> dict:
+    """Pool stats for the log (calling stats() also publishes the pool's gauges, e.g. READY t histogram)."""
+    st = pool.stats()
+    return {"pool_ready": st.counts.get("READY", 0), "pool_refill": st.counts.get("REFILL", 0),
+            "record_age_mean": st.record_age_mean, "pool_t_histogram": st.t_histogram}
+
+
 def refill(worker: TeacherWorker, n: int) -> int:
     """Refill what the release sent to REFILL (with samples_per_insert > 1 some slots stay READY)."""
     done = 0
@@ -163,7 +170,7 @@ def run_session(s: Session) -> dict:
         out = train_step(s)
         step = s.trainer.step
         if step % cfg.run.log_every == 0 or step == cfg.distill.steps:
-            s.run.log(out)
+            s.run.log({**out, **pool_summary(s.pool)})
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss']:.4f}", vlb=f"{out['l_vlb']:.4f}")

@@ -76,6 +76,7 @@ class TeacherWorker:
         self.forwards = 0
         self.records = 0
         self.busy_s = 0.0
+        metrics.inc(metrics.TEACHER_RESTARTS_TOTAL, 0, worker=self.worker)   # the series exists from the start
 
     # --- random numbers (drawn on the CPU generator, moved to the device: reproducible anywhere)
     def _randn(self, shape) -> torch.Tensor:
