@@ -550,22 +550,24 @@ class RedisPool(Pool):
         recs: list[RecordBatch] = []
         ages: list[int] = []
         deadline = math.inf
-        blocked, delay = 0.0, 0.001
+        blocked, delay, wait_from = 0.0, 0.001, None   # blocked: from the first refusal until allowed
         while len(slots) < b:
+            c0 = time.monotonic()
             rows = self._counts()
             need = b - len(slots)
             warm = int(rows[:, 4].sum()) >= self.min_ready
             if not warm or int(rows[:, 0].sum()) < need:
+                wait_from = c0 if wait_from is None else wait_from
                 if time.monotonic() - t0 >= timeout_s:
                     self._run([(s, "release", lease_id, [lease_id, 1]) for s in range(self.shards)])
-                    self._add_blocked("draw", blocked)
+                    self._add_blocked("draw", blocked + time.monotonic() - wait_from)
                     what = f"{need} READY slots (warm-up needs {self.min_ready} inserted)"
                     raise PoolTimeout(timeout_message(what, timeout_s, self._state_counts(rows),
                                                       f", inserted={int(rows[:, 4].sum())}, min_ready={self.min_ready}"))
-                w0 = time.monotonic()
                 delay = self._wait(delay)
-                blocked += time.monotonic() - w0
                 continue
+            if wait_from is not None:
+                blocked, wait_from = blocked + time.monotonic() - wait_from, None
             split = split_draw(rows[:, 0], need, self.rng)
             first = len(slots) == 0
             res = self._run([(s, "draw", lease_id, [int(split[s]), lease_id, self.cfg.lease_timeout_s, int(first and j == 0), self.record_bytes])
@@ -606,7 +608,7 @@ class RedisPool(Pool):
         timeout_s = self.cfg.block_timeout_s if timeout_s is None else timeout_s
         t0 = time.monotonic()
         claim_id = uuid.uuid4().hex
-        blocked, delay = 0.0, 0.001
+        delay = 0.001
         while True:
             rows = self._counts()
             refill = rows[:, 2]
@@ -618,12 +620,11 @@ class RedisPool(Pool):
                 if parts:
                     break
             if time.monotonic() - t0 >= timeout_s:
-                self._add_blocked("fill", blocked)
+                self._add_blocked("fill", time.monotonic() - t0)
                 raise PoolTimeout(timeout_message("a REFILL slot", timeout_s, self._state_counts(rows)))
-            w0 = time.monotonic()
             delay = self._wait(delay)
-            blocked += time.monotonic() - w0
-        self._add_blocked("fill", blocked)
+        if delay > 0.001:        # it waited at least once: the whole call was blocked time
+            self._add_blocked("fill", time.monotonic() - t0)
         self._claims[claim_id] = [(s, members) for s, members, _ in parts]
         recs = []
         for _, members, payloads in parts:

@@ -45,10 +45,28 @@ BACKENDS = {"redis": "redis_harness"}
 REDIS_SERVER = shutil.which("redis-server")
 
 
-def free_port() -> int:
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port(cluster: bool = False) -> int:
+    """A free TCP port; ``cluster``: one <= 55535 whose bus port (+10000) is free too (Redis Cluster needs both)."""
+    if not cluster:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 55535)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free port pair (p, p + 10000) for a Redis Cluster node")
 
 
 class RedisServer:
@@ -87,7 +105,12 @@ class RedisServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server on port {self.port} exited with {self.proc.returncode}; see {self.dir}/redis.log")
             if self.ping():
-                return self
+                pid = self._server_pid()
+                if pid == self.proc.pid:
+                    return self
+                if pid is not None:     # another server answers on this port
+                    self.kill()
+                    raise RuntimeError(f"port {self.port} is taken by another redis-server (pid {pid})")
             time.sleep(0.02)
         self.kill()
         raise RuntimeError(f"redis-server on port {self.port} did not answer PING within {timeout_s}s")
@@ -100,6 +123,15 @@ class RedisServer:
                 return s.recv(64).startswith(b"+PONG")
         except OSError:
             return False
+
+    def _server_pid(self) -> int | None:
+        import redis
+
+        try:
+            with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0) as c:
+                return int(c.info("server")["process_id"])
+        except (redis.RedisError, OSError, KeyError):
+            return None
 
     @property
     def running(self) -> bool:

@@ -1,0 +1,233 @@
+"""Redis-specific behaviour of the pool: server restarts, connection loss, several servers, a cluster.
+
+Real redis-server processes (tests/pool/redis_fixtures.py), no mocks. The
+backend-independent contract is checked by test_conformance.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+
+import pytest
+
+from common.pool.base import PoolError, PoolTimeout
+from conftest import check_records, fill_claim
+from redis_fixtures import RedisServer, free_port, make_redis_pool
+
+SHAPE = (1, 4, 4)
+
+
+def fill_all(pool) -> None:
+    while pool.stats().counts["REFILL"]:
+        c = pool.claim_refill(pool.num_slots, timeout_s=2.0)
+        assert fill_claim(pool, c, SHAPE)
+
+
+def test_restart_with_aof_loses_nothing(redis_server_aof):
+    pool = make_redis_pool(redis_server_aof, 24, record_shape=SHAPE, shards=3, min_ready_fraction=1.0,
+                           redis_retry_timeout_s=10.0)
+    fill_all(pool)
+    d = pool.draw(6)                              # LEASED across the restart
+    c_rel = pool.draw(4)
+    pool.release(c_rel.lease_id)                  # 4 REFILL
+    claim = pool.claim_refill(2)                  # FILLING across the restart
+    before = pool.stats()
+    redis_server_aof.restart(kill=True)           # SIGKILL: only what AOF (fsync always) wrote survives
+    after = pool.stats()
+    after.check_invariant()
+    assert after.counts == before.counts == dict(READY=14, LEASED=6, REFILL=2, FILLING=2)
+    assert after.t_histogram == before.t_histogram
+    assert (after.produced_total, after.consumed_total, after.warm) == (before.produced_total, before.consumed_total, True)
+    assert after.extra["reinitialised_shards"] == 0
+    # the lease and the claim made before the crash are still honoured
+    pool.release(d.lease_id)
+    assert fill_claim(pool, claim, SHAPE)
+    rest = pool.draw(16, timeout_s=2.0)
+    check_records(rest.slots, rest.batch)
+    pool.close()
+
+
+def test_restart_without_persistence_reinitialises_empty_and_teachers_rebuild(redis_server):
+    pool = make_redis_pool(redis_server, 20, record_shape=SHAPE, shards=2, min_ready_fraction=1.0,
+                           redis_retry_timeout_s=10.0)
+    fill_all(pool)
+    d = pool.draw(5)
+    redis_server.restart(kill=True)               # the server comes back empty
+    st = pool.stats()                              # the marker is gone: both shards re-initialised
+    st.check_invariant()
+    assert st.counts == dict(READY=0, LEASED=0, REFILL=20, FILLING=0)
+    assert st.extra["reinitialised_shards"] == 2
+    assert not st.warm and st.produced_total == 0
+    pool.release(d.lease_id)                       # a lease of the lost pool: harmless
+    with pytest.raises(PoolTimeout, match="warm-up"):
+        pool.draw(1, timeout_s=0.2)               # not warm again until the teachers rebuild it
+    c = pool.claim_refill(20)
+    assert len(c) == 20 and (c.batch.t == -1).all(), "every slot restarts empty: teachers run the warm-up"
+    assert fill_claim(pool, c, SHAPE)
+    d = pool.draw(20, timeout_s=2.0)
+    check_records(d.slots, d.batch)
+    # a second client of the same pool sees the rebuilt pool and does not re-initialise it again
+    other = make_redis_pool(redis_server, 20, record_shape=SHAPE, shards=2, name=pool.cfg.name)
+    assert other.stats().counts["LEASED"] == 20
+    other.close()
+    pool.close()
+
+
+def test_connection_loss_is_retried_until_the_server_returns(redis_server):
+    pool = make_redis_pool(redis_server, 8, record_shape=SHAPE, shards=2, redis_retry_timeout_s=20.0)
+    fill_all(pool)
+    redis_server.stop()
+    timer = threading.Timer(0.8, redis_server.start)
+    timer.start()
+    t0 = time.monotonic()
+    st = pool.stats()                              # blocks in the retry loop, then succeeds
+    waited = time.monotonic() - t0
+    timer.join()
+    assert waited >= 0.5, waited
+    assert pool.local["retries"] >= 2
+    assert st.counts["REFILL"] == 8                # no persistence: the pool came back empty
+    pool.close()
+
+
+def test_connection_loss_becomes_a_clear_error_after_the_timeout(redis_server):
+    pool = make_redis_pool(redis_server, 8, record_shape=SHAPE, shards=2, redis_retry_timeout_s=0.6)
+    fill_all(pool)
+    redis_server.kill()
+    t0 = time.monotonic()
+    with pytest.raises(PoolError, match=rf"redis server {redis_server.url} unreachable .*redis_retry_timeout_s=0.6"):
+        pool.draw(2)
+    assert 0.5 <= time.monotonic() - t0 < 5.0
+    pool.close()
+
+
+def test_shards_spread_over_several_servers(tmp_path):
+    servers = [RedisServer(tmp_path / f"r{i}").start() for i in range(2)]
+    try:
+        pool = make_redis_pool(servers, 16, record_shape=SHAPE, shards=4, redis_retry_timeout_s=0.5)
+        fill_all(pool)
+        # shard i lives on server i mod 2, and only there
+        for i in range(4):
+            meta = pool.keys(i)[0]
+            assert servers[i % 2].client().exists(meta) == 1 and servers[1 - i % 2].client().exists(meta) == 0
+        d = pool.draw(16)
+        check_records(d.slots, d.batch)
+        assert sorted(d.slots.tolist()) == list(range(16))
+        pool.release(d.lease_id)
+        assert pool.stats().counts["REFILL"] == 16
+        servers[1].kill()
+        with pytest.raises(PoolError, match=servers[1].url):
+            pool.stats()
+        pool.close()
+    finally:
+        for s in servers:
+            s.kill()
+
+
+def test_a_different_layout_under_the_same_name_is_refused(redis_server):
+    pool = make_redis_pool(redis_server, 8, record_shape=SHAPE, shards=2)
+    with pytest.raises(PoolError, match="layout"):
+        make_redis_pool(redis_server, 10, record_shape=SHAPE, shards=2, name=pool.cfg.name)
+    pool.close()
+
+
+def test_every_key_of_a_shard_shares_one_cluster_hash_slot(redis_server):
+    from redis.crc import key_slot
+
+    pool = make_redis_pool(redis_server, 8, record_shape=SHAPE, shards=4)
+    slots = [{key_slot(k.encode()) for k in pool.keys(s, "some-lease")} for s in range(4)]
+    assert all(len(s) == 1 for s in slots)
+    pool.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-cli is needed to create a cluster")
+def test_redis_cluster(tmp_path):
+    """Three masters, no replicas: the same layout runs on a Redis Cluster (each script in one hash slot)."""
+    servers = [RedisServer(tmp_path / f"c{i}", port=free_port(cluster=True), extra_args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"))
+               for i in range(3)]
+    try:
+        for s in servers:
+            s.start()
+        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{s.port}" for s in servers],
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while b"cluster_state:ok" not in servers[0].client().execute_command("CLUSTER", "INFO"):
+            assert time.monotonic() < deadline, "the cluster never became ok"
+            time.sleep(0.2)
+        pool = make_redis_pool(f"redis+cluster://127.0.0.1:{servers[0].port}", 24, record_shape=SHAPE, shards=6)
+        fill_all(pool)
+        d = pool.draw(24)
+        check_records(d.slots, d.batch)
+        pool.release(d.lease_id)
+        st = pool.stats()
+        st.check_invariant()
+        assert st.counts["REFILL"] == 24 and st.consumed_total == 24
+        # the shards really are spread: more than one master holds pool keys
+        assert sum(s.client().dbsize() > 0 for s in servers) >= 2
+        pool.close()
+    finally:
+        for s in servers:
+            s.kill()
+
+
+def test_snapshot_restores_across_backends(redis_server, tmp_path):
+    """A snapshot written by the Redis backend restores into the local backend and back (one file format)."""
+    from common.config import PoolConfig
+    from common.pool import make_pool
+
+    pool = make_redis_pool(redis_server, 12, record_shape=SHAPE, shards=2, min_ready_fraction=1.0)
+    fill_all(pool)
+    path = str(tmp_path / "redis.snap")
+    pool.snapshot(path)
+    local = make_pool(PoolConfig(backend="local", shards=3, min_ready_fraction=1.0), 12, SHAPE, False, False)
+    local.restore(path)
+    assert local.stats().counts["READY"] == 12 and local.stats().warm
+    d = local.draw(12)
+    check_records(d.slots, d.batch)
+    local.release(d.lease_id)
+    path2 = str(tmp_path / "local.snap")
+    local.snapshot(path2)
+    pool.restore(path2)
+    st = pool.stats()
+    assert st.counts == dict(READY=0, LEASED=0, REFILL=12, FILLING=0) and st.warm
+    c = pool.claim_refill(12)
+    assert (c.batch.t >= 0).all(), "released records come back to the refilling teacher"
+    pool.close()
+
+
+def test_pool_survives_pickling(redis_server):
+    import pickle
+
+    pool = make_redis_pool(redis_server, 8, record_shape=SHAPE, shards=2)
+    fill_all(pool)
+    copy = pickle.loads(pickle.dumps(pool))
+    d = copy.draw(3)
+    check_records(d.slots, d.batch)
+    assert pool.stats().counts["LEASED"] == 3
+    pool.release(d.lease_id)                       # a lease is the pool's, not the client's
+    assert copy.stats().counts["REFILL"] == 3
+    copy.close()
+    pool.close()
+
+
+def test_draw_blocked_time_is_shared_between_clients(redis_server):
+    pool = make_redis_pool(redis_server, 8, record_shape=SHAPE, shards=2, min_ready_fraction=1.0)
+    other = make_redis_pool(redis_server, 8, record_shape=SHAPE, shards=2, min_ready_fraction=1.0, name=pool.cfg.name)
+    with pytest.raises(PoolTimeout):
+        other.draw(1, timeout_s=0.3)
+    assert pool.stats().draw_blocked_seconds_total >= 0.3
+    other.close()
+    pool.close()
+
+
+def test_free_port_gives_distinct_servers(tmp_path):
+    a = RedisServer(tmp_path / "a", port=free_port()).start()
+    try:
+        b = RedisServer(tmp_path / "b", port=a.port)
+        with pytest.raises(RuntimeError, match="taken|exited"):
+            b.start(timeout_s=2.0)                 # the port is taken: a clear error, no hang
+    finally:
+        a.kill()
