@@ -95,8 +95,10 @@ def _unpack_envelope(data: bytes) -> dict:
         raise RecordCorrupt("record is empty (0 bytes)")
     try:
         env = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except msgpack.ExtraData:
-        raise RecordCorrupt("record has trailing bytes after the envelope") from None
+    except msgpack.ExtraData as err:
+        if isinstance(err.unpacked, dict) and err.unpacked.get("magic") == MAGIC:
+            raise RecordCorrupt("record has trailing bytes after the envelope") from None
+        raise RecordCorrupt("foreign record: missing DKDMREC magic") from None
     except (ValueError, msgpack.UnpackException, TypeError) as err:
         raise RecordCorrupt(f"record is not a msgpack envelope (truncated or foreign): {type(err).__name__}") from None
     if not isinstance(env, dict) or env.get("magic") != MAGIC:

@@ -74,13 +74,18 @@ def fill_claim(pool: Pool, claim, shape, has_logvar=False, has_label=False, T: i
 
 
 def pool_worker(pool: Pool, role: str, n_ops: int, seed: int, b: int = 4, hold_s: float = 0.0,
-                shape=(1, 4, 4), signal_path: str | None = None, timeout_s: float = 20.0) -> dict:
+                shape=(1, 4, 4), signal_path: str | None = None, timeout_s: float = 20.0,
+                stop_path: str | None = None) -> dict:
     """A trainer (draw, check, release) or teacher (claim, fill) loop; ``victim`` draws and claims, then hangs.
 
-    Runs in another process or thread; returns counts of what it did.
+    Runs in another process or thread; stops after n_ops operations or once ``stop_path`` exists
+    (a teacher outlives its trainers: give it a large n_ops, a short timeout and a stop file).
+    Returns counts of what it did.
     """
     done = {"draws": 0, "fills": 0, "timeouts": 0}
     for _ in range(n_ops):
+        if stop_path and Path(stop_path).exists():
+            break
         try:
             if role == "trainer":
                 d = pool.draw(b, timeout_s=timeout_s)

@@ -42,7 +42,7 @@ def expect(pool, **want):
 
 
 def test_state_machine(harness):
-    pool = harness.make(num_slots=12, shards=3)
+    pool = harness.make(num_slots=12, shards=2)
     expect(pool, READY=0, LEASED=0, REFILL=12, FILLING=0)
     c = pool.claim_refill(5)
     assert len(c) == 5 and len(set(c.slots.tolist())) == 5
@@ -67,7 +67,7 @@ def test_state_machine(harness):
     st = pool.stats()
     assert st.produced_total == 15 and st.consumed_total == 3
     assert sum(st.t_histogram) == 12
-    assert len(st.shard_counts) == 3 and all(sum(sc.values()) == 4 for sc in st.shard_counts)
+    assert len(st.shard_counts) == 2 and all(sum(sc.values()) == 6 for sc in st.shard_counts)
     with pytest.raises(PoolError):
         pool.draw(13)
 
@@ -358,7 +358,7 @@ def test_snapshot_round_trip_and_the_restored_pool_continues(harness, tmp_path):
     expect(pool, READY=16)
 
     # the same file restores into a fresh pool of this backend
-    pool2 = harness.make(num_slots=16, shards=3, has_logvar=True, has_label=True, min_ready_fraction=1.0,
+    pool2 = harness.make(num_slots=16, shards=1, has_logvar=True, has_label=True, min_ready_fraction=1.0,
                          **({"name": "conformance2"} if harness.name == "ray" else {}))
     pool2.restore(path)
     expect(pool2, READY=13, REFILL=3)
@@ -389,11 +389,11 @@ def test_half_storage_halves_the_bytes(harness, dtype):
 def test_concurrent_workers_one_killed(harness, tmp_path):
     """Two trainers and a teacher run while a victim holding a lease and a claim is killed."""
     pool = harness.make(num_slots=32, shards=2, lease_timeout_s=1.0, claim_timeout_s=1.0, min_ready_fraction=0.25)
-    signal = tmp_path / "victim"
+    signal, stop = tmp_path / "victim", tmp_path / "stop"
+    teacher = harness.start_worker(pool, role="teacher", n_ops=10_000, seed=1, b=4, timeout_s=0.5, stop_path=str(stop))
     workers = [
-        harness.start_worker(pool, role="teacher", n_ops=40, seed=1, b=4, timeout_s=15.0),
-        harness.start_worker(pool, role="trainer", n_ops=20, seed=2, b=4, hold_s=0.01, timeout_s=15.0),
-        harness.start_worker(pool, role="trainer", n_ops=20, seed=3, b=4, hold_s=0.01, timeout_s=15.0),
+        harness.start_worker(pool, role="trainer", n_ops=20, seed=2, b=4, hold_s=0.01, timeout_s=30.0),
+        harness.start_worker(pool, role="trainer", n_ops=20, seed=3, b=4, hold_s=0.01, timeout_s=30.0),
     ]
     victim = harness.start_worker(pool, role="victim", n_ops=1, seed=4, b=4, signal_path=str(signal), timeout_s=30.0)
     deadline = time.time() + 60
@@ -402,8 +402,10 @@ def test_concurrent_workers_one_killed(harness, tmp_path):
         counts(pool)                                   # the invariant holds while everybody works
         time.sleep(0.05)
     victim.kill()
-    results = [w.result(timeout=60) for w in workers]
-    assert sum(r["draws"] for r in results) == 40 and results[0]["fills"] == 40, results
+    results = [w.result(timeout=90) for w in workers]
+    stop.write_text("stop")
+    fills = teacher.result(timeout=30)["fills"]
+    assert [r["draws"] for r in results] == [20, 20] and fills >= 10, (results, fills)
     time.sleep(1.1)                                    # the victim's lease and claim expire
     st = pool.stats()
     st.check_invariant()
@@ -432,3 +434,41 @@ def test_stats_report_latency_age_and_histogram(harness):
     assert st.draws_total >= 3 and st.fills_total >= 4 and st.draw_seconds_total > 0
     assert st.bytes_out_total > 0 and st.bytes_in_total > 0 and st.record_age_mean >= 0
     assert st.consumed_total == 12 and st.produced_total == 22
+
+
+# --- backend specifics ------------------------------------------------------------------------------------------
+
+
+def test_ray_pool_attaches_by_name_and_reports_a_dead_shard(ray_harness):
+    from common.pool.ray_backend import RayPool
+
+    pool = ray_harness.make(num_slots=6, shards=1, name="ray_attach_test", reuse_actors=False)
+    c = pool.claim_refill(6)
+    assert fill_claim(pool, c, SHAPE)
+    other = RayPool.attach("ray_attach_test")
+    d = other.draw(2)
+    check_records(d.slots, d.batch)
+    expect(pool, READY=4, LEASED=2)
+    pool.release(d.lease_id)                   # a lease taken by one client, released by another
+    expect(pool, READY=4, LEASED=0, REFILL=2)
+    with pytest.raises(PoolError, match="no Ray pool named 'nope'"):
+        RayPool.attach("nope")
+    ray_harness.ray.kill(pool.handles[0])
+    with pytest.raises(PoolError, match="ray_attach_test.*shard actor died"):
+        for _ in range(50):                    # the kill is asynchronous
+            other.draw(1, timeout_s=0.1)
+            time.sleep(0.05)
+
+
+def test_local_pool_is_thread_safe(local_harness, tmp_path):
+    pool = local_harness.make(num_slots=32, shards=3, min_ready_fraction=0.5)
+    stop = tmp_path / "stop"
+    teachers = [local_harness.start_worker(pool, role="teacher", n_ops=10_000, seed=s, b=3, timeout_s=0.2,
+                                           stop_path=str(stop)) for s in (1, 2)]
+    trainers = [local_harness.start_worker(pool, role="trainer", n_ops=30, seed=s, b=5) for s in (3, 4)]
+    assert [w.result(timeout=60)["draws"] for w in trainers] == [30, 30]
+    stop.write_text("stop")
+    fills = [w.result(timeout=10)["fills"] for w in teachers]
+    st = pool.stats()
+    st.check_invariant()
+    assert st.consumed_total == 300 and st.produced_total >= 300 and st.produced_total <= 300 + 32, (fills, st.produced_total)
