@@ -37,6 +37,8 @@ from teacher_workers.worker import TeacherWorker
 
 # A claim that finds no REFILL slot waits this long before the loop looks at its stop flag again.
 IDLE_POLL_S = 0.5
+# A restarted actor draws fresh noise: seed = run.seed + worker index + RESTART_SEED_STRIDE * restarts.
+RESTART_SEED_STRIDE = 100_003
 
 
 class RestartLedger:
@@ -69,7 +71,8 @@ class TeacherActor:
         if self.restarts:
             metrics.inc(metrics.TEACHER_RESTARTS_TOTAL, self.restarts, worker=index)
         teacher = make_teacher(cfg.teacher)
-        self.worker = TeacherWorker(teacher, pool, microbatch=cfg.distill.teacher_microbatch, seed=cfg.run.seed,
+        self.worker = TeacherWorker(teacher, pool, microbatch=cfg.distill.teacher_microbatch,
+                                    seed=cfg.run.seed + RESTART_SEED_STRIDE * self.restarts,
                                     worker_index=index,
                                     warmup="noise" if cfg.distill.variant == "iterative" else "shuffle",
                                     claim_timeout_s=cfg.pool.claim_timeout_s)
@@ -129,8 +132,11 @@ def _copy_generator(gen: torch.Generator) -> torch.Generator:
 
 
 def _was_reconstructed() -> bool:
+    import warnings
     try:
-        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        with warnings.catch_warnings():        # Ray 2.60 warns about its own use of a deprecated field here
+            warnings.simplefilter("ignore")
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
     except Exception:  # noqa: BLE001 - outside an actor
         return False
 

@@ -1,0 +1,252 @@
+"""The student side of the distributed service: Ray Train's per-worker loop (paper Algorithm 1, lines 4-8).
+
+Every Ray Train worker draws its own batch of ``distill.batch_size`` records
+from the shared pool (the global batch is ``batch_size * num_workers``), takes
+one optimizer step (DDP averages the gradients when ``num_workers > 1``) and
+releases its slots for the teachers to refill. The next draw is prefetched in a
+background thread while the current step computes, so the pool's latency hides
+behind the step; what remains visible is ``pool_wait_s``.
+
+Checkpoints go through ``ray.train.report(metrics, checkpoint=...)``: rank 0
+writes the same folder layout as the single-process loop
+(student_trainer/checkpoints.py: config.json + safetensors + optimizer + RNG +
+``pool.snapshot``), so a checkpoint is also a loadable ``dkdm`` model. A
+restarted worker group (``FailureConfig``) or a second run with the same name
+resumes the trainer from ``ray.train.get_checkpoint()``; the pool is live in the
+first case and restored by the driver (student_trainer/run.py) in the second.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import metrics
+from common.config import Config, config_from_dict
+from common.diffusion import Diffusion
+from common.images import save_grid, save_npz
+from common.pool.base import Pool
+from common.teachers.base import Teacher
+from student_trainer.checkpoints import load_checkpoint, model_config, save_checkpoint
+from student_trainer.sampling import sample_images
+from student_trainer.student import build_student, student_var_type
+from student_trainer.trainer import StudentTrainer
+
+
+@dataclass
+class TeacherSpec:
+    """What the student side needs of the teacher (no weights): its chain, shapes, variance and identity."""
+
+    diffusion: Diffusion
+    schedule: str
+    image_shape: tuple[int, int, int]
+    num_classes: int | None
+    var_type: str
+    learned_variance: bool
+    clip_denoised: bool
+    identity: dict
+
+    @classmethod
+    def of(cls, teacher: Teacher, schedule: str) -> "TeacherSpec":
+        return cls(teacher.diffusion, schedule, tuple(teacher.image_shape), teacher.num_classes, teacher.var_type,
+                   teacher.learned_variance, teacher.clip_denoised, teacher.identity())
+
+
+class _CheckpointFolder:
+    """The RunDir face that save_checkpoint/load_checkpoint use, pointing at one folder (no atomic swap:
+    Ray Train copies the finished folder into storage itself)."""
+
+    def __init__(self, folder: str | Path):
+        self.checkpoint = Path(folder)
+
+    def begin_checkpoint(self) -> Path:
+        return self.checkpoint
+
+    def commit_checkpoint(self, tmp: Path) -> None:
+        pass
+
+
+class DDPStudentTrainer(StudentTrainer):
+    """StudentTrainer whose forward goes through a DDP wrapper (gradients averaged across workers);
+    EMA, optimizer and checkpoints keep using the bare module, so checkpoints match the single-process ones."""
+
+    def wrap(self, wrapped: torch.nn.Module) -> None:
+        self.wrapped = wrapped
+
+    def _forward(self, x_t, t, y):
+        bare, self.model = self.model, self.wrapped
+        try:
+            return super()._forward(x_t, t, y)
+        finally:
+            self.model = bare
+
+
+def build_trainer(cfg: Config, spec: TeacherSpec, device: torch.device) -> tuple[DDPStudentTrainer, dict]:
+    torch.manual_seed(cfg.run.seed)     # same initial weights on every rank (and as the single-process run)
+    model, student_config = build_student(cfg.student, spec.image_shape, spec.learned_variance, spec.num_classes)
+    d = cfg.distill
+    trainer = DDPStudentTrainer(model, spec.diffusion, var_type=student_var_type(spec), lr=d.lr,
+                                weight_decay=d.weight_decay, ema_rate=d.ema_rate, grad_clip=d.grad_clip,
+                                lambda_vlb=d.lambda_vlb, bf16=d.bf16, device=device)
+    trainer.wrap(trainer.model)
+    return trainer, student_config
+
+
+def checkpoint_config(student_config: dict, spec: TeacherSpec, trainer: StudentTrainer) -> dict:
+    return model_config(student_config, spec.diffusion, spec.schedule, trainer.var_type, spec.clip_denoised,
+                        spec.image_shape, spec.num_classes, teacher_identity=spec.identity)
+
+
+def write_checkpoint(folder: Path, trainer: StudentTrainer, config: dict, pool: Pool | None) -> None:
+    """The single-process checkpoint layout in ``folder`` (student, EMA, optimizer, step, RNG, pool snapshot)."""
+    save_checkpoint(_CheckpointFolder(folder), trainer, config, {"torch": torch.get_rng_state()}, pool=pool)
+
+
+def restore_trainer(folder: Path, trainer: StudentTrainer) -> None:
+    rng = load_checkpoint(_CheckpointFolder(folder), trainer, pool=None)
+    torch.set_rng_state(rng["torch"])
+
+
+def record_step_metrics(out: dict, rank: int, b: int) -> None:
+    metrics.observe(metrics.TRAINER_STEP_SECONDS, out["train_s"], worker=rank)
+    metrics.inc(metrics.TRAINER_POOL_WAIT_SECONDS_TOTAL, out["pool_wait_s"], worker=rank)
+    metrics.inc(metrics.TRAINER_SAMPLES_TOTAL, b, worker=rank)
+    metrics.inc(metrics.TRAINER_STEPS_TOTAL, 1, worker=rank)
+    for term in ("loss", "l_simple", "l_vlb"):
+        if term in out:
+            metrics.set(metrics.TRAINER_LOSS, out[term], worker=rank, term=term)
+
+
+class Prefetcher:
+    """Draws the next batch in a background thread while the current step computes."""
+
+    def __init__(self, pool: Pool, b: int, timeout_s: float):
+        self.pool, self.b, self.timeout_s = pool, b, timeout_s
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="pool-prefetch")
+        self.pending: Future | None = None
+
+    def request(self) -> None:
+        self.pending = self.executor.submit(self.pool.draw, self.b, self.timeout_s)
+
+    def take(self):
+        """The prefetched draw (waits for it) -> (draw, seconds waited)."""
+        t0 = time.perf_counter()
+        if self.pending is None:
+            self.request()
+        draw, self.pending = self.pending.result(), None
+        return draw, time.perf_counter() - t0
+
+    def close(self) -> None:
+        if self.pending is not None:        # a draw nobody will train on: return its slots
+            try:
+                self.pool.release(self.pending.result().lease_id)
+            except Exception:  # noqa: BLE001 - the pool may be gone; its lease expires anyway
+                pass
+        self.executor.shutdown(wait=False)
+
+
+def _progress(cfg: Config, start: int, rank: int):
+    if rank != 0 or not cfg.run.progress:
+        return None
+    try:
+        from ray.experimental.tqdm_ray import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=cfg.distill.steps, desc="distill", position=0)
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train's train_loop_per_worker. ``config``: cfg (dict), pool (RayPool or any picklable Pool), spec, run_root."""
+    import ray.train
+    import ray.train.torch
+
+    cfg: Config = config_from_dict(config["cfg"])
+    pool: Pool = config["pool"]
+    spec: TeacherSpec = config["spec"]
+    run_root = Path(config["run_root"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.ray.worker_num_cpus)))
+    device = ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")
+    if cfg.metrics.enabled:
+        metrics.serve_and_register("trainer", rank, cfg.metrics.port)
+
+    # 1. Student, optimizer, EMA; resumed from the latest checkpoint of this run when there is one.
+    trainer, student_config = build_trainer(cfg, spec, device)
+    ck = ray.train.get_checkpoint()
+    if ck is not None:
+        with ck.as_directory() as folder:
+            restore_trainer(Path(folder), trainer)
+        if rank == 0:
+            print(f"resumed the student at step {trainer.step} from {ck.path}")
+    if world > 1:
+        trainer.wrap(ray.train.torch.prepare_model(trainer.model, move_to_device=False))
+    ck_config = checkpoint_config(student_config, spec, trainer)
+
+    # 2. Algorithm 1: draw (prefetched), step, release; the teachers refill in their own processes.
+    d, b = cfg.distill, cfg.distill.batch_size
+    metrics_path = run_root / "metrics.jsonl"
+    bar = _progress(cfg, trainer.step, rank)
+    fetch = Prefetcher(pool, b, cfg.pool.block_timeout_s)
+    t_start, s_start, out = time.perf_counter(), trainer.step, {}
+    try:
+        while trainer.step < d.steps:
+            t0 = time.perf_counter()
+            draw, waited = fetch.take()
+            if trainer.step + 1 < d.steps:
+                fetch.request()
+            t1 = time.perf_counter()
+            out = trainer.distill_step(draw.batch, teacher_clip=spec.clip_denoised)
+            pool.release(draw.lease_id)
+            t2 = time.perf_counter()
+            out.update(step=trainer.step, rank=rank, pool_wait_s=waited, train_s=t2 - t1, step_s=t2 - t0,
+                       mean_t=float(draw.batch.t.float().mean()),
+                       samples_per_s=b * world * (trainer.step - s_start) / max(t2 - t_start, 1e-9))
+            record_step_metrics(out, rank, b)
+            if rank == 0 and (trainer.step % cfg.run.log_every == 0 or trainer.step == d.steps):
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps({"time": time.time(), **out}) + "\n")
+            if bar is not None:
+                bar.update(1)
+            if cfg.run.ckpt_every and trainer.step % cfg.run.ckpt_every == 0 and trainer.step < d.steps:
+                report(trainer, ck_config, pool, rank, out)
+    finally:
+        fetch.close()
+        if bar is not None:
+            bar.close()
+
+    # 3. Final checkpoint and sample grid (rank 0).
+    if rank == 0:
+        write_samples(cfg, spec, trainer, run_root, device)
+    report(trainer, ck_config, pool, rank, {**out, "step": trainer.step})
+
+
+def report(trainer: StudentTrainer, ck_config: dict, pool: Pool, rank: int, out: dict) -> None:
+    """ray.train.report on every rank; rank 0 attaches the checkpoint folder."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="dkdm-ckpt-") as tmp:
+        checkpoint = None
+        if rank == 0:
+            write_checkpoint(Path(tmp), trainer, ck_config, pool)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({k: v for k, v in out.items() if isinstance(v, (int, float))}, checkpoint=checkpoint,
+                         checkpoint_dir_name=f"checkpoint_{trainer.step:07d}")
+
+
+def write_samples(cfg: Config, spec: TeacherSpec, trainer: StudentTrainer, run_root: Path, device) -> Path:
+    """EMA samples -> samples/final.png (grid), final.npz (uint8, ADM layout) and final_float.npy ([N, C, H, W])."""
+    x, y = sample_images(trainer.ema_model(), spec.diffusion, trainer.var_type, cfg.sample, spec.image_shape,
+                         spec.num_classes, seed=cfg.run.seed, device=device, clip_denoised=spec.clip_denoised)
+    folder = run_root / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_npz(x, folder / "final.npz", labels=y)
+    np.save(folder / "final_float.npy", x.float().numpy())
+    return save_grid(x, folder / "final.png")

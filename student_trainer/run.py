@@ -1,0 +1,298 @@
+"""The distributed DKDM service: teacher actors fill a shared pool, Ray Train workers distill the student.
+
+    python -m student_trainer.run                                   # embedded default: CPU, local Ray, minutes
+    python -m student_trainer.run --config configs/mixture.yaml --set ray.num_teachers=2
+    python -m student_trainer.run --config configs/mixture.yaml --dry-run
+    ray start --head
+    ray job submit --working-dir . -- python -m student_trainer.run --config configs/mixture.yaml \\
+        --set run.out_dir=/shared/runs
+
+Stages: validate the config (a user error is one line and exit status 2);
+connect to Ray (``RAY_ADDRESS`` or ``ray.address``, else start a local cluster);
+create (or attach to) the pool, restoring it from the run's latest checkpoint
+when there is one (no warm-up); start the teacher group (its first claims are
+the shuffle-denoise warm-up); run Ray Train's TorchTrainer with
+``student_trainer.ray_train.train_loop``; print where the results are.
+
+The pool backend defaults to ``ray`` here (a ``pool.backend`` in the config or
+``--set`` wins). A second run with the same ``run.name`` and ``run.out_dir``
+resumes: Ray Train finds the checkpoints under ``<run folder>/train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from common import metrics
+from common.config import Config, config_from_dict, load_config
+from student_trainer.cli import UserError, add_config_args, report, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_NAME = "train"       # Ray Train's run name inside the run folder: <out_dir>/<run.name>/train/checkpoint_*
+
+# The embedded default (no arguments): the analytic mixture (configs/mixture.yaml) on a local Ray
+# cluster with the ray pool backend, sized to finish in a few minutes on 2 CPU cores.
+DEFAULT_CONFIG: dict = {
+    "run": {"name": "ray-mixture", "device": "cpu", "log_every": 25},
+    "teacher": {"kind": "analytic", "device": "cpu",
+                "analytic": {"num_components": 8, "channels": 1, "image_size": 8, "component_std": 0.1,
+                             "mean_scale": 0.7, "seed": 0},
+                "diffusion": {"schedule": "cosine", "num_timesteps": 1000, "var_type": "learned_range",
+                              "clip_denoised": True, "respacing": "100"}},
+    "student": {"arch": "mlp"},
+    "pool": {"backend": "ray", "rho": 0.4, "shards": 2},
+    "distill": {"batch_size": 64, "steps": 1500, "lr": 0.001, "ema_rate": 0.999, "teacher_microbatch": 256,
+                "bf16": False},
+    "sample": {"steps": "50", "num_samples": 256},
+    "ray": {"num_teachers": 1, "num_workers": 1, "teacher_num_cpus": 1.0, "worker_num_cpus": 1.0},
+}
+
+
+def load_run_config(path: str | None, overrides: list[str]) -> Config:
+    """The config file (or the embedded default) + overrides; pool.backend defaults to ray."""
+    if path is None:
+        from common.config import _set_dotted, parse_override
+        tree = json.loads(json.dumps(DEFAULT_CONFIG))
+        for item in overrides:
+            key, value = parse_override(item)
+            _set_dotted(tree, key, value)
+        return config_from_dict(tree)
+    cfg = load_config(path, overrides)
+    if "backend" not in cfg.pool.model_fields_set:
+        cfg.pool.backend = "ray"
+    return cfg
+
+
+def check_sizes(cfg: Config, num_slots: int) -> None:
+    """Every worker holds up to two batches (the one it trains on and the prefetched one)."""
+    need = 2 * cfg.distill.batch_size * cfg.ray.num_workers
+    if num_slots < need:
+        raise UserError(f"pool of {num_slots} slots is too small for ray.num_workers={cfg.ray.num_workers} x "
+                        f"distill.batch_size={cfg.distill.batch_size} (needs {need}: each worker prefetches a batch)")
+    if cfg.distill.variant != "dynamic":
+        raise UserError(f"distill.variant={cfg.distill.variant!r}: the distributed service runs the dynamic variant only")
+    if cfg.pool.backend == "local":
+        raise UserError("pool.backend=local cannot be shared by Ray processes; use ray or redis")
+
+
+def connect(cfg: Config) -> str:
+    """RAY_ADDRESS or ray.address, else a new local cluster with enough logical CPUs for the fleet."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS") or cfg.ray.address
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}}
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return address
+    r = cfg.ray
+    need = r.num_teachers * r.teacher_num_cpus + r.num_workers * r.worker_num_cpus + 1
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False,
+             runtime_env=env, log_to_driver=True)
+    return "local"
+
+
+def latest_checkpoint(storage: Path) -> Path | None:
+    """The newest complete checkpoint folder Ray Train wrote for this run (checkpoint_<step>)."""
+    for folder in sorted(storage.glob("checkpoint_*"), reverse=True):
+        if all((folder / f).is_file() for f in ("trainer_state.json", "config.json", "pool.snapshot")):
+            return folder
+    return None
+
+
+class PoolMonitor:
+    """Driver thread: warm-up progress, then the pool's stats as Prometheus metrics every ``interval_s``."""
+
+    def __init__(self, pool, progress: bool, interval_s: float = 1.0):
+        self.pool, self.progress, self.interval_s = pool, progress, interval_s
+        self.warm_s: float | None = None
+        self._prev: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pool-monitor", daemon=True)
+
+    def start(self) -> "PoolMonitor":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        t0, bar = time.time(), None
+        while not self._stop.is_set():
+            try:
+                st = self.pool.stats()
+            except Exception:  # noqa: BLE001 - the pool is going away
+                return
+            export_pool_stats(st, self._prev)
+            if self.warm_s is None:
+                if st.warm:
+                    self.warm_s = time.time() - t0
+                    if bar is not None:
+                        bar.n = bar.total
+                        bar.close()
+                    print(f"pool warm: {st.num_slots} slots READY after {self.warm_s:.1f}s", flush=True)
+                elif self.progress:
+                    if bar is None:
+                        from tqdm import tqdm
+                        bar = tqdm(total=st.num_slots, desc="shuffle-denoise warm-up", unit="slot", dynamic_ncols=True)
+                    bar.n = st.counts["READY"]
+                    bar.set_postfix(records_per_s=f"{st.produced_total / max(time.time() - t0, 1e-9):.0f}")
+                    bar.refresh()
+            self._stop.wait(self.interval_s)
+
+
+def export_pool_stats(st, prev: dict[str, float]) -> None:
+    """PoolStats -> gauges (slots per state and shard, READY t histogram) and counters (by delta)."""
+    for i, counts in enumerate(st.shard_counts):
+        for state, v in counts.items():
+            metrics.set(metrics.POOL_SLOTS, v, shard=i, state=state)
+    for k, v in enumerate(st.t_histogram):
+        metrics.set(metrics.POOL_READY_T, v, shard="all", bucket=k)
+    for name, value, labels in (
+            (metrics.POOL_RECORDS_PRODUCED_TOTAL, st.produced_total, {"shard": "all"}),
+            (metrics.POOL_RECORDS_CONSUMED_TOTAL, st.consumed_total, {"shard": "all"}),
+            (metrics.POOL_BYTES_TOTAL, st.bytes_in_total, {"shard": "all", "direction": "in"}),
+            (metrics.POOL_BYTES_TOTAL, st.bytes_out_total, {"shard": "all", "direction": "out"}),
+            (metrics.POOL_EXPIRED_TOTAL, st.expired_leases_total, {"kind": "lease"}),
+            (metrics.POOL_EXPIRED_TOTAL, st.expired_claims_total, {"kind": "claim"}),
+            (metrics.POOL_CORRUPT_TOTAL, st.corrupt_total, {"shard": "all"})):
+        key = name + json.dumps(labels, sort_keys=True)
+        delta = value - prev.get(key, 0)
+        if delta > 0:
+            metrics.inc(name, delta, **labels)
+            prev[key] = value
+
+
+def open_pool(cfg: Config, spec, num_slots: int):
+    """-> (pool, created). A running Ray pool of the same name is attached to (and left running)."""
+    from common.pool import make_pool
+    if cfg.pool.backend == "ray":
+        from common.pool.ray_backend import RayPool
+        from common.pool.base import PoolError
+        try:
+            pool = RayPool.attach(cfg.pool.name)
+        except PoolError:
+            pool = None
+        if pool is not None:
+            if pool.num_slots != num_slots or pool.record_shape != tuple(spec.image_shape):
+                raise UserError(f"a Ray pool named {cfg.pool.name!r} is running with another layout; set pool.name")
+            return pool, False
+    pool = make_pool(cfg.pool, num_slots=num_slots, record_shape=spec.image_shape, has_logvar=spec.learned_variance,
+                     has_label=spec.num_classes is not None, num_timesteps=spec.diffusion.num_timesteps,
+                     seed=cfg.run.seed)
+    return pool, True
+
+
+def distill_on_ray(cfg: Config) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from common.teachers import make_teacher
+    from student_trainer.distill import num_slots_for
+    from student_trainer.ray_train import TeacherSpec, train_loop
+    from student_trainer.run_dir import RunDir
+    from teacher_workers.group import TeacherGroup
+
+    # 1. Validate and build what the driver needs: the run folder, the teacher's spec, the pool size.
+    cfg.run.out_dir = str(Path(cfg.run.out_dir).resolve())
+    run = RunDir(cfg)
+    spec = TeacherSpec.of(make_teacher(cfg.teacher, "cpu"), cfg.teacher.diffusion.schedule)
+    num_slots = num_slots_for(cfg, spec.diffusion.num_timesteps)
+    check_sizes(cfg, num_slots)
+    storage = run.root / TRAIN_NAME
+    resume_from = latest_checkpoint(storage)
+
+    # 2. Ray, the pool (restored when resuming: no warm-up), the teachers.
+    where = connect(cfg)
+    if cfg.metrics.enabled:
+        port = metrics.serve_and_register("driver", 0, cfg.metrics.port)
+        print(f"metrics: driver endpoint on port {port} (file_sd targets in {os.environ.get('DKDM_METRICS_SD_DIR', '/tmp/dkdm/prom_sd')})")
+    pool, created = open_pool(cfg, spec, num_slots)
+    group = monitor = None
+    try:
+        if resume_from is not None and created:
+            pool.restore(str(resume_from / "pool.snapshot"))
+            print(f"resuming {run.root} from {resume_from.name}: pool restored ({num_slots} slots, no warm-up)")
+        teachers_running = not created and _teacher_running(cfg)
+        if not teachers_running:
+            step0 = int(json.loads((resume_from / "trainer_state.json").read_text())["step"]) if resume_from else 0
+            group = TeacherGroup(cfg.model_copy(update={"run": cfg.run.model_copy(update={"seed": cfg.run.seed + 7919 * step0})}),
+                                 pool)
+        monitor = PoolMonitor(pool, cfg.run.progress).start()
+
+        # 3. Ray Train: the student workers.
+        use_gpu = cfg.ray.use_gpu
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "pool": pool, "spec": spec, "run_root": str(run.root)},
+            scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": cfg.ray.worker_num_cpus, **({"GPU": 1} if use_gpu else {})}),
+            run_config=RunConfig(name=TRAIN_NAME, storage_path=str(run.root),
+                                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
+        t0 = time.time()
+        result = trainer.fit()
+        health = group.health() if group is not None else []
+        stats = pool.stats()
+    finally:
+        if monitor is not None:
+            monitor.stop()
+        if group is not None:
+            group.stop()
+        if created:
+            pool.close()
+    ray.shutdown()
+
+    # 4. Where the results are.
+    step = int(json.loads((Path(result.checkpoint.path) / "trainer_state.json").read_text())["step"])
+    return {"run_dir": str(run.root), "checkpoint": str(result.checkpoint.path),
+            "samples": str(run.root / "samples" / "final.png"), "metrics": str(run.metrics_path),
+            "steps": step, "ray": where, "fit_s": round(time.time() - t0, 1),
+            "warmup_s": None if monitor is None or monitor.warm_s is None else round(monitor.warm_s, 1),
+            "resumed_from": resume_from.name if resume_from else None,
+            "pool": {"produced": stats.produced_total, "consumed": stats.consumed_total,
+                     "expired_claims": stats.expired_claims_total},
+            "teachers": [{k: h.get(k) for k in ("worker", "records", "forwards", "busy_fraction", "restarts")}
+                         for h in health]}
+
+
+def _teacher_running(cfg: Config) -> bool:
+    import ray
+    try:
+        ray.get_actor(f"dkdm_teacher.{cfg.pool.name}.0")
+        return True
+    except ValueError:
+        return False
+
+
+def cmd_run(args) -> None:
+    cfg = load_run_config(args.config, args.overrides)
+    if args.dry_run:
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return
+    report(distill_on_ray(cfg))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m student_trainer.run",
+                                description="DKDM as a Ray service: teacher actors, a shared pool, Ray Train students")
+    add_config_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(cmd_run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
