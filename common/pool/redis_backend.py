@@ -17,7 +17,7 @@ i mod n when ``redis_url`` lists n servers):
     {tag}:born     hash   slot -> shard's produced counter at fill (record age)
     {tag}:stats    hash   produced, inserted, consumed, released, bytes_in, bytes_out,
                           expired_leases, expired_claims, corrupt, fill_rejected, draws, fills,
-                          age_sum, draw_blocked_s, fill_blocked_s
+                          age_sum, wire_bytes_in (encoded), draw_blocked_s, fill_blocked_s
     {tag}:g:<id>   set (lease) / list (claim): the members of one lease or claim in this shard
 
 Every script first checks the marker (error ``DKDMNOINIT`` when it is gone:
@@ -77,7 +77,7 @@ CLUSTER_SCHEME = "redis+cluster://"
 _KEY_SUFFIXES = ("meta", "ready", "refill", "leased", "filling", "owner", "rec", "t", "uses", "born", "stats")
 _STAT_FIELDS = (
     "produced", "inserted", "consumed", "released", "bytes_in", "bytes_out", "expired_leases", "expired_claims",
-    "corrupt", "fill_rejected", "draws", "fills", "age_sum", "wire_bytes_in", "wire_bytes_out",
+    "corrupt", "fill_rejected", "draws", "fills", "age_sum", "wire_bytes_in",
 )
 _CONN_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, ConnectionError, OSError)
 _CHUNK = 2000   # members per variadic command inside scripts (Lua's C stack holds ~8000)
@@ -114,31 +114,29 @@ expire(now)
 """
 
 # ARGV: k, lease_id, lease_timeout_s, count_call (1 on one shard per draw call), record_bytes
-#   -> {members, records, ages, deadline}
+#   -> {members, ages, deadline}; the records are read after it with a plain HMGET in the same
+#   pipeline round as nothing else can change a LEASED slot's record (Lua would copy every payload twice)
 _DRAW = _PRELUDE + r"""
 local members = redis.call('SPOP', KEYS[2], tonumber(ARGV[1]))
-if #members == 0 then return {{}, {}, {}, tostring(now)} end
+if #members == 0 then return {{}, {}, tostring(now)} end
 local deadline = now + tonumber(ARGV[3])
 for _, m in ipairs(members) do
   redis.call('ZADD', KEYS[4], deadline, m); redis.call('HSET', KEYS[6], m, ARGV[2])
 end
 chunked('SADD', KEYS[12], members)
 redis.call('PEXPIRE', KEYS[12], math.floor((tonumber(ARGV[3]) + 3600) * 1000))
-local recs = chunked('HMGET', KEYS[7], members)
 local born = chunked('HMGET', KEYS[10], members)
 local produced = tonumber(redis.call('HGET', KEYS[11], 'produced') or '0')
-local bytes, ages, age_sum = 0, {}, 0
+local ages, age_sum = {}, 0
 for i = 1, #members do
-  if recs[i] then bytes = bytes + #recs[i] end
   ages[i] = produced - tonumber(born[i] or produced)
   age_sum = age_sum + ages[i]
 end
 redis.call('HINCRBY', KEYS[11], 'consumed', #members)
 redis.call('HINCRBY', KEYS[11], 'bytes_out', #members * tonumber(ARGV[5]))
-redis.call('HINCRBY', KEYS[11], 'wire_bytes_out', bytes)
 redis.call('HINCRBY', KEYS[11], 'draws', tonumber(ARGV[4]))
 redis.call('HINCRBY', KEYS[11], 'age_sum', age_sum)
-return {members, recs, ages, tostring(deadline)}
+return {members, ages, tostring(deadline)}
 """
 
 # ARGV: lease_id, refund (1: back to READY, no use spent) -> slots released
@@ -351,7 +349,7 @@ class RedisPool(Pool):
         self._shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in _SCRIPTS.items()}
         self._claims: dict[str, list[tuple[int, list[int]]]] = {}   # claim id -> [(shard, slots in order)]
         self.local = {"draw_blocked_s": 0.0, "fill_blocked_s": 0.0, "draw_s": 0.0, "fill_s": 0.0,
-                      "reinitialised_shards": 0, "retries": 0}
+                      "reinitialised_shards": 0, "retries": 0, "wire_bytes_out": 0}
         self._init_shards(force=False)
 
     def __reduce__(self):
@@ -572,8 +570,11 @@ class RedisPool(Pool):
             first = len(slots) == 0
             res = self._run([(s, "draw", lease_id, [int(split[s]), lease_id, self.cfg.lease_timeout_s, int(first and j == 0), self.record_bytes])
                              for j, s in enumerate(np.flatnonzero(split).tolist())])
-            for s, (members, payloads, shard_ages, srv_deadline) in sorted(res.items()):
+            payloads_of = self._hmget_records({s: r[0] for s, r in res.items() if len(r[0])})
+            for s, (members, shard_ages, _) in sorted(res.items()):
                 deadline = min(deadline, time.time() + self.cfg.lease_timeout_s)
+                payloads = payloads_of.get(s, [])
+                self.local["wire_bytes_out"] += sum(len(p) for p in payloads if p is not None)
                 bad = []
                 for m, p, a in zip(members, payloads, shard_ages):
                     try:
@@ -596,6 +597,27 @@ class RedisPool(Pool):
         for a in ages:
             metrics.observe(metrics.POOL_RECORD_AGE_STEPS, a)
         return Draw(lease_id=lease_id, slots=torch.tensor(slots, dtype=torch.int64)[perm], batch=batch, deadline=deadline)
+
+    def _hmget_records(self, members: dict[int, list]) -> dict[int, list]:
+        """{shard: slot ids} -> {shard: stored records}, one pipelined HMGET per shard and server."""
+        out: dict[int, list] = {}
+        by_server: dict[int, list[int]] = {}
+        for s in members:
+            by_server.setdefault(self._server(s), []).append(s)
+        for server, shards in by_server.items():
+            client = self._clients[server]
+
+            def fetch():
+                if self.cluster:
+                    return [client.hmget(self.keys(s)[6], members[s]) for s in shards]
+                pipe = client.pipeline(transaction=False)
+                for s in shards:
+                    pipe.hmget(self.keys(s)[6], members[s])
+                return pipe.execute()
+
+            for s, recs in zip(shards, self._with_retry(server, fetch)):
+                out[s] = recs
+        return out
 
     def release(self, lease_id: str) -> None:
         """Spend one use of each record still leased under ``lease_id``; a no-op otherwise (idempotent)."""
@@ -733,7 +755,7 @@ class RedisPool(Pool):
             draws_total=totals["draws"], fills_total=totals["fills"],
             record_age_mean=totals["age_sum"] / max(totals["consumed"], 1),
             extra={"backend": "redis", "urls": list(self.urls), "inserted_total": totals["inserted"],
-                   "wire_bytes_in_total": totals["wire_bytes_in"], "wire_bytes_out_total": totals["wire_bytes_out"],
+                   "wire_bytes_in_total": totals["wire_bytes_in"],
                    **self.local},
         )
 

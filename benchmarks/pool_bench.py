@@ -1,0 +1,232 @@
+"""Pool throughput against the raw ceiling of its storage, one JSON line per case.
+
+    python benchmarks/pool_bench.py                    # ray and redis, shards 1 2 4, clients 1 2 4
+    python benchmarks/pool_bench.py --quick            # a few seconds (tests run this)
+    python benchmarks/pool_bench.py --backends redis --redis-url redis://host:6379/0
+
+Records are b = 128 of 3x32x32 fp32 with x_t, eps and logvar (36 KiB of tensors each,
+issue 4). Each case builds a pool of ``clients * iters * b`` slots, then
+
+1. claim+fill: every client process claims b slots and fills them, ``iters`` times,
+   until the pool is full (timed from a common start to the last client's end);
+2. draw+release: every client draws b and releases, ``iters`` times (the pool is
+   built with samples_per_insert = 1e9 so a release returns the slot to READY and
+   the phase can run without teachers).
+
+Throughput = records moved / wall seconds, as records/s and GB/s of tensor bytes
+(1e9 bytes). The raw ceiling is measured in the same run on the same machine:
+
+- redis: ``redis-benchmark -t set,get -d <record bytes> -c <clients> -P <b> -r n/4`` against
+  the same server (SET is the ceiling of fill, GET of draw);
+- ray: ``np.copy`` of a batch of the same bytes in one process, multiplied by the
+  number of client processes but not beyond the number of CPUs (a plain copy per
+  process, the memory path every RPC has to take at least once).
+
+``ratio`` = pool throughput / ceiling (issue 4's target: at least 0.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from common.config import PoolConfig  # noqa: E402
+from common.records import RecordBatch  # noqa: E402
+
+
+def make_batch(n: int, shape: tuple[int, int, int], seed: int) -> RecordBatch:
+    g = torch.Generator().manual_seed(seed)
+    return RecordBatch(x_t=torch.randn(n, *shape, generator=g), t=torch.randint(0, 1000, (n,), generator=g),
+                       eps=torch.randn(n, *shape, generator=g), logvar=torch.randn(n, *shape, generator=g))
+
+
+def client_loop(pool, phase: str, b: int, iters: int, shape, start_at: float, seed: int) -> tuple[int, float, float]:
+    """One client: ``iters`` claim+fill or draw+release of b records -> (records, start, end)."""
+    torch.set_num_threads(1)
+    batch = make_batch(b, shape, seed)
+    while time.time() < start_at:
+        time.sleep(0.001)
+    t0 = time.time()
+    moved = 0
+    for _ in range(iters):
+        if phase == "fill":
+            c = pool.claim_refill(b, timeout_s=60)
+            pool.fill(c.claim_id, batch.index(slice(0, len(c))))
+            moved += len(c)
+        else:
+            d = pool.draw(b, timeout_s=60)
+            pool.release(d.lease_id)
+            moved += len(d.batch)
+    return moved, t0, time.time()
+
+
+def _proc_main(pool, phase, b, iters, shape, start_at, seed, q):
+    q.put(client_loop(pool, phase, b, iters, shape, start_at, seed))
+
+
+def run_clients(backend: str, pool, phase: str, clients: int, b: int, iters: int, shape) -> float:
+    """Run ``clients`` client processes at once -> records/s over the common wall time."""
+    if clients == 1 and backend == "redis":      # one client: run it here (no process start in --quick)
+        moved, t0, t1 = client_loop(pool, phase, b, iters, shape, time.time(), 0)
+        return moved / (t1 - t0)
+    start_at = time.time() + (1.0 if backend == "redis" else 0.5) + 0.5 * clients
+    if backend == "ray":
+        import ray
+
+        fn = ray.remote(num_cpus=0)(client_loop)
+        res = ray.get([fn.remote(pool, phase, b, iters, shape, start_at, i) for i in range(clients)])
+    else:
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        procs = [ctx.Process(target=_proc_main, args=(pool, phase, b, iters, shape, start_at, i, q)) for i in range(clients)]
+        for p in procs:
+            p.start()
+        res = [q.get(timeout=600) for _ in procs]
+        for p in procs:
+            p.join()
+    moved = sum(r[0] for r in res)
+    return moved / (max(r[2] for r in res) - min(r[1] for r in res))
+
+
+# --- raw ceilings -----------------------------------------------------------------------------------------
+
+
+def redis_ceiling(port: int, record_bytes: int, clients: int, b: int, n: int) -> dict[str, float]:
+    """requests/s of redis-benchmark SET and GET with values of ``record_bytes`` -> {"set": rps, "get": rps}."""
+    exe = shutil.which("redis-benchmark")
+    if exe is None:
+        raise SystemExit("redis-benchmark is not on PATH (Debian package redis-tools / redis-server)")
+    out = subprocess.run([exe, "-p", str(port), "-t", "set,get", "-d", str(record_bytes), "-c", str(clients),
+                          "-n", str(n), "-P", str(b), "-r", str(max(n // 4, 1)), "--csv", "-q"],
+                         check=True, capture_output=True, text=True, timeout=600).stdout
+    rps = {}
+    for line in out.splitlines():
+        cells = [c.strip('"') for c in line.split(",")]
+        if cells and cells[0] in ("SET", "GET"):
+            rps[cells[0].lower()] = float(cells[1])
+    return rps
+
+
+def copy_ceiling(record_bytes: int, clients: int, b: int, seconds: float) -> float:
+    """records/s of np.copy of b records' bytes in one process, times min(clients, CPUs)."""
+    src = np.random.default_rng(0).standard_normal(b * record_bytes // 8)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        np.copy(src)
+        n += 1
+    return n * b / (time.perf_counter() - t0) * min(clients, os.cpu_count() or 1)
+
+
+# --- cases --------------------------------------------------------------------------------------------------------
+
+
+def start_redis(tmp: str):
+    sys.path.insert(0, os.path.join(ROOT, "tests", "pool"))
+    from redis_fixtures import RedisServer
+
+    return RedisServer(os.path.join(tmp, "redis"), persist=False).start()
+
+
+def build_pool(backend: str, url: str | None, shards: int, num_slots: int, shape):
+    from common.pool import make_pool
+
+    name = f"bench-{uuid.uuid4().hex[:8]}"
+    cfg = PoolConfig(backend=backend, shards=shards, num_slots=num_slots, min_ready_fraction=0.0,
+                     samples_per_insert=1e9, lease_timeout_s=300, claim_timeout_s=300, name=name,
+                     **({"redis_url": url} if url else {}))
+    return make_pool(cfg, num_slots, shape, has_logvar=True, has_label=False)
+
+
+def run_case(backend, url, port, shards, clients, b, iters, shape, record_bytes) -> dict:
+    pool = build_pool(backend, url, shards, clients * iters * b, shape)
+    try:
+        fill_rps = run_clients(backend, pool, "fill", clients, b, iters, shape)
+        draw_rps = run_clients(backend, pool, "draw", clients, b, iters, shape)
+    finally:
+        if backend == "redis":
+            pool.destroy()
+        pool.close()
+    if backend == "redis":
+        raw = redis_ceiling(port, record_bytes, clients, b, max(clients * iters * b, 1000))
+        ceil_fill, ceil_draw, how = raw["set"], raw["get"], "redis-benchmark SET/GET"
+    else:
+        c = copy_ceiling(record_bytes, clients, b, 0.5)
+        ceil_fill = ceil_draw = c
+        how = "np.copy"
+    gb = record_bytes / 1e9
+    return {
+        "backend": backend, "shards": shards, "clients": clients, "b": b, "record_shape": list(shape),
+        "record_bytes": record_bytes,
+        "draw_release_records_s": round(draw_rps, 1), "draw_release_GB_s": round(draw_rps * gb, 4),
+        "claim_fill_records_s": round(fill_rps, 1), "claim_fill_GB_s": round(fill_rps * gb, 4),
+        "ceiling": how, "ceiling_draw_records_s": round(ceil_draw, 1), "ceiling_fill_records_s": round(ceil_fill, 1),
+        "draw_ratio": round(draw_rps / ceil_draw, 3), "fill_ratio": round(fill_rps / ceil_fill, 3),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backends", default="ray,redis")
+    ap.add_argument("--shards", default="1,2,4")
+    ap.add_argument("--clients", default="1,2,4")
+    ap.add_argument("--b", type=int, default=128)
+    ap.add_argument("--shape", default="3,32,32")
+    ap.add_argument("--iters", type=int, default=10, help="batches per client and phase")
+    ap.add_argument("--redis-url", default=None, help="an existing server (default: start one in a temp folder)")
+    ap.add_argument("--quick", action="store_true", help="a few seconds: redis only, shards 1,2, clients 1, b 32, 3 iters")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.backends, args.shards, args.clients, args.b, args.iters = "redis", "1,2", "1", 32, 3
+    shape = tuple(int(s) for s in args.shape.split(","))
+    record_bytes = 3 * int(np.prod(shape)) * 4          # x_t, eps, logvar in fp32
+    backends = [s for s in args.backends.split(",") if s]
+    tmp = tempfile.mkdtemp(prefix="pool_bench_")
+    server = None
+    try:
+        for backend in backends:
+            url = port = None
+            if backend == "ray":
+                try:
+                    import ray
+                    import common.pool.ray_backend  # noqa: F401
+                except ImportError as err:
+                    print(json.dumps({"backend": "ray", "skipped": f"not importable: {err}"}), flush=True)
+                    continue
+                if not ray.is_initialized():
+                    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+                    ray.init(include_dashboard=False, log_to_driver=False)
+            elif backend == "redis":
+                if args.redis_url:
+                    url = args.redis_url
+                    port = int(url.split(":")[2].split("/")[0])
+                else:
+                    server = server or start_redis(tmp)
+                    url, port = server.url, server.port
+            for shards in (int(s) for s in args.shards.split(",")):
+                for clients in (int(c) for c in args.clients.split(",")):
+                    row = run_case(backend, url, port, shards, clients, args.b, args.iters, shape, record_bytes)
+                    print(json.dumps(row), flush=True)
+    finally:
+        if server is not None:
+            server.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
