@@ -231,3 +231,21 @@ def test_free_port_gives_distinct_servers(tmp_path):
             b.start(timeout_s=2.0)                 # the port is taken: a clear error, no hang
     finally:
         a.kill()
+
+
+@pytest.mark.slow
+def test_pool_bench_quick_prints_one_json_line_per_case(capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    import pool_bench
+
+    assert pool_bench.main(["--quick"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [(r["backend"], r["shards"], r["clients"]) for r in rows] == [("redis", 1, 1), ("redis", 2, 1)]
+    for r in rows:
+        assert r["draw_release_records_s"] > 0 and r["claim_fill_records_s"] > 0
+        assert r["draw_ratio"] == pytest.approx(r["draw_release_records_s"] / r["ceiling_draw_records_s"], abs=1e-3)
+        assert r["draw_release_GB_s"] == pytest.approx(r["draw_release_records_s"] * r["record_bytes"] / 1e9, abs=1e-4)
