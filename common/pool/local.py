@@ -187,7 +187,7 @@ class LocalPool(Pool):
             parts = [self.shards[i].draw(int(m), lease_id, now) for i, m in enumerate(take) if m > 0]
             deadline = now + self.cfg.lease_timeout_s
         slots = torch.from_numpy(np.concatenate([p[0] for p in parts]))
-        batch = RecordBatch.cat([p[1] for p in parts])
+        batch = parts[0][1] if len(parts) == 1 else RecordBatch.cat([p[1] for p in parts])
         dt = time.perf_counter() - t0
         self.seconds["draw"] += dt
         metrics.observe(metrics.POOL_DRAW_SECONDS, dt)
@@ -219,7 +219,8 @@ class LocalPool(Pool):
             self.claims[claim_id] = layout
             deadline = now + self.cfg.claim_timeout_s
         slots = torch.from_numpy(np.concatenate([p[0] for p in parts]))
-        return Claim(claim_id=claim_id, slots=slots, batch=RecordBatch.cat([p[1] for p in parts]), deadline=deadline)
+        batch = parts[0][1] if len(parts) == 1 else RecordBatch.cat([p[1] for p in parts])
+        return Claim(claim_id=claim_id, slots=slots, batch=batch, deadline=deadline)
 
     def fill(self, claim_id: str, batch: RecordBatch) -> bool:
         t0 = time.perf_counter()

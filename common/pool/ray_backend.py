@@ -272,9 +272,8 @@ class RayPool(Pool):
                     got.append(_from_wire(wire, self.storage_dtype))
                     want -= len(slots)
                 per[i] = counts
-        order = np.argsort(np.concatenate(got_slots), kind="stable")
-        slots = torch.from_numpy(np.concatenate(got_slots)[order])
-        batch = RecordBatch.cat(got).index(torch.from_numpy(order))
+        slots = torch.from_numpy(np.concatenate(got_slots))      # shard order: the draw is random anyway
+        batch = got[0] if len(got) == 1 else RecordBatch.cat(got)
         dt = time.perf_counter() - t0
         self.handles[0].add_time.remote("draw", blocked, dt)
         metrics.observe(metrics.POOL_DRAW_SECONDS, dt)
@@ -287,25 +286,26 @@ class RayPool(Pool):
     def claim_refill(self, n: int, timeout_s: float | None = None) -> Claim:
         if n < 1:
             raise PoolError(f"claim_refill needs n >= 1, got {n}")
-        per, blocked = self._poll(lambda p: sum(c["REFILL"] for c in p) >= 1, "a REFILL slot", "fill", timeout_s)
-        if blocked > 1e-4:
-            self.handles[0].add_time.remote("fill", blocked, 0.0)
-        claim_id, want, layout, parts = uuid.uuid4().hex, n, [], []
-        deadline = time.time() + self.cfg.claim_timeout_s
-        refill = np.array([c["REFILL"] for c in per])
-        asked, left = [], want
-        for i in self.rng.permutation(len(self.handles)):
-            m = min(left, int(refill[i]))
-            if m:
-                asked.append((int(i), m))
-                left -= m
-        replies = self._get([self.handles[i].claim.remote(m, claim_id) for i, m in asked], "claim slots")
-        for (i, _), (slots, wire) in zip(asked, replies):
-            if len(slots):
-                layout.append((i, len(slots)))
-                parts.append((slots, _from_wire(wire, self.storage_dtype)))
-        if not parts:           # another client took them: try again
-            return self.claim_refill(n, timeout_s)
+        timeout_s = self.cfg.block_timeout_s if timeout_s is None else timeout_s
+        start, claim_id = time.monotonic(), uuid.uuid4().hex
+        while True:
+            left = max(0.0, timeout_s - (time.monotonic() - start))
+            per, blocked = self._poll(lambda p: sum(c["REFILL"] for c in p) >= 1, "a REFILL slot", "fill", left)
+            if blocked > 1e-4:
+                self.handles[0].add_time.remote("fill", blocked, 0.0)
+            deadline = time.time() + self.cfg.claim_timeout_s
+            refill = np.array([c["REFILL"] for c in per])
+            asked, want = [], n
+            for i in self.rng.permutation(len(self.handles)):
+                m = min(want, int(refill[i]))
+                if m:
+                    asked.append((int(i), m))
+                    want -= m
+            replies = self._get([self.handles[i].claim.remote(m, claim_id) for i, m in asked], "claim slots")
+            layout = [(i, len(slots)) for (i, _), (slots, _) in zip(asked, replies) if len(slots)]
+            if layout:        # else another client took them first: poll again
+                break
+        parts = [(slots, _from_wire(wire, self.storage_dtype)) for slots, wire in replies if len(slots)]
         self.claims[claim_id] = layout
         slots = torch.from_numpy(np.concatenate([p[0] for p in parts]))
         return Claim(claim_id=claim_id, slots=slots, batch=RecordBatch.cat([p[1] for p in parts]), deadline=deadline)

@@ -33,6 +33,7 @@ from common.pool.codec import SlotArrays, from_numpy, to_numpy
 from common.records import EMPTY_T, RecordBatch
 
 READY, LEASED, REFILL, FILLING = (int(s) for s in SlotState)
+_AGE_SAMPLE = 16      # records per draw whose age goes into the metric histogram (stats keep the exact mean)
 
 SHARD_COUNTERS = (
     "produced", "consumed", "inserted", "released", "bytes_in", "bytes_out", "expired_leases", "expired_claims",
@@ -138,12 +139,12 @@ class PoolShard:
 
     def _records(self, idx: np.ndarray) -> RecordBatch:
         ti = torch.from_numpy(idx)
-        return RecordBatch(
-            x_t=self.x_t[ti].clone(),
-            t=torch.from_numpy(self.t[idx].copy()),
-            eps=self.eps[ti].clone(),
-            logvar=None if self.logvar is None else self.logvar[ti].clone(),
-            y=None if self.y is None else self.y[ti].clone(),
+        return RecordBatch(     # index_select copies: the caller owns the result
+            x_t=self.x_t.index_select(0, ti),
+            t=torch.from_numpy(self.t[idx]),
+            eps=self.eps.index_select(0, ti),
+            logvar=None if self.logvar is None else self.logvar.index_select(0, ti),
+            y=None if self.y is None else self.y.index_select(0, ti),
         )
 
     def _publish(self) -> None:
@@ -173,7 +174,7 @@ class PoolShard:
             if self.record_metrics:
                 metrics.inc(metrics.POOL_RECORDS_CONSUMED_TOTAL, m, shard=self.shard_id)
                 metrics.inc(metrics.POOL_BYTES_TOTAL, m * self.record_bytes, shard=self.shard_id, direction="out")
-                for a in ages.tolist():
+                for a in ages[:_AGE_SAMPLE].tolist():   # the slots are random: a sample of the batch suffices
                     metrics.observe(metrics.POOL_RECORD_AGE_STEPS, a)
                 self._publish()
         return idx + self.lo, self._records(idx)
