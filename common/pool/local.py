@@ -184,10 +184,15 @@ class LocalPool(Pool):
             lease_id = uuid.uuid4().hex
             take = split_draw(ready, b, self.rng)
             now = time.time()
-            parts = [self.shards[i].draw(int(m), lease_id, now) for i, m in enumerate(take) if m > 0]
+            out = self.shards[0].empty_batch(b)      # each shard gathers straight into its slice: one copy
+            parts, off = [], 0
+            for i, m in enumerate(take.tolist()):
+                if m:
+                    parts.append(self.shards[i].draw(m, lease_id, now, out=out.index(slice(off, off + m))))
+                    off += m
             deadline = now + self.cfg.lease_timeout_s
         slots = torch.from_numpy(np.concatenate([p[0] for p in parts]))
-        batch = parts[0][1] if len(parts) == 1 else RecordBatch.cat([p[1] for p in parts])
+        batch = out
         dt = time.perf_counter() - t0
         self.seconds["draw"] += dt
         metrics.observe(metrics.POOL_DRAW_SECONDS, dt)
@@ -206,20 +211,22 @@ class LocalPool(Pool):
             _, refill = self._wait(lambda r, f, ins: f.sum() >= 1, "a REFILL slot", "fill", timeout_s)
             claim_id = uuid.uuid4().hex
             now = time.time()
-            want, parts, layout = n, [], []
+            layout, want = [], n
             # Random shard order spreads teachers over shards; within a shard the slots are random too.
-            for i in self.rng.permutation(len(self.shards)):
-                if want == 0:
-                    break
+            for i in self.rng.permutation(len(self.shards)).tolist():
                 m = min(want, int(refill[i]))
                 if m:
-                    parts.append(self.shards[i].claim(m, claim_id, now))
-                    layout.append((int(i), m))
+                    layout.append((i, m))
                     want -= m
+            out = self.shards[0].empty_batch(n - want)
+            parts, off = [], 0
+            for i, m in layout:
+                parts.append(self.shards[i].claim(m, claim_id, now, out=out.index(slice(off, off + m))))
+                off += m
             self.claims[claim_id] = layout
             deadline = now + self.cfg.claim_timeout_s
         slots = torch.from_numpy(np.concatenate([p[0] for p in parts]))
-        batch = parts[0][1] if len(parts) == 1 else RecordBatch.cat([p[1] for p in parts])
+        batch = out
         return Claim(claim_id=claim_id, slots=slots, batch=batch, deadline=deadline)
 
     def fill(self, claim_id: str, batch: RecordBatch) -> bool:

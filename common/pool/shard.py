@@ -137,15 +137,29 @@ class PoolShard:
                 self._publish()
         return nl, nc
 
-    def _records(self, idx: np.ndarray) -> RecordBatch:
-        ti = torch.from_numpy(idx)
-        return RecordBatch(     # index_select copies: the caller owns the result
-            x_t=self.x_t.index_select(0, ti),
-            t=torch.from_numpy(self.t[idx]),
-            eps=self.eps.index_select(0, ti),
-            logvar=None if self.logvar is None else self.logvar.index_select(0, ti),
-            y=None if self.y is None else self.y.index_select(0, ti),
+    def empty_batch(self, n: int) -> RecordBatch:
+        """Uninitialized storage for n records of this layout (a multi-shard draw gathers into it)."""
+        dt = STORAGE_DTYPES[self.storage_dtype]
+        return RecordBatch(
+            x_t=torch.empty((n, *self.record_shape), dtype=dt), t=torch.empty(n, dtype=torch.int64),
+            eps=torch.empty((n, *self.record_shape), dtype=dt),
+            logvar=torch.empty((n, *self.record_shape), dtype=dt) if self.has_logvar else None,
+            y=torch.empty(n, dtype=torch.int64) if self.has_label else None,
         )
+
+    def _records(self, idx: np.ndarray, out: RecordBatch | None = None) -> RecordBatch:
+        """Copies of the records at local slots idx, written into ``out`` (len(idx) records) when given."""
+        ti = torch.from_numpy(idx)
+        if out is None:
+            out = self.empty_batch(len(idx))
+        torch.index_select(self.x_t, 0, ti, out=out.x_t)
+        torch.index_select(self.eps, 0, ti, out=out.eps)
+        out.t.copy_(torch.from_numpy(self.t[idx]))
+        if self.logvar is not None:
+            torch.index_select(self.logvar, 0, ti, out=out.logvar)
+        if self.y is not None:
+            torch.index_select(self.y, 0, ti, out=out.y)
+        return out
 
     def _publish(self) -> None:
         if not self.record_metrics:
@@ -155,8 +169,11 @@ class PoolShard:
 
     # --- transitions ------------------------------------------------------------------
 
-    def draw(self, m: int, lease_id: str, now: float | None = None) -> tuple[np.ndarray, RecordBatch]:
-        """Lease min(m, READY) slots chosen uniformly without replacement -> (global slots [m'], records)."""
+    def draw(self, m: int, lease_id: str, now: float | None = None, out: RecordBatch | None = None) -> tuple[np.ndarray, RecordBatch]:
+        """Lease min(m, READY) slots chosen uniformly without replacement -> (global slots [m'], records).
+
+        ``out``: m records of storage to write into (only used when exactly m slots are READY).
+        """
         now = time.time() if now is None else now
         self.expire(now)
         ready = np.flatnonzero(self.state == READY)
@@ -177,7 +194,7 @@ class PoolShard:
                 for a in ages[:_AGE_SAMPLE].tolist():   # the slots are random: a sample of the batch suffices
                     metrics.observe(metrics.POOL_RECORD_AGE_STEPS, a)
                 self._publish()
-        return idx + self.lo, self._records(idx)
+        return idx + self.lo, self._records(idx, out if out is not None and len(out) == m else None)
 
     def release(self, lease_id: str, now: float | None = None) -> int:
         """Spend one use per leased slot: -> READY with uses left, else REFILL. Unknown lease: 0 (idempotent)."""
@@ -192,7 +209,7 @@ class PoolShard:
         self._publish()
         return len(idx)
 
-    def claim(self, m: int, claim_id: str, now: float | None = None) -> tuple[np.ndarray, RecordBatch]:
+    def claim(self, m: int, claim_id: str, now: float | None = None, out: RecordBatch | None = None) -> tuple[np.ndarray, RecordBatch]:
         """Claim min(m, REFILL) slots (random ones) -> (global slots, their previous records)."""
         now = time.time() if now is None else now
         self.expire(now)
@@ -203,7 +220,7 @@ class PoolShard:
             self.state[idx] = FILLING
             self.claims[claim_id] = (idx, now + self.claim_timeout_s)
             self._publish()
-        return idx + self.lo, self._records(idx)
+        return idx + self.lo, self._records(idx, out if out is not None and len(out) == m else None)
 
     def claim_size(self, claim_id: str) -> int:
         got = self.claims.get(claim_id)
