@@ -451,6 +451,9 @@ def test_ray_pool_attaches_by_name_and_reports_a_dead_shard(ray_harness):
     expect(pool, READY=4, LEASED=2)
     pool.release(d.lease_id)                   # a lease taken by one client, released by another
     expect(pool, READY=4, LEASED=0, REFILL=2)
+    c = pool.claim_refill(2)
+    assert fill_claim(other, c, SHAPE)          # a claim taken by one client, filled by another
+    expect(pool, READY=6, FILLING=0)
     with pytest.raises(PoolError, match="no Ray pool named 'nope'"):
         RayPool.attach("nope")
     ray_harness.ray.kill(pool.handles[0])

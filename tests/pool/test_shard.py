@@ -162,3 +162,21 @@ def test_pool_size_and_make_pool():
     assert isinstance(pool, LocalPool) and pool.stats().num_slots == 8
     with pytest.raises(PoolError, match="samples_per_insert"):
         make_pool(PoolConfig(samples_per_insert=0.5), 8, SHAPE, False, False)
+
+
+def test_shard_records_metrics():
+    from common import metrics
+
+    s = PoolShard(shard_id=97, lo=0, n=6, record_shape=SHAPE, num_timesteps=50, lease_timeout_s=1.0)
+    get = metrics.REGISTRY.get_sample_value
+    assert get(metrics.POOL_SLOTS, {"shard": "97", "state": "REFILL"}) == 6
+    fill(s)
+    s.draw(4, "L", now=0.0)
+    s.expire(now=5.0)
+    s.stats()
+    assert get(metrics.POOL_RECORDS_PRODUCED_TOTAL, {"shard": "97"}) == 6
+    assert get(metrics.POOL_RECORDS_CONSUMED_TOTAL, {"shard": "97"}) == 4
+    assert get(metrics.POOL_BYTES_TOTAL, {"shard": "97", "direction": "out"}) == 4 * s.record_bytes
+    assert get(metrics.POOL_SLOTS, {"shard": "97", "state": "READY"}) == 6
+    assert get(metrics.POOL_READY_T, {"shard": "97", "bucket": "2"}) == 6      # t = 10 of T = 50
+    assert get(metrics.POOL_EXPIRED_TOTAL, {"kind": "lease"}) >= 4
