@@ -24,6 +24,7 @@ __all__ = ["Teacher", "TeacherLoadError", "make_teacher", "resolve_device"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]   # the repository root (or site-packages when installed)
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
@@ -40,6 +41,11 @@ def check_local_path(path: str | None, kind: str) -> Path:
     p = Path(path).expanduser()
     if p.exists():
         return p
+    # A relative path that is not under the CWD (e.g. common/assets/digits_teacher from another
+    # folder, or the package installed elsewhere) is tried against the folder that holds `common/`.
+    root_relative = PACKAGE_ROOT / p
+    if not p.is_absolute() and root_relative.exists():
+        return root_relative
     if _URL.match(str(path)) or _HUB_ID.match(str(path)):
         raise TeacherLoadError(f"teacher path {str(path)!r} looks like a URL or model-hub id, not a local path; "
                                f"download it to a local folder first (no network access at run time)")
