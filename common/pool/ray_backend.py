@@ -259,7 +259,11 @@ class RayPool(Pool):
         while want > 0:
             ready = np.array([c["READY"] for c in per])
             if ready.sum() < want:      # lost a race with another client: wait for the rest
-                per, more = self._poll(lambda p: sum(c["READY"] for c in p) >= want, what, "draw", timeout_s)
+                try:
+                    per, more = self._poll(lambda p: sum(c["READY"] for c in p) >= want, what, "draw", timeout_s)
+                except PoolTimeout:
+                    self.release(lease_id)      # hand back the part already leased
+                    raise
                 blocked += more
                 continue
             take = split_draw(ready, want, self.rng)

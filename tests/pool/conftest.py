@@ -231,7 +231,6 @@ def ray_cluster():
     # Worker processes import this module by value (tests/pool is not a package).
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield ray
-    from common.pool.ray_backend import actor_name
 
     for handles in _RAY_CREATORS:
         for h in handles:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import stats as sstats
 
-from common.pool.base import STATE_NAMES, PoolError, PoolTimeout, RecordCorrupt
+from common.pool.base import PoolError, PoolTimeout, RecordCorrupt
 from conftest import check_records, fill_claim, make_records
 
 SHAPE = (1, 4, 4)
