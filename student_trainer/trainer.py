@@ -28,6 +28,12 @@ def update_ema(ema: dict[str, torch.Tensor], model: torch.nn.Module, rate: float
                 ema[name].copy_(p)
 
 
+def ema_rate_at(step: int, rate: float) -> float:
+    """EMA warm-up: min(rate, (1 + step) / (10 + step)), so a short run's EMA is not stuck at its initial
+    weights (at rate 0.9999 the EMA needs ~10^4 steps to forget them); the paper's rate applies after that."""
+    return min(rate, (1.0 + step) / (10.0 + step))
+
+
 def autocast_for(device: torch.device, enabled: bool):
     """bf16 autocast where the device supports it (CUDA with bf16); a no-op elsewhere."""
     if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -62,7 +68,7 @@ class StudentTrainer:
         if self.grad_clip is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip))
         self.opt.step()
-        update_ema(self.ema, self.model, self.ema_rate)
+        update_ema(self.ema, self.model, ema_rate_at(self.step, self.ema_rate))
         self.step += 1
         out = {k: float(v.detach()) for k, v in losses.items()}
         out["grad_norm"] = grad_norm
