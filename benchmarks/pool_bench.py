@@ -209,7 +209,7 @@ def main(argv=None) -> int:
                     continue
                 if not ray.is_initialized():
                     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
-                    ray.init(include_dashboard=False, log_to_driver=False)
+                    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
             elif backend == "redis":
                 if args.redis_url:
                     url = args.redis_url

@@ -225,11 +225,13 @@ def test_draw_blocked_time_is_shared_between_clients(redis_server):
 
 def test_free_port_gives_distinct_servers(tmp_path):
     a = RedisServer(tmp_path / "a", port=free_port()).start()
+    b = RedisServer(tmp_path / "b", port=a.port)
     try:
-        b = RedisServer(tmp_path / "b", port=a.port)
         with pytest.raises(RuntimeError, match="taken|exited"):
             b.start(timeout_s=2.0)                 # the port is taken: a clear error, no hang
+        assert not b.running
     finally:
+        b.kill()
         a.kill()
 
 
