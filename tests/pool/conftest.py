@@ -36,6 +36,9 @@ from common.pool.base import Pool, PoolTimeout
 from common.records import RecordBatch
 
 HERE = Path(__file__).parent
+# Test modules import helpers from here as ``pool_conftest``: the bare name ``conftest`` is shared by
+# every test folder's conftest.py and pytest rebinds it as it goes.
+sys.modules["pool_conftest"] = sys.modules[__name__]
 BACKENDS: dict[str, str] = {"local": "local_harness", "ray": "ray_harness"}
 
 POOL_FIELDS = set(PoolConfig.model_fields)
@@ -299,7 +302,6 @@ if _extra.exists():
     _spec = importlib.util.spec_from_file_location("redis_fixtures", _extra)
     _mod = importlib.util.module_from_spec(_spec)
     sys.modules["redis_fixtures"] = _mod
-    sys.modules["pool_conftest"] = sys.modules[__name__]
     _spec.loader.exec_module(_mod)
     BACKENDS.update(getattr(_mod, "BACKENDS", {}))
     globals().update({k: v for k, v in vars(_mod).items() if not k.startswith("_") and k not in globals()})

@@ -22,7 +22,7 @@ from common.pool.base import (
 from common.pool.codec import read_snapshot, write_snapshot
 from common.pool.local import LocalPool
 from common.pool.shard import PoolShard
-from conftest import check_records, make_records
+from pool_conftest import check_records, make_records
 
 SHAPE = (2, 4, 4)
 
