@@ -3,7 +3,10 @@
 The client object (RayPool) holds only actor handles and the layout, so it is
 picklable: pass it to Ray tasks, actors or Train workers, or attach from another
 driver with ``RayPool.attach(name)`` (actors are named ``dkdm_pool.<name>.<i>``;
-``detached=True`` keeps them alive after the creating driver exits).
+``detached=True`` keeps them alive after the creating driver exits; named actors are
+found within one Ray namespace, so drivers that share a pool pass the same
+``ray.init(namespace=...)``). Without ``detached`` the actors die with the last
+handle of the creating client (Ray's ownership).
 
 Records cross the RPC boundary as a few numpy arrays per call (Ray serializes
 numpy with zero-copy pickle-5 buffers; objects over 100 KiB go through the
