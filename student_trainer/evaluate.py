@@ -55,3 +55,23 @@ def exact_metrics(x: torch.Tensor, mixture: GaussianMixture, seed: int = 0, num_
 
 def mixture_of(cfg: AnalyticConfig) -> GaussianMixture:
     return GaussianMixture.from_config(cfg)
+
+
+@torch.no_grad()
+def score_error(model: torch.nn.Module, teacher, mixture: GaussianMixture, num: int = 1024, seed: int = 0,
+                t_stride: int = 1) -> float:
+    """Exact score error of a network on its teacher's chain: mean over chain indices t of
+    E_{x_t ~ q_t} ||eps_S(x_t, t) - eps*(x_t, t)||^2 / D, with eps* the analytic teacher's exact eps."""
+    from common.diffusion import q_sample
+
+    gen = torch.Generator().manual_seed(seed)
+    d = teacher.diffusion
+    x0 = mixture.sample(num, generator=gen)[0].float()
+    errs = []
+    for ti in range(0, d.num_timesteps, t_stride):
+        t = torch.full((num,), ti, dtype=torch.long)
+        x_t = q_sample(d, x0, t, torch.randn(x0.shape, generator=gen))
+        eps_true, _ = teacher.predict(x_t, t)
+        eps_s = model(x_t, d.map_timesteps(t))[:, : x0.shape[1]]
+        errs.append(float(((eps_s.float() - eps_true) ** 2).mean()))
+    return float(np.mean(errs))

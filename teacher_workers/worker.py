@@ -177,8 +177,12 @@ class TeacherWorker:
             parts.append((idx, self._take_warm(len(idx))))
         order = torch.cat([i for i, _ in parts])
         new = RecordBatch.cat([b for _, b in parts]).index(torch.argsort(order))
-        self.pool.fill(claim.claim_id, new.to("cpu"))
+        accepted = self.pool.fill(claim.claim_id, new.to("cpu"))
         self.busy_s += time.perf_counter() - start
+        if accepted is False:
+            # The claim expired (we were too slow or were presumed dead): its slots went back to REFILL and
+            # another claim will refill them; these records are dropped.
+            return 0
         self.records += len(order)
         metrics.inc(metrics.TEACHER_RECORDS_TOTAL, len(order), worker=self.worker)
         metrics.inc(metrics.TEACHER_BUSY_SECONDS_TOTAL, time.perf_counter() - start, worker=self.worker)

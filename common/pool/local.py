@@ -11,6 +11,8 @@ lock and encode and write outside it.
 
 from __future__ import annotations
 
+import json
+
 import threading
 import time
 import uuid
@@ -273,7 +275,11 @@ class LocalPool(Pool):
                     arrays = s.snapshot()
                 yield arrays
 
-        write_snapshot(path, snapshot_header(self, inserted), frames())
+        header = snapshot_header(self, inserted)
+        # The draw/claim generators too, so a resumed single-process run continues exactly (JSON: 128-bit ints).
+        header["rng"] = json.dumps({"pool": self.rng.bit_generator.state,
+                                    "shards": [sh.rng.bit_generator.state for sh in self.shards]})
+        write_snapshot(path, header, frames())
 
     def restore(self, path: str) -> None:
         header, parts = load_snapshot_for(self, path, self.ranges)
@@ -282,4 +288,9 @@ class LocalPool(Pool):
             self.claims.clear()
             for i, (s, (arrays, bad)) in enumerate(zip(self.shards, parts)):
                 s.restore(arrays, bad, inserted_extra=extra if i == 0 else 0)
+            rng = json.loads(header["rng"]) if "rng" in header else None
+            if rng is not None and len(rng["shards"]) == len(self.shards):   # same layout: continue the streams
+                self.rng.bit_generator.state = rng["pool"]
+                for sh, state in zip(self.shards, rng["shards"]):
+                    sh.rng.bit_generator.state = state
             self.cond.notify_all()
