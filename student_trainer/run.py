@@ -45,7 +45,7 @@ DEFAULT_CONFIG: dict = {
                 "analytic": {"num_components": 8, "channels": 1, "image_size": 8, "component_std": 0.1,
                              "mean_scale": 0.7, "seed": 0},
                 "diffusion": {"schedule": "cosine", "num_timesteps": 1000, "var_type": "learned_range",
-                              "clip_denoised": True, "respacing": "100"}},
+                              "clip_denoised": False, "respacing": "100"}},
     "student": {"arch": "mlp"},
     "pool": {"backend": "ray", "rho": 0.4, "shards": 2},
     "distill": {"batch_size": 64, "steps": 1500, "lr": 0.001, "ema_rate": 0.999, "teacher_microbatch": 256,

@@ -1,0 +1,109 @@
+"""What only a GPU can check: CUDA paths, bf16 autocast, real speed. One JSON line per check.
+
+    python benchmarks/gpu_check.py            # on a CUDA machine (the device tool's H100)
+    python benchmarks/gpu_check.py --smoke    # tiny sizes on the CPU, to test this script
+
+Ratios are measured within one run (shared machines are noisy): bf16 vs fp32 step time of the
+paper's 14M student, teacher forwards of the paper's 57M ADM teacher (random weights: speed only),
+and the single-process loop's split between teacher and student time on one device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.config import DiffusionConfig, load_config  # noqa: E402
+from common.models import build_network  # noqa: E402
+from common.teachers.guided import GuidedDiffusionTeacher  # noqa: E402
+
+
+def emit(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+def timed(fn, n, sync):
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device("cpu" if args.smoke else "cuda")
+    sync = (lambda: None) if args.smoke else torch.cuda.synchronize
+    emit(check="env", torch=torch.__version__, device=str(dev),
+         name=(torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"),
+         bf16=(dev.type == "cuda" and torch.cuda.is_bf16_supported()))
+    teacher_size, student_size, b, n = ("tiny-16", "tiny-16", 8, 2) if args.smoke else ("57M", "14M", 128, 10)
+    img = 16 if args.smoke else 32
+
+    # 1. The single-process loop on the exact mixture teacher, on the device (analytic tables in float64 on CUDA).
+    from student_trainer.distill import distill
+    cfg = load_config("configs/mixture.yaml", [f"run.device={dev}", "teacher.device=" + str(dev),
+                                               "distill.steps=" + ("5" if args.smoke else "200"),
+                                               "run.out_dir=/tmp/gpu_check", "run.progress=false",
+                                               "sample.num_samples=64"])
+    t0 = time.perf_counter()
+    out = distill(cfg)
+    emit(check="mixture_distill_on_device", ok=True, wall_s=round(time.perf_counter() - t0, 2), steps=out["steps"])
+
+    # 2. Teacher forwards of the paper's 57M ADM (CIFAR-10 flags, learned sigma), fp32 vs bf16 autocast.
+    from common.models.registry import adm_flags
+    from common.models.adm import create_model
+    tnet = create_model(**{**adm_flags(teacher_size), "learn_sigma": True, "image_size": img})
+    teacher = GuidedDiffusionTeacher(tnet, DiffusionConfig(), device=dev)
+    tb = 8 if args.smoke else 256
+    x = torch.randn(tb, 3, img, img, device=dev)
+    t = torch.randint(0, 1000, (tb,), device=dev)
+    fp32 = timed(lambda: teacher.predict(x, t), n, sync)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        bf16 = timed(lambda: teacher.predict(x, t), n, sync)
+    emit(check="teacher_57M_forward", batch=tb, fp32_samples_per_s=round(tb / fp32, 1),
+         bf16_samples_per_s=round(tb / bf16, 1), bf16_speedup=round(fp32 / bf16, 2))
+
+    # 3. Student (paper's 14M) DKDM step, fp32 vs bf16 autocast (StudentTrainer's own switch).
+    from common.diffusion import make_diffusion
+    from common.records import RecordBatch
+    from student_trainer.trainer import StudentTrainer
+    d = make_diffusion("cosine", 1000)
+    rec = RecordBatch(x_t=torch.randn(b, 3, img, img), t=torch.randint(0, 1000, (b,)), eps=torch.randn(b, 3, img, img),
+                      logvar=torch.full((b, 3, img, img), -3.0))
+    res = {}
+    for use_bf16 in (False, True):
+        net = build_network("adm", student_size, {"learn_sigma": True, "image_size": img})
+        tr = StudentTrainer(net, d, var_type="learned_range", lr=1e-4, weight_decay=0.0, ema_rate=0.9999,
+                            grad_clip=None, lambda_vlb=1.0, bf16=use_bf16, device=dev)
+        res[use_bf16] = timed(lambda: tr.distill_step(rec), n, sync)
+        loss = tr.distill_step(rec)["loss"]
+        assert loss == loss, "NaN loss"
+    emit(check="student_14M_dkdm_step", batch=b, fp32_s=round(res[False], 4), bf16_s=round(res[True], 4),
+         bf16_speedup=round(res[False] / res[True], 2))
+
+    # 4. Where a single-process step's time goes when teacher and student share the device.
+    teacher_share = (b / (tb / fp32)) / ((b / (tb / fp32)) + res[False])
+    emit(check="single_process_split", teacher_fraction_of_step=round(teacher_share, 3),
+         note="the distributed service moves this fraction to dedicated teacher devices")
+
+    # 5. The CUDA unit tests.
+    import subprocess
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "tests/common/test_diffusion_samplers.py",
+                        "-k", "cuda", "-p", "no:cacheprovider"], capture_output=True, text=True)
+    emit(check="pytest_cuda", rc=r.returncode, tail=r.stdout.strip().splitlines()[-1:] if r.stdout else r.stderr[-300:])
+
+
+if __name__ == "__main__":
+    main()
