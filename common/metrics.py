@@ -24,6 +24,7 @@ POOL_RECORD_AGE_STEPS = "dkdm_pool_record_age_steps"             # histogram
 POOL_READY_T = "dkdm_pool_ready_t"                               # gauge{shard,bucket}
 POOL_CORRUPT_TOTAL = "dkdm_pool_corrupt_records_total"           # counter{shard}
 POOL_EXPIRED_TOTAL = "dkdm_pool_expired_total"                   # counter{kind=lease|claim}
+POOL_GROUP_LAG = "dkdm_pool_group_lag_records"                   # gauge{shard,group}: records waiting for that group alone
 # --- teachers -------------------------------------------------------------
 TEACHER_RECORDS_TOTAL = "dkdm_teacher_records_total"             # counter{worker}
 TEACHER_FORWARDS_TOTAL = "dkdm_teacher_forwards_total"           # counter{worker}
@@ -61,6 +62,7 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], tuple | None]] = {
     POOL_READY_T: ("gauge", "READY slots per chain-index bucket", ("shard", "bucket"), None),
     POOL_CORRUPT_TOTAL: ("counter", "Records that failed to decode", ("shard",), None),
     POOL_EXPIRED_TOTAL: ("counter", "Expired leases and claims", ("kind",), None),
+    POOL_GROUP_LAG: ("gauge", "Records every other consumer group is done with, waiting for this group", ("shard", "group"), None),
     TEACHER_RECORDS_TOTAL: ("counter", "Records produced by a teacher", ("worker",), None),
     TEACHER_FORWARDS_TOTAL: ("counter", "Teacher forward passes (samples)", ("worker",), None),
     TEACHER_BUSY_SECONDS_TOTAL: ("counter", "Time a teacher spent computing", ("worker",), None),

@@ -5,6 +5,7 @@
     dkdm synth   --config configs/digits.yaml --set data.synthetic_dir=runs/synth
     dkdm sample  --checkpoint runs/dkdm/checkpoint --num 64 --out samples.npz
     dkdm eval    --samples samples.npz --reference digits
+    dkdm pool    create|status|drop --config configs/mixture.yaml --set pool.backend=redis --set pool.name=mix
 
 A user error (unknown key, wrong type, missing file) exits with status 2 and one line; set
 DKDM_DEBUG=1 for the traceback.
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True, help="digits | npz:PATH | folder:PATH | shards:PATH")
     p.add_argument("--features", default="digits", help="'digits' or a local Inception weights file")
     p.set_defaults(fn=cmd_eval)
+    from student_trainer.pool_cli import add_pool_parser
+    add_pool_parser(sub)
     return parser
 
 

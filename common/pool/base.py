@@ -179,8 +179,11 @@ class Pool(ABC):
     num_slots: int
 
     @abstractmethod
-    def draw(self, b: int, timeout_s: float | None = None) -> Draw:
-        """Lease b READY slots uniformly at random without replacement (blocks until allowed)."""
+    def draw(self, b: int, timeout_s: float | None = None, group: str | None = None) -> Draw:
+        """Lease b READY slots uniformly at random without replacement (blocks until allowed).
+
+        ``group``: draw as that attached consumer group (only the records it has not trained on).
+        """
 
     @abstractmethod
     def release(self, lease_id: str) -> None:
@@ -205,6 +208,37 @@ class Pool(ABC):
 
     def close(self) -> None:
         pass
+
+    # --- identity and consumer groups (issue 8; common/pool/identity.py, docs/shared_pools.md) ---
+
+    def bind_identity(self, identity: dict) -> dict:
+        """Store ``identity`` with the pool if it has none; refuse (PoolError) if it holds another one.
+
+        Returns the identity the pool now holds. Backends keep it where their slots live.
+        """
+        from common.pool.identity import check_identity
+
+        held = getattr(self, "_identity", None)
+        if held is None:
+            self._identity = dict(identity)
+            return self._identity
+        check_identity(getattr(getattr(self, "cfg", None), "name", "?"), held, identity)
+        return held
+
+    def identity(self) -> dict | None:
+        """The identity stored with the pool (None: none bound yet)."""
+        return getattr(self, "_identity", None)
+
+    def attach_group(self, group: str, policy: str = "wait", max_lag: int | None = None) -> None:
+        """Attach a consumer group: from now on it trains on every record once (see shard.py)."""
+        raise PoolError(f"consumer groups are not supported by the {type(self).__name__} backend yet")
+
+    def detach_group(self, group: str) -> None:
+        raise PoolError(f"consumer groups are not supported by the {type(self).__name__} backend yet")
+
+    def groups(self) -> dict[str, dict]:
+        """Attached consumer groups -> {policy, max_lag, pending, lag, consumed, skipped, leased}."""
+        return {}
 
 
 # --- shared pieces every backend uses -------------------------------------------------

@@ -47,7 +47,7 @@ def merge_stats(num_slots: int, shard_stats: list[dict], warm: bool, t_buckets: 
     tot = {k: sum(s[k] for s in shard_stats) for k in SHARD_COUNTERS}
     counts = {n: sum(s["counts"][n] for s in shard_stats) for n in STATE_NAMES}
     hist = np.sum([s["t_histogram"] for s in shard_stats], axis=0).astype(int).tolist() if t_buckets else []
-    return PoolStats(
+    st = PoolStats(
         num_slots=num_slots,
         counts=counts,
         shard_counts=[dict(s["counts"]) for s in shard_stats],
@@ -71,13 +71,44 @@ def merge_stats(num_slots: int, shard_stats: list[dict], warm: bool, t_buckets: 
         fills_total=tot["fills"],
         record_age_mean=tot["age_sum"] / max(tot["consumed"], 1),
     )
+    groups = merge_groups([s.get("groups") or {} for s in shard_stats])
+    if groups:       # consumer groups (issue 8): their lag and progress
+        st.extra["groups"] = groups
+    return st
+
+
+def shard_lag(max_lag: int | None, i: int, shards: int) -> int | None:
+    """Shard i's part of a pool-wide lag bound (the first ``max_lag % shards`` shards get one more)."""
+    if max_lag is None:
+        return None
+    base, extra = divmod(int(max_lag), shards)
+    return base + (1 if i < extra else 0)
+
+
+def merge_groups(per_shard: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per-shard group stats (PoolShard.group_stats) -> pool-wide: counts summed, idle the least."""
+    out: dict[str, dict] = {}
+    for groups in per_shard:
+        for name, g in groups.items():
+            o = out.setdefault(name, {"policy": g["policy"], "max_lag": None, "pending": 0, "leased": 0, "lag": 0,
+                                      "consumed": 0, "skipped": 0, "idle_s": g["idle_s"]})
+            for k in ("pending", "leased", "lag", "consumed", "skipped"):
+                o[k] += g[k]
+            if g["max_lag"] is not None:
+                o["max_lag"] = (o["max_lag"] or 0) + g["max_lag"]
+            o["idle_s"] = min(o["idle_s"], g["idle_s"])
+    return out
 
 
 def snapshot_header(pool, inserted_total: int) -> dict:
-    return {
+    header = {
         "num_slots": pool.num_slots, "record_shape": list(pool.record_shape), "storage_dtype": pool.storage_dtype,
         "has_logvar": pool.has_logvar, "has_label": pool.has_label, "inserted_total": int(inserted_total),
     }
+    identity = pool.identity()
+    if identity is not None:          # issue 8: a snapshot only restores into a pool of the same identity
+        header["identity"] = json.dumps(identity, sort_keys=True)
+    return header
 
 
 def check_snapshot_header(pool, header: dict, path: str) -> None:
@@ -85,6 +116,15 @@ def check_snapshot_header(pool, header: dict, path: str) -> None:
                       ("storage_dtype", pool.storage_dtype), ("has_logvar", pool.has_logvar), ("has_label", pool.has_label)):
         if header.get(key) != mine:
             raise PoolError(f"snapshot {path} has {key}={header.get(key)!r}, this pool has {key}={mine!r}")
+    if "identity" in header:
+        from common.pool.identity import identity_diff
+
+        theirs, mine = json.loads(header["identity"]), pool.identity()
+        diff = None if mine is None else identity_diff(theirs, mine)
+        if diff is not None:
+            raise PoolError(f"snapshot {path} {diff}")
+        if mine is None:
+            pool.bind_identity(theirs)      # the restored records carry their identity with them
 
 
 def load_snapshot_for(pool, path: str, ranges: list[tuple[int, int]]):
@@ -145,20 +185,23 @@ class LocalPool(Pool):
 
     # --- helpers ------------------------------------------------------------------------
 
-    def _counts(self, now: float) -> tuple[np.ndarray, np.ndarray, int, dict]:
-        per = [s.counts(now) for s in self.shards]
-        ready = np.array([c["READY"] for c in per])
+    def _counts(self, now: float, group: str | None = None) -> tuple[np.ndarray, np.ndarray, int, dict]:
+        per = [s.counts(now, group) for s in self.shards]
+        ready = np.array([c["READY" if group is None else "available"] for c in per])
         refill = np.array([c["REFILL"] for c in per])
         inserted = sum(c["inserted"] for c in per)
         counts = {n: sum(c[n] for c in per) for n in STATE_NAMES}
         return ready, refill, inserted, counts
 
-    def _wait(self, ok, what: str, side: str, timeout_s: float | None):
-        """Wait on the condition until ok(ready, refill, inserted) or timeout -> PoolTimeout. Holds the lock."""
+    def _wait(self, ok, what: str, side: str, timeout_s: float | None, group: str | None = None):
+        """Wait on the condition until ok(ready, refill, inserted) or timeout -> PoolTimeout. Holds the lock.
+
+        ``group``: ``ready`` counts the records that consumer group may draw.
+        """
         timeout_s = self.cfg.block_timeout_s if timeout_s is None else timeout_s
         start = time.monotonic()
         while True:
-            ready, refill, inserted, counts = self._counts(time.time())
+            ready, refill, inserted, counts = self._counts(time.time(), group)
             if ok(ready, refill, inserted):
                 break
             left = timeout_s - (time.monotonic() - start)
@@ -176,13 +219,15 @@ class LocalPool(Pool):
 
     # --- the contract ---------------------------------------------------------------------
 
-    def draw(self, b: int, timeout_s: float | None = None) -> Draw:
+    def draw(self, b: int, timeout_s: float | None = None, group: str | None = None) -> Draw:
         if not 1 <= b <= self.num_slots:
             raise PoolError(f"cannot draw {b} records from a pool of {self.num_slots} slots")
         t0 = time.perf_counter()
+        what = f"{b} READY slots (warm-up needs {self.min_ready} inserted)"
+        if group is not None:
+            what = f"{b} records new to consumer group {group!r} (warm-up needs {self.min_ready} inserted)"
         with self.cond:
-            ready, _ = self._wait(lambda r, f, ins: ins >= self.min_ready and r.sum() >= b,
-                                  f"{b} READY slots (warm-up needs {self.min_ready} inserted)", "draw", timeout_s)
+            ready, _ = self._wait(lambda r, f, ins: ins >= self.min_ready and r.sum() >= b, what, "draw", timeout_s, group)
             lease_id = uuid.uuid4().hex
             take = split_draw(ready, b, self.rng)
             now = time.time()
@@ -190,7 +235,7 @@ class LocalPool(Pool):
             parts, off = [], 0
             for i, m in enumerate(take.tolist()):
                 if m:
-                    parts.append(self.shards[i].draw(m, lease_id, now, out=out.index(slice(off, off + m))))
+                    parts.append(self.shards[i].draw(m, lease_id, now, out=out.index(slice(off, off + m)), group=group))
                     off += m
             deadline = now + self.cfg.lease_timeout_s
         slots = torch.from_numpy(np.concatenate([p[0] for p in parts]))
@@ -254,6 +299,27 @@ class LocalPool(Pool):
         self.seconds["fill"] += dt
         metrics.observe(metrics.POOL_FILL_SECONDS, dt)
         return True
+
+    def attach_group(self, group: str, policy: str = "wait", max_lag: int | None = None) -> None:
+        """Attach consumer group ``group`` (``max_lag``: records, summed over shards, split evenly)."""
+        with self.cond:
+            now = time.time()
+            for i, s in enumerate(self.shards):
+                s.attach_group(group, policy, shard_lag(max_lag, i, len(self.shards)), now)
+            self.cond.notify_all()
+
+    def detach_group(self, group: str) -> None:
+        with self.cond:
+            for s in self.shards:
+                s.detach_group(group)
+            self.cond.notify_all()
+
+    def groups(self) -> dict[str, dict]:
+        with self.cond:
+            now = time.time()
+            for s in self.shards:
+                s.expire(now)
+            return merge_groups([s.group_stats() for s in self.shards])
 
     def stats(self) -> PoolStats:
         with self.cond:

@@ -82,16 +82,36 @@ class ShardServer:
         self.blocked = {"draw": 0.0, "fill": 0.0}
         self.seconds = {"draw": 0.0, "fill": 0.0}
         self.extra = {"fill_rejected": 0}
+        self.identity_: dict | None = None
 
     def meta(self) -> dict:
         return self.meta_
 
-    def counts(self) -> dict:
-        return self.shard.counts()
+    def bind_identity(self, identity: dict) -> dict:
+        """Store the pool's identity if it has none (shard 0 keeps it) -> the identity held."""
+        if self.identity_ is None:
+            self.identity_ = identity
+        return self.identity_
 
-    def draw(self, m: int, lease_id: str) -> tuple[np.ndarray, dict, dict]:
-        slots, batch = self.shard.draw(m, lease_id)
-        return slots, _to_wire(batch, self.shard.storage_dtype), self.shard.counts()
+    def get_identity(self) -> dict | None:
+        return self.identity_
+
+    def counts(self, group: str | None = None) -> dict:
+        return self.shard.counts(group=group)
+
+    def draw(self, m: int, lease_id: str, group: str | None = None) -> tuple[np.ndarray, dict, dict]:
+        slots, batch = self.shard.draw(m, lease_id, group=group)
+        return slots, _to_wire(batch, self.shard.storage_dtype), self.shard.counts(group=group)
+
+    def attach_group(self, group: str, policy: str, max_lag: int | None) -> None:
+        self.shard.attach_group(group, policy, max_lag)
+
+    def detach_group(self, group: str) -> bool:
+        return self.shard.detach_group(group)
+
+    def group_stats(self) -> dict:
+        self.shard.expire()
+        return self.shard.group_stats()
 
     def release(self, lease_id: str) -> int:
         return self.shard.release(lease_id)
@@ -131,6 +151,21 @@ def actor_name(name: str, i: int) -> str:
     return f"dkdm_pool.{name}.{i}"
 
 
+# Detached (persistent) pools live in this Ray namespace, so any driver on the cluster finds them
+# whatever its own namespace (``dkdm pool create`` makes them; runs attach by pool.name).
+POOL_NAMESPACE = "dkdm_pools"
+
+
+def _find_actor(name: str, i: int):
+    """The shard actor i of pool ``name``: in this driver's namespace, else among the persistent pools."""
+    for ns in (None, POOL_NAMESPACE):
+        try:
+            return ray.get_actor(actor_name(name, i), namespace=ns)
+        except ValueError:
+            continue
+    return None
+
+
 class RayPool(Pool):
     def __init__(
         self,
@@ -167,10 +202,7 @@ class RayPool(Pool):
                 has_logvar=has_logvar, has_label=has_label, lease_timeout_s=cfg.lease_timeout_s,
                 claim_timeout_s=cfg.claim_timeout_s, samples_per_insert=cfg.samples_per_insert,
                 num_timesteps=num_timesteps, t_buckets=t_buckets, seed=seed)
-            try:
-                h = ray.get_actor(actor_name(cfg.name, i))
-            except ValueError:
-                h = None
+            h = _find_actor(cfg.name, i)
             if h is not None and not reuse_actors:
                 raise PoolError(f"a Ray pool named {cfg.name!r} already exists; attach with RayPool.attach({cfg.name!r}) or pick another pool.name")
             if h is not None:
@@ -179,6 +211,7 @@ class RayPool(Pool):
                 opts = {"name": actor_name(cfg.name, i), "num_cpus": shard_num_cpus, "max_restarts": 0}
                 if detached:
                     opts["lifetime"] = "detached"
+                    opts["namespace"] = POOL_NAMESPACE
                 h = actor_cls.options(**opts).remote(meta, **shard_kw)
             handles.append(h)
         self._setup(meta, handles, owner=not reuse_actors)
@@ -203,15 +236,26 @@ class RayPool(Pool):
     @classmethod
     def attach(cls, name: str) -> "RayPool":
         """A client of the running pool named ``name`` (Ray must be initialized in this process)."""
-        try:
-            h0 = ray.get_actor(actor_name(name, 0))
-        except ValueError:
-            raise PoolError(f"no Ray pool named {name!r} is running (looked for actor {actor_name(name, 0)!r})") from None
+        h0 = _find_actor(name, 0)
+        if h0 is None:
+            raise PoolError(f"no Ray pool named {name!r} is running (looked for actor {actor_name(name, 0)!r})")
         self = cls.__new__(cls)
         meta = self._get(h0.meta.remote(), f"read the layout of pool {name!r}")
         shards = PoolConfig(**meta["cfg"]).shards
-        self._setup(meta, [h0] + [ray.get_actor(actor_name(name, i)) for i in range(1, shards)], owner=False)
+        rest = [_find_actor(name, i) for i in range(1, shards)]
+        if any(h is None for h in rest):
+            raise PoolError(f"Ray pool {name!r} is incomplete: {sum(h is None for h in rest)} of its {shards} shard actors are gone")
+        self._setup(meta, [h0] + rest, owner=False)
         return self
+
+    def drop(self) -> None:
+        """Kill every shard actor of this pool (detached ones included): the pool is gone for every client."""
+        for h in self.handles:
+            try:
+                ray.kill(h, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.owner = False
 
     def __getstate__(self):
         return {"meta": self.meta, "handles": self.handles}
@@ -225,16 +269,21 @@ class RayPool(Pool):
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
             name = getattr(self, "cfg", None) and self.cfg.name
             raise PoolError(f"pool {name!r}: a shard actor died or is unreachable while trying to {what} ({type(err).__name__})") from None
+        except ray.exceptions.RayTaskError as err:      # a PoolError raised in the shard: re-raise its one line
+            cause = err.cause if isinstance(getattr(err, "cause", None), PoolError) else None
+            if cause is None:
+                raise
+            raise type(cause)(str(cause)) from None
 
-    def _counts(self) -> list[dict]:
-        return self._get([h.counts.remote() for h in self.handles], "read the shard counts")
+    def _counts(self, group: str | None = None) -> list[dict]:
+        return self._get([h.counts.remote(group) for h in self.handles], "read the shard counts")
 
-    def _poll(self, ok, what: str, side: str, timeout_s: float | None) -> tuple[list[dict], float]:
+    def _poll(self, ok, what: str, side: str, timeout_s: float | None, group: str | None = None) -> tuple[list[dict], float]:
         """Poll counts with backoff until ok(per-shard counts) -> (counts, seconds blocked); PoolTimeout after timeout."""
         timeout_s = self.cfg.block_timeout_s if timeout_s is None else timeout_s
         start, sleep = time.monotonic(), 0.001
         while True:
-            per = self._counts()
+            per = self._counts(group)
             if ok(per):
                 return per, time.monotonic() - start
             left = timeout_s - (time.monotonic() - start)
@@ -249,21 +298,24 @@ class RayPool(Pool):
 
     # --- the contract ---------------------------------------------------------------------
 
-    def draw(self, b: int, timeout_s: float | None = None) -> Draw:
+    def draw(self, b: int, timeout_s: float | None = None, group: str | None = None) -> Draw:
         if not 1 <= b <= self.num_slots:
             raise PoolError(f"cannot draw {b} records from a pool of {self.num_slots} slots")
         t0 = time.perf_counter()
-        ok = lambda per: sum(c["inserted"] for c in per) >= self.min_ready and sum(c["READY"] for c in per) >= b  # noqa: E731
+        col = "READY" if group is None else "available"      # a group draws among the records new to it
+        ok = lambda per: sum(c["inserted"] for c in per) >= self.min_ready and sum(c[col] for c in per) >= b  # noqa: E731
         what = f"{b} READY slots (warm-up needs {self.min_ready} inserted)"
-        per, blocked = self._poll(ok, what, "draw", timeout_s)
+        if group is not None:
+            what = f"{b} records new to consumer group {group!r} (warm-up needs {self.min_ready} inserted)"
+        per, blocked = self._poll(ok, what, "draw", timeout_s, group)
         lease_id, want, got_slots, got = uuid.uuid4().hex, b, [], []
         self.leases[lease_id] = list(range(len(self.handles)))
         deadline = time.time() + self.cfg.lease_timeout_s
         while want > 0:
-            ready = np.array([c["READY"] for c in per])
+            ready = np.array([c[col] for c in per])
             if ready.sum() < want:      # lost a race with another client: wait for the rest
                 try:
-                    per, more = self._poll(lambda p: sum(c["READY"] for c in p) >= want, what, "draw", timeout_s)
+                    per, more = self._poll(lambda p: sum(c[col] for c in p) >= want, what, "draw", timeout_s, group)
                 except PoolTimeout:
                     self.release(lease_id)      # hand back the part already leased
                     raise
@@ -271,7 +323,7 @@ class RayPool(Pool):
                 continue
             take = split_draw(ready, want, self.rng)
             asked = [(i, int(m)) for i, m in enumerate(take) if m > 0]
-            replies = self._get([self.handles[i].draw.remote(m, lease_id) for i, m in asked], "draw")
+            replies = self._get([self.handles[i].draw.remote(m, lease_id, group) for i, m in asked], "draw")
             per = list(per)
             for (i, _), (slots, wire, counts) in zip(asked, replies):
                 if len(slots):
@@ -345,6 +397,31 @@ class RayPool(Pool):
         st = merge_stats(self.num_slots, per, inserted >= self.min_ready, self.t_buckets, per[0]["blocked"], per[0]["seconds"])
         st.fill_rejected_total += per[0]["extra"]["fill_rejected"]
         return st
+
+    def bind_identity(self, identity: dict) -> dict:
+        from common.pool.identity import check_identity
+
+        held = self._get(self.handles[0].bind_identity.remote(identity), "store the pool identity")
+        check_identity(self.cfg.name, held, identity)
+        return held
+
+    def identity(self) -> dict | None:
+        return self._get(self.handles[0].get_identity.remote(), "read the pool identity")
+
+    def attach_group(self, group: str, policy: str = "wait", max_lag: int | None = None) -> None:
+        from common.pool.local import shard_lag
+
+        n = len(self.handles)
+        self._get([h.attach_group.remote(group, policy, shard_lag(max_lag, i, n)) for i, h in enumerate(self.handles)],
+                  f"attach consumer group {group!r}")
+
+    def detach_group(self, group: str) -> None:
+        self._get([h.detach_group.remote(group) for h in self.handles], f"detach consumer group {group!r}")
+
+    def groups(self) -> dict[str, dict]:
+        from common.pool.local import merge_groups
+
+        return merge_groups(self._get([h.group_stats.remote() for h in self.handles], "read the consumer groups"))
 
     def snapshot(self, path: str) -> None:
         inserted = sum(c["inserted"] for c in self._counts())

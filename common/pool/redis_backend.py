@@ -38,6 +38,7 @@ the server leaves a lease or claim nobody holds; it expires like any other.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 import uuid
@@ -368,6 +369,26 @@ class RedisPool(Pool):
 
     # --- connections and key layout -------------------------------------------------
 
+    @classmethod
+    def attach(cls, cfg: PoolConfig) -> "RedisPool":
+        """A client of the existing pool ``cfg.name`` with the layout stored in its marker (never creates one)."""
+        urls, cluster = parse_urls(cfg.redis_url)
+        probe = cls.__new__(cls)
+        probe.cfg, probe.urls, probe.cluster = cfg, urls, cluster
+        probe._clients = [probe._connect(u) for u in urls]
+        meta = probe.keys(0)[0]
+        try:
+            raw = probe._with_retry(0, lambda: probe._clients[0].hget(meta, "layout"))
+        finally:
+            probe.close()
+        if raw is None:
+            raise PoolError(f"no redis pool named {cfg.name!r} on {urls[0]} (no key {meta})")
+        fields = dict(f.split("=", 1) for f in raw.decode().split()[1:])
+        shape = tuple(int(v) for v in fields["shape"].split("x"))
+        return cls(cfg.model_copy(update={"shards": int(fields["shards"]), "storage_dtype": fields["dtype"]}),
+                   num_slots=int(fields["slots"]), record_shape=shape, has_logvar=fields["logvar"] == "1",
+                   has_label=fields["label"] == "1", num_timesteps=int(fields["T"]))
+
     def _connect(self, url: str):
         # Our own retry loop (_with_retry) owns connection loss; redis-py's hidden retries are off.
         opts = dict(socket_connect_timeout=2.0, socket_timeout=60.0, retry=Retry(NoBackoff(), 0), health_check_interval=0)
@@ -537,8 +558,10 @@ class RedisPool(Pool):
 
     # --- the contract -------------------------------------------------------------------
 
-    def draw(self, b: int, timeout_s: float | None = None) -> Draw:
+    def draw(self, b: int, timeout_s: float | None = None, group: str | None = None) -> Draw:
         """Lease b READY slots uniformly at random over all shards (multivariate hypergeometric split)."""
+        if group is not None:
+            raise PoolError("consumer groups are not supported by the redis backend yet (use pool.backend=ray or local)")
         if not 1 <= b <= self.num_slots:
             raise PoolError(f"cannot draw {b} records from a pool of {self.num_slots} slots")
         timeout_s = self.cfg.block_timeout_s if timeout_s is None else timeout_s
@@ -759,6 +782,27 @@ class RedisPool(Pool):
                    **self.local},
         )
 
+    # --- identity (issue 8): a JSON field of shard 0's marker hash, set once with HSETNX ----
+
+    def bind_identity(self, identity: dict) -> dict:
+        from common.pool.identity import check_identity
+
+        meta, srv = self.keys(0)[0], self._server(0)
+        client = self._clients[srv]
+        blob = json.dumps(identity, sort_keys=True)
+        held = self._with_retry(srv, lambda: (client.hsetnx(meta, "identity", blob), client.hget(meta, "identity"))[1])
+        held = json.loads(held) if held is not None else identity
+        check_identity(self.cfg.name, held, identity)
+        return held
+
+    def identity(self) -> dict | None:
+        meta, srv = self.keys(0)[0], self._server(0)
+        held = self._with_retry(srv, lambda: self._clients[srv].hget(meta, "identity"))
+        return None if held is None else json.loads(held)
+
+    def attach_group(self, group: str, policy: str = "wait", max_lag: int | None = None) -> None:
+        raise PoolError("consumer groups are not supported by the redis backend yet (use pool.backend=ray or local)")
+
     # --- snapshot and restore ----------------------------------------------------------
 
     def _dump_shard(self, s: int) -> SlotArrays:
@@ -813,6 +857,7 @@ class RedisPool(Pool):
         shard count may differ). LEASED come back READY, FILLING and damaged records as REFILL."""
         header, parts = load_snapshot_for(self, path, self.ranges)
         extra = surplus_inserted(header, parts)
+        identity = self.identity()          # restore_begin empties the marker hash: put it back after
         pool_id = uuid.uuid4().hex
         # Per shard: empty it, then add its slots in chunks of about 4 MB (a restore is not a hot
         # path; a draw running meanwhile only sees fewer READY slots, every one of them valid).
@@ -839,6 +884,8 @@ class RedisPool(Pool):
                 self._run([(s, "restore_add", None, argv)])
             if bad.any():
                 metrics.inc(metrics.POOL_CORRUPT_TOTAL, int(bad.sum()), shard=s)
+            if s == 0 and identity is not None:
+                self.bind_identity(identity)
         self._claims.clear()
 
     # --- maintenance ------------------------------------------------------------------

@@ -30,6 +30,7 @@ from common.pool.base import (
     t_histogram,
 )
 from common.pool.codec import SlotArrays, from_numpy, to_numpy
+from common.pool.groups import Group, ShardGroups  # noqa: F401 - Group: the type of PoolShard.groups values
 from common.records import EMPTY_T, RecordBatch
 
 READY, LEASED, REFILL, FILLING = (int(s) for s in SlotState)
@@ -59,7 +60,7 @@ def check_batch(batch: RecordBatch, n: int, record_shape, has_logvar: bool, has_
         raise ValueError(f"fill: t must lie in [0, {num_timesteps}), got [{int(t.min())}, {int(t.max())}]")
 
 
-class PoolShard:
+class PoolShard(ShardGroups):
     """Global slots [lo, lo + n) of a pool; ``rng`` seeded with seed + shard_id (STYLE: base seed plus index)."""
 
     def __init__(
@@ -102,16 +103,27 @@ class PoolShard:
         self.leases: dict[str, tuple[np.ndarray, float]] = {}   # id -> (local slots, deadline)
         self.claims: dict[str, tuple[np.ndarray, float]] = {}
         self.c = dict.fromkeys(SHARD_COUNTERS, 0)
+        # Consumer groups (opt-in, issue 8): name -> Group; rows of ``pending`` [G, n] say which
+        # records a group has not trained on yet; the group's leases are in ``leases`` with its name.
+        self.groups: dict[str, Group] = {}
+        self.lease_group: dict[str, str] = {}
         self.record_bytes = 2 * self.x_t[0].nbytes + (self.x_t[0].nbytes if has_logvar else 0) + 8 + (8 if has_label else 0)
         self._publish()
 
     # --- bookkeeping ----------------------------------------------------------------
 
-    def counts(self, now: float | None = None) -> dict[str, int]:
-        """State counts (after expiry) plus ``inserted``, the records ever inserted (for the warm-up)."""
+    def counts(self, now: float | None = None, group: str | None = None) -> dict[str, int]:
+        """State counts (after expiry) plus ``inserted``, the records ever inserted (for the warm-up).
+
+        With ``group``: also ``available``, the records that group may draw (and it counts as alive).
+        """
+        now = time.time() if now is None else now
         self.expire(now)
         out = dict(zip(STATE_NAMES, np.bincount(self.state, minlength=4).tolist()))
         out["inserted"] = self.c["inserted"]
+        if group is not None:
+            g = self._group_for_draw(group, now)
+            out["available"] = int(g.pending.sum())
         return out
 
     def expire(self, now: float | None = None) -> tuple[int, int]:
@@ -120,12 +132,20 @@ class PoolShard:
         nl = nc = 0
         for lid in [k for k, (_, d) in self.leases.items() if d <= now]:
             idx, _ = self.leases.pop(lid)
-            self.state[idx] = READY
+            g = self.groups.get(self.lease_group.pop(lid, None))
+            if g is not None:            # the group did not train on them: pending again
+                g.leased[idx] = False
+                g.pending[idx] = True
+                self._settle(idx)
+            else:
+                self.state[idx] = READY
             nl += len(idx)
         for cid in [k for k, (_, d) in self.claims.items() if d <= now]:
             idx, _ = self.claims.pop(cid)
             self.state[idx] = REFILL
             nc += len(idx)
+        if self.groups:
+            self._expire_groups(now)
         if nl or nc:
             self.c["expired_leases"] += nl
             self.c["expired_claims"] += nc
@@ -169,18 +189,28 @@ class PoolShard:
 
     # --- transitions ------------------------------------------------------------------
 
-    def draw(self, m: int, lease_id: str, now: float | None = None, out: RecordBatch | None = None) -> tuple[np.ndarray, RecordBatch]:
+    def draw(self, m: int, lease_id: str, now: float | None = None, out: RecordBatch | None = None,
+             group: str | None = None) -> tuple[np.ndarray, RecordBatch]:
         """Lease min(m, READY) slots chosen uniformly without replacement -> (global slots [m'], records).
 
         ``out``: m records of storage to write into (only used when exactly m slots are READY).
+        ``group``: lease among the records that consumer group has not trained on yet.
         """
         now = time.time() if now is None else now
         self.expire(now)
-        ready = np.flatnonzero(self.state == READY)
+        g = self._group_for_draw(group, now)
+        ready = np.flatnonzero(self.state == READY) if g is None else np.flatnonzero(g.pending)
         m = min(int(m), len(ready))
         idx = np.sort(self.rng.choice(ready, size=m, replace=False)) if m else ready[:0]
-        if m:
+        if m and g is not None:
+            g.pending[idx] = False
+            g.leased[idx] = True
+            g.consumed += m
+            self.lease_group[lease_id] = group
+            self._settle(idx)
+        elif m:
             self.state[idx] = LEASED
+        if m:
             prev = self.leases.get(lease_id)
             self.leases[lease_id] = (idx if prev is None else np.concatenate([prev[0], idx]), now + self.lease_timeout_s)
             ages = self.c["produced"] - self.produced_at[idx]
@@ -203,8 +233,14 @@ class PoolShard:
         if got is None:
             return 0
         idx, _ = got
-        self.uses[idx] -= 1
-        self.state[idx] = np.where(self.uses[idx] > 0, READY, REFILL).astype(np.uint8)
+        g = self.groups.get(self.lease_group.pop(lease_id, None))
+        if g is not None:                # trained on by this group; REFILL once no group needs it
+            g.leased[idx] = False
+            g.seen = time.time() if now is None else now
+            self._settle(idx)
+        else:
+            self.uses[idx] -= 1
+            self.state[idx] = np.where(self.uses[idx] > 0, READY, REFILL).astype(np.uint8)
         self.c["released"] += len(idx)
         self._publish()
         return len(idx)
@@ -251,6 +287,8 @@ class PoolShard:
         self.uses[idx] = record_uses(self.k, len(idx), self.rng)
         self.produced_at[idx] = self.c["produced"]
         self.state[idx] = READY
+        for g in self.groups.values():
+            g.pending[idx] = True
         m = len(idx)
         for k in ("produced", "inserted"):
             self.c[k] += m
@@ -270,7 +308,8 @@ class PoolShard:
         if self.record_metrics:
             for i, v in enumerate(hist):
                 metrics.set(metrics.POOL_READY_T, v, shard=self.shard_id, bucket=i)
-        return {"shard": self.shard_id, "counts": {k: counts[k] for k in STATE_NAMES}, "t_histogram": hist, **self.c}
+        return {"shard": self.shard_id, "counts": {k: counts[k] for k in STATE_NAMES}, "t_histogram": hist, **self.c,
+                "groups": self.group_stats()}
 
     def snapshot(self, now: float | None = None) -> SlotArrays:
         """A copy of every slot, LEASED written as READY and FILLING as REFILL (their state after expiry)."""
@@ -315,9 +354,14 @@ class PoolShard:
         self.t[bad] = EMPTY_T
         self.uses[bad] = 0
         self.state[:] = state
+        for g in self.groups.values():       # every attached group trains on the restored records
+            g.leased[:] = False
+            g.pending[:] = state == READY
+        self.lease_group.clear()
         nbad = int(bad.sum())
         self.c["corrupt"] += nbad
         self.c["inserted"] = int((state == READY).sum()) + int(inserted_extra)
         if self.record_metrics and nbad:
             metrics.inc(metrics.POOL_CORRUPT_TOTAL, nbad, shard=self.shard_id)
         self._publish()
+
