@@ -45,7 +45,7 @@ DEFAULT_CONFIG: dict = {
                 "analytic": {"num_components": 8, "channels": 1, "image_size": 8, "component_std": 0.1,
                              "mean_scale": 0.7, "seed": 0},
                 "diffusion": {"schedule": "cosine", "num_timesteps": 1000, "var_type": "learned_range",
-                              "clip_denoised": False, "respacing": "100"}},
+                              "clip_denoised": True, "respacing": "100"}},
     "student": {"arch": "mlp"},
     "pool": {"backend": "ray", "rho": 0.4, "shards": 2},
     "distill": {"batch_size": 64, "steps": 1500, "lr": 0.001, "ema_rate": 0.999, "teacher_microbatch": 256,
@@ -171,9 +171,17 @@ def export_pool_stats(st, prev: dict[str, float]) -> None:
             prev[key] = value
 
 
-def open_pool(cfg: Config, spec, num_slots: int):
-    """-> (pool, created). A running Ray pool of the same name is attached to (and left running)."""
+def open_pool(cfg: Config, spec, num_slots: int, identity: dict | None = None):
+    """-> (pool, created). A running Ray pool of the same name is attached to (and left running).
+
+    ``identity`` (common/pool/identity.py): the pool must have been built for this teacher, chain and
+    layout; a pool made by ``dkdm pool create`` is attached to warm, another identity is refused.
+    """
     from common.pool import make_pool
+    if identity is not None:
+        from common.pool.identity import open_named_pool
+        return open_named_pool(cfg.pool, identity, num_slots, spec.image_shape, spec.learned_variance,
+                               spec.num_classes is not None, spec.diffusion.num_timesteps, seed=cfg.run.seed)
     if cfg.pool.backend == "ray":
         from common.pool.ray_backend import RayPool
         from common.pool.base import PoolError
@@ -205,8 +213,11 @@ def distill_on_ray(cfg: Config) -> dict:
     # 1. Validate and build what the driver needs: the run folder, the teacher's spec, the pool size.
     cfg.run.out_dir = str(Path(cfg.run.out_dir).resolve())
     run = RunDir(cfg)
-    spec = TeacherSpec.of(make_teacher(cfg.teacher, "cpu"), cfg.teacher.diffusion.schedule)
+    teacher = make_teacher(cfg.teacher, "cpu")
+    spec = TeacherSpec.of(teacher, cfg.teacher.diffusion.schedule)
     num_slots = num_slots_for(cfg, spec.diffusion.num_timesteps)
+    from common.pool.identity import teacher_pool_identity
+    identity = teacher_pool_identity(teacher, num_slots, cfg.pool.storage_dtype, cfg.pool.rho, cfg.pool.samples_per_insert)
     check_sizes(cfg, num_slots)
     storage = run.root / TRAIN_NAME
     resume_from = latest_checkpoint(storage)
@@ -216,7 +227,7 @@ def distill_on_ray(cfg: Config) -> dict:
     if cfg.metrics.enabled:
         port = metrics.serve_and_register("driver", 0, cfg.metrics.port)
         print(f"metrics: driver endpoint on port {port} (file_sd targets in {os.environ.get('DKDM_METRICS_SD_DIR', '/tmp/dkdm/prom_sd')})")
-    pool, created = open_pool(cfg, spec, num_slots)
+    pool, created = open_pool(cfg, spec, num_slots, identity)
     group = monitor = None
     try:
         if resume_from is not None and created:
