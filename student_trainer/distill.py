@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from common import metrics
 from common.config import Config
 from common.images import save_grid
 from common.pool import make_pool, pool_size
@@ -29,7 +28,7 @@ from student_trainer.checkpoints import load_checkpoint, model_config, save_chec
 from student_trainer.run_dir import RunDir
 from student_trainer.sampling import sample_images
 from student_trainer.student import build_student_for, student_var_type
-from student_trainer.trainer import StudentTrainer
+from student_trainer.trainer import StudentTrainer, record_step_metrics
 from teacher_workers.worker import TeacherWorker
 
 
@@ -70,6 +69,8 @@ def build_session(cfg: Config) -> Session:
     pool = make_pool(cfg.pool, num_slots=n, record_shape=teacher.image_shape,
                      has_logvar=teacher.learned_variance, has_label=teacher.num_classes is not None,
                      num_timesteps=teacher.diffusion.num_timesteps, seed=cfg.run.seed)
+    if cfg.pool.group is not None:      # issue 8: draw as a consumer group (student_trainer/sweep.py)
+        pool.attach_group(cfg.pool.group, cfg.pool.group_policy, cfg.pool.group_max_lag)
     worker = TeacherWorker(teacher, pool, microbatch=cfg.distill.teacher_microbatch, seed=cfg.run.seed,
                            warmup="noise" if cfg.distill.variant == "iterative" else "shuffle",
                            claim_timeout_s=cfg.pool.claim_timeout_s)
@@ -126,7 +127,7 @@ def train_step(s: Session) -> dict:
     """Algorithm 1, lines 4-8: draw b, loss, gradient step, release; the teacher refills the drawn slots."""
     b = s.cfg.distill.batch_size
     t0 = time.perf_counter()
-    draw = s.pool.draw(b, timeout_s=s.cfg.pool.block_timeout_s)
+    draw = s.pool.draw(b, timeout_s=s.cfg.pool.block_timeout_s, group=s.cfg.pool.group)
     t_draw = time.perf_counter()
     out = s.trainer.distill_step(draw.batch, teacher_clip=s.teacher.clip_denoised)
     s.pool.release(draw.lease_id)
@@ -135,12 +136,7 @@ def train_step(s: Session) -> dict:
     t_end = time.perf_counter()
     out.update(step=s.trainer.step, pool_wait_s=t_draw - t0, train_s=t_train - t_draw, teacher_s=t_end - t_train,
                step_s=t_end - t0, mean_t=float(draw.batch.t.float().mean()))
-    metrics.observe(metrics.TRAINER_STEP_SECONDS, t_train - t_draw, worker=0)
-    metrics.inc(metrics.TRAINER_POOL_WAIT_SECONDS_TOTAL, t_draw - t0, worker=0)
-    metrics.inc(metrics.TRAINER_SAMPLES_TOTAL, b, worker=0)
-    metrics.inc(metrics.TRAINER_STEPS_TOTAL, 1, worker=0)
-    for term in ("loss", "l_simple", "l_vlb"):
-        metrics.set(metrics.TRAINER_LOSS, out[term], worker=0, term=term)
+    record_step_metrics(out, 0, b)
     return out
 
 

@@ -37,7 +37,7 @@ from common.teachers.base import Teacher
 from student_trainer.checkpoints import load_checkpoint, model_config, save_checkpoint
 from student_trainer.sampling import sample_images
 from student_trainer.student import build_student, student_var_type
-from student_trainer.trainer import StudentTrainer
+from student_trainer.trainer import StudentTrainer, record_step_metrics
 
 
 @dataclass
@@ -112,16 +112,6 @@ def write_checkpoint(folder: Path, trainer: StudentTrainer, config: dict, pool: 
 def restore_trainer(folder: Path, trainer: StudentTrainer) -> None:
     rng = load_checkpoint(_CheckpointFolder(folder), trainer, pool=None)
     torch.set_rng_state(rng["torch"])
-
-
-def record_step_metrics(out: dict, rank: int, b: int) -> None:
-    metrics.observe(metrics.TRAINER_STEP_SECONDS, out["train_s"], worker=rank)
-    metrics.inc(metrics.TRAINER_POOL_WAIT_SECONDS_TOTAL, out["pool_wait_s"], worker=rank)
-    metrics.inc(metrics.TRAINER_SAMPLES_TOTAL, b, worker=rank)
-    metrics.inc(metrics.TRAINER_STEPS_TOTAL, 1, worker=rank)
-    for term in ("loss", "l_simple", "l_vlb"):
-        if term in out:
-            metrics.set(metrics.TRAINER_LOSS, out[term], worker=rank, term=term)
 
 
 class Prefetcher:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from common import metrics
 from common.diffusion import Diffusion
 from common.records import RecordBatch
 from student_trainer.losses import dkdm_loss, hybrid_loss
@@ -119,3 +120,13 @@ class StudentTrainer:
         self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         self.step = int(meta["step"])
 
+
+def record_step_metrics(out: dict, rank: int, b: int) -> None:
+    """The trainer's Prometheus metrics for one step (out: train_s, pool_wait_s and the loss terms)."""
+    metrics.observe(metrics.TRAINER_STEP_SECONDS, out["train_s"], worker=rank)
+    metrics.inc(metrics.TRAINER_POOL_WAIT_SECONDS_TOTAL, out["pool_wait_s"], worker=rank)
+    metrics.inc(metrics.TRAINER_SAMPLES_TOTAL, b, worker=rank)
+    metrics.inc(metrics.TRAINER_STEPS_TOTAL, 1, worker=rank)
+    for term in ("loss", "l_simple", "l_vlb"):
+        if term in out:
+            metrics.set(metrics.TRAINER_LOSS, out[term], worker=rank, term=term)
