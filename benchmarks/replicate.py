@@ -317,8 +317,10 @@ def beyond_chain(ctx: Context) -> dict:
     slots = round(b.chain_slots_rho * 100) * b.mix_batch
     for seed in ctx.seeds:
         for chain in b.chains:
+            # a chain shorter than the sampler's respacing is sampled on all of its steps
+            steps = b.sample_steps if not chain or int(chain) >= int(b.sample_steps) else chain
             cfg = mixture_cfg(ctx, f"chain{chain or 'full'}", seed, f"teacher.diffusion.respacing={chain!r}",
-                              f"pool.num_slots={slots}")
+                              f"pool.num_slots={slots}", f"sample.steps='{steps}'")
             res = dkdm_row(cfg, ex.mixture_scorer(cfg.teacher.analytic))
             res.pop("curve")
             record(ctx, "beyond_chain", store, f"chain={chain or '1000 (full)'}", seed, res)

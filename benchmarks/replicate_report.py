@@ -422,6 +422,10 @@ def write_report(results: dict, out: Path) -> Path:
     if v:
         L += ["Computed from the tables above (mean over seeds; 'within one std' means the seeds do not "
               "separate the two).", "", "| paper's claim | here | numbers |", "|---|---|---|"] + v + [""]
+    # A hand-written reading of the committed run, kept beside the results it discusses.
+    discussion = assets / "discussion.md"
+    if discussion.is_file():
+        L += [discussion.read_text().rstrip(), ""]
     L += [SCALE_CAVEATS, FULL_SCALE]
     path = out / "replication.md"
     path.write_text("\n".join(L) + "\n")
