@@ -23,9 +23,19 @@ def split_output(out: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.
 
 
 def _student_gaussian(d: Diffusion, x_t, t, eps_s, var_values, var_type):
-    """Student's p(x_{t-1}|x_t) with its eps under stop-gradient and its x0 unclipped (reference)."""
+    """Student's p(x_{t-1}|x_t) with its eps under stop-gradient and its x0 unclipped (reference).
+
+    Eq. 12's v is an interpolation weight: it is clamped to [-1, 1] here. Near t = T the student's
+    unclipped x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) amplifies any eps error by 1/sqrt(abar)
+    (2e4 at the cosine schedule's last step), so the KL there cannot be reduced within the range and,
+    unclamped, drives v to hundreds: the variance head's gradients then swamp the shared trunk and
+    the sampled variance explodes (measured on the mixture: v = 295 at t = T-1 after 1500 steps).
+    Clamped, the push stops at the largest variance Eq. 12 allows (beta_t).
+    """
     x0 = predict_xstart_from_eps(d, x_t, t, eps_s.detach())
     mean, _, _ = q_posterior_mean_variance(d, x0, x_t, t)
+    if var_type == "learned_range" and var_values is not None:
+        var_values = var_values.clamp(-1.0, 1.0)
     logvar = model_log_variance(d, t, var_type, var_values=var_values, shape=x_t.shape)
     return mean, logvar
 
