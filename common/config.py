@@ -87,6 +87,11 @@ class PoolConfig(_Strict):
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_retry_timeout_s: float = Field(30.0, gt=0)   # connection loss: retry with backoff, then PoolError
     name: str = "dkdm"
+    # Consumer groups (issue 8, docs/shared_pools.md): several students on one pool, each record trained on
+    # once by every group. None: a plain consumer. ``group_max_lag`` (records) is needed by policy "skip".
+    group: str | None = None
+    group_policy: Literal["wait", "skip"] = "wait"
+    group_max_lag: int | None = Field(None, ge=0)
 
 
 class DistillConfig(_Strict):
