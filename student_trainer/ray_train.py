@@ -117,13 +117,13 @@ def restore_trainer(folder: Path, trainer: StudentTrainer) -> None:
 class Prefetcher:
     """Draws the next batch in a background thread while the current step computes."""
 
-    def __init__(self, pool: Pool, b: int, timeout_s: float):
-        self.pool, self.b, self.timeout_s = pool, b, timeout_s
+    def __init__(self, pool: Pool, b: int, timeout_s: float, group: str | None = None):
+        self.pool, self.b, self.timeout_s, self.group = pool, b, timeout_s, group
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="pool-prefetch")
         self.pending: Future | None = None
 
     def request(self) -> None:
-        self.pending = self.executor.submit(self.pool.draw, self.b, self.timeout_s)
+        self.pending = self.executor.submit(self.pool.draw, self.b, self.timeout_s, self.group)
 
     def take(self):
         """The prefetched draw (waits for it) -> (draw, seconds waited)."""
@@ -184,7 +184,7 @@ def train_loop(config: dict) -> None:
     d, b = cfg.distill, cfg.distill.batch_size
     metrics_path = run_root / "metrics.jsonl"
     bar = _progress(cfg, trainer.step, rank)
-    fetch = Prefetcher(pool, b, cfg.pool.block_timeout_s)
+    fetch = Prefetcher(pool, b, cfg.pool.block_timeout_s, cfg.pool.group)   # issue 8: this job's consumer group
     t_start, s_start, out = time.perf_counter(), trainer.step, {}
     try:
         while trainer.step < d.steps:

@@ -233,6 +233,8 @@ def distill_on_ray(cfg: Config) -> dict:
         if resume_from is not None and created:
             pool.restore(str(resume_from / "pool.snapshot"))
             print(f"resuming {run.root} from {resume_from.name}: pool restored ({num_slots} slots, no warm-up)")
+        if cfg.pool.group is not None:    # issue 8: share the pool with other jobs as a consumer group
+            pool.attach_group(cfg.pool.group, cfg.pool.group_policy, cfg.pool.group_max_lag)
         teachers_running = not created and _teacher_running(cfg)
         if not teachers_running:
             step0 = int(json.loads((resume_from / "trainer_state.json").read_text())["step"]) if resume_from else 0
@@ -259,6 +261,11 @@ def distill_on_ray(cfg: Config) -> dict:
             monitor.stop()
         if group is not None:
             group.stop()
+        if cfg.pool.group is not None and not created:
+            try:
+                pool.detach_group(cfg.pool.group)
+            except Exception:  # noqa: BLE001 - the pool may be gone; an idle group is detached anyway
+                pass
         if created:
             pool.close()
     ray.shutdown()
