@@ -108,8 +108,8 @@ def _unpack_envelope(data: bytes) -> dict:
     return env
 
 
-def decode_records(data: bytes) -> RecordBatch:
-    """One envelope -> RecordBatch with float tensors in the stored dtype; RecordCorrupt on any mismatch."""
+def _checked_fields(data: bytes) -> tuple[str, int, tuple[int, ...], dict[str, bytes | None]]:
+    """One envelope -> (storage, n, shape, {field: bytes or None}) with every size and checksum verified."""
     env = _unpack_envelope(data)
     try:
         storage, n, shape = env["dtype"], int(env["n"]), tuple(int(s) for s in env["shape"])
@@ -119,14 +119,9 @@ def decode_records(data: bytes) -> RecordBatch:
     if storage not in _WIRE:
         raise RecordCorrupt(f"record has unknown storage dtype {storage!r}")
     elems = n * int(np.prod(shape, dtype=np.int64))
-    out: dict[str, torch.Tensor | None] = {}
-    for name, np_dtype, count, tshape in (
-        ("t", np.int64, n, (n,)),
-        ("x_t", _WIRE[storage], elems, (n, *shape)),
-        ("eps", _WIRE[storage], elems, (n, *shape)),
-        ("logvar", _WIRE[storage], elems, (n, *shape)),
-        ("y", np.int64, n, (n,)),
-    ):
+    fsize = np.dtype(_WIRE[storage]).itemsize
+    out: dict[str, bytes | None] = {}
+    for name, want in (("t", 8 * n), ("x_t", elems * fsize), ("eps", elems * fsize), ("logvar", elems * fsize), ("y", 8 * n)):
         blob = env.get(name)
         if blob is None:
             if name in ("t", "x_t", "eps"):
@@ -135,14 +130,106 @@ def decode_records(data: bytes) -> RecordBatch:
             continue
         if not isinstance(blob, bytes):
             raise RecordCorrupt(f"record field {name!r} is not bytes")
-        want = count * np.dtype(np_dtype).itemsize
         if len(blob) != want:
             raise RecordCorrupt(f"record field {name!r} has {len(blob)} bytes, expected {want} (truncated)")
         if crcs.get(name) != _crc(blob):
             raise RecordCorrupt(f"record field {name!r} fails its checksum")
+        out[name] = blob
+    return storage, n, shape, out
+
+
+def decode_records(data: bytes) -> RecordBatch:
+    """One envelope -> RecordBatch with float tensors in the stored dtype; RecordCorrupt on any mismatch."""
+    storage, n, shape, blobs = _checked_fields(data)
+    out: dict[str, torch.Tensor | None] = {}
+    for name, np_dtype, tshape in (
+        ("t", np.int64, (n,)), ("x_t", _WIRE[storage], (n, *shape)), ("eps", _WIRE[storage], (n, *shape)),
+        ("logvar", _WIRE[storage], (n, *shape)), ("y", np.int64, (n,)),
+    ):
+        blob = blobs[name]
+        if blob is None:
+            out[name] = None
+            continue
         a = np.frombuffer(blob, dtype=np_dtype).reshape(tshape).copy()
         out[name] = from_numpy(a, storage) if name in _FLOAT_FIELDS else torch.from_numpy(a)
     return RecordBatch(x_t=out["x_t"], t=out["t"], eps=out["eps"], logvar=out["logvar"], y=out["y"])
+
+
+class RecordRows:
+    """Preallocated storage for n records of one layout, written row by row from one-record envelopes.
+
+    The batch path of the Redis backend: a draw or claim of n records decodes each envelope
+    (checksums per record, so a damaged record is isolated) straight into row i of
+    x_t, eps, logvar [n, C, H, W] (wire dtype), t, y [n] int64, with no per-record tensors.
+    Rows never written hold an empty slot (zeros, t = EMPTY_T).
+    """
+
+    def __init__(self, n: int, record_shape, storage: str, has_logvar: bool, has_label: bool):
+        self.n, self.shape, self.storage = int(n), tuple(int(s) for s in record_shape), dtype_name(storage)
+        self.has_logvar, self.has_label = bool(has_logvar), bool(has_label)
+        wire = _WIRE[self.storage]
+        self.x_t = np.zeros((self.n, *self.shape), dtype=wire)
+        self.eps = np.zeros((self.n, *self.shape), dtype=wire)
+        self.logvar = np.zeros((self.n, *self.shape), dtype=wire) if has_logvar else None
+        self.y = np.zeros(self.n, dtype=np.int64) if has_label else None
+        self.t = np.full(self.n, -1, dtype=np.int64)        # EMPTY_T (common.records)
+
+    def put(self, i: int, data: bytes) -> None:
+        """Decode one record into row i; RecordCorrupt (row untouched) if damaged, foreign or of another layout."""
+        if data is None:
+            raise RecordCorrupt("READY slot holds no record")
+        storage, n, shape, blobs = _checked_fields(data)
+        if n != 1:
+            raise RecordCorrupt(f"expected one record, the envelope holds {n}")
+        if shape != self.shape or storage != self.storage:
+            raise RecordCorrupt(f"record of shape {shape} {storage}, pool stores {self.shape} {self.storage}")
+        if (blobs["logvar"] is not None) != self.has_logvar or (blobs["y"] is not None) != self.has_label:
+            raise RecordCorrupt("record fields (logvar, y) do not match the pool's layout")
+        wire = _WIRE[storage]
+        self.x_t[i] = np.frombuffer(blobs["x_t"], dtype=wire).reshape(shape)
+        self.eps[i] = np.frombuffer(blobs["eps"], dtype=wire).reshape(shape)
+        if self.logvar is not None:
+            self.logvar[i] = np.frombuffer(blobs["logvar"], dtype=wire).reshape(shape)
+        if self.y is not None:
+            self.y[i] = np.frombuffer(blobs["y"], dtype=np.int64)[0]
+        self.t[i] = np.frombuffer(blobs["t"], dtype=np.int64)[0]
+
+    def batch(self, rows: np.ndarray | None = None) -> RecordBatch:
+        """The rows (all, or ``rows`` in that order) as a RecordBatch in the storage dtype (shares memory when all)."""
+        def take(a):
+            return None if a is None else (a if rows is None else a[rows])
+
+        return RecordBatch(
+            x_t=from_numpy(take(self.x_t), self.storage), t=torch.from_numpy(take(self.t)),
+            eps=from_numpy(take(self.eps), self.storage),
+            logvar=None if self.logvar is None else from_numpy(take(self.logvar), self.storage),
+            y=None if self.y is None else torch.from_numpy(take(self.y)),
+        )
+
+
+def encode_each(batch: RecordBatch, storage_dtype: torch.dtype | str = "fp32") -> list[bytes]:
+    """N records -> N one-record envelopes, byte for byte ``encode_record(batch.index(slice(i, i + 1)))``.
+
+    Each field is cast and converted once for the whole batch; only the envelope is per record.
+    """
+    storage = dtype_name(storage_dtype)
+    n = len(batch)
+    if batch.x_t.shape[0] != n or batch.eps.shape != batch.x_t.shape:
+        raise ValueError(f"record batch shapes disagree: x_t {tuple(batch.x_t.shape)}, eps {tuple(batch.eps.shape)}, t [{n}]")
+    shape = list(batch.x_t.shape[1:])
+    t = batch.t.detach().cpu().to(torch.int64).contiguous().numpy()
+    fl = {k: (None if getattr(batch, k) is None else to_numpy(getattr(batch, k), storage)) for k in _FLOAT_FIELDS}
+    y = None if batch.y is None else batch.y.detach().cpu().to(torch.int64).contiguous().numpy()
+    pack = msgpack.Packer(use_bin_type=True).pack
+    out = []
+    for i in range(n):
+        env = {"magic": MAGIC, "v": VERSION, "dtype": storage, "n": 1, "shape": shape, "t": t[i:i + 1].tobytes()}
+        for name in _FLOAT_FIELDS:
+            env[name] = None if fl[name] is None else fl[name][i].tobytes()
+        env["y"] = None if y is None else y[i:i + 1].tobytes()
+        env["crc"] = {k: _crc(env[k]) for k in ("t", "x_t", "eps", "logvar", "y") if env[k] is not None}
+        out.append(pack(env))
+    return out
 
 
 def encode_record(batch: RecordBatch, storage_dtype: torch.dtype | str = "fp32") -> bytes:

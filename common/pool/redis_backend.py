@@ -69,7 +69,7 @@ from common.pool.base import (
     t_histogram,
     timeout_message,
 )
-from common.pool.codec import SlotArrays, decode_record, encode_records, from_numpy, to_numpy, write_snapshot
+from common.pool.codec import RecordRows, SlotArrays, decode_record, encode_each, encode_records, from_numpy, to_numpy, write_snapshot
 from common.pool.local import load_snapshot_for, snapshot_header, surplus_inserted
 from common.records import EMPTY_T, RecordBatch
 
@@ -531,7 +531,11 @@ class RedisPool(Pool):
         return rec
 
     def _encode(self, batch: RecordBatch) -> list[bytes]:
-        return [encode_records(batch.index(slice(i, i + 1)), self.storage_dtype) for i in range(len(batch))]
+        return encode_each(batch, self.storage_dtype)
+
+    def _rows(self, n: int) -> RecordRows:
+        """n empty records of this pool's layout to decode into (RecordRows.put checks the layout)."""
+        return RecordRows(n, self.record_shape, self.storage_dtype, self.has_logvar, self.has_label)
 
     # --- counts -------------------------------------------------------------------------
 
@@ -568,8 +572,12 @@ class RedisPool(Pool):
         t0 = time.monotonic()
         lease_id = uuid.uuid4().hex
         slots: list[int] = []
-        recs: list[RecordBatch] = []
         ages: list[int] = []
+        # Record k (in arrival order) goes to row rank[k]: the batch comes out shuffled without a copy,
+        # so its order carries no shard structure (SPOP order is already random within a shard).
+        perm = self.rng.permutation(b)
+        rank = np.argsort(perm)
+        dest = self._rows(b)
         deadline = math.inf
         blocked, delay, wait_from = 0.0, 0.001, None   # blocked: from the first refusal until allowed
         while len(slots) < b:
@@ -601,7 +609,7 @@ class RedisPool(Pool):
                 bad = []
                 for m, p, a in zip(members, payloads, shard_ages):
                     try:
-                        recs.append(self._decode(p))
+                        dest.put(int(rank[len(slots)]), p)
                     except RecordCorrupt:
                         bad.append(int(m))
                         continue
@@ -611,9 +619,7 @@ class RedisPool(Pool):
                     self._run([(s, "corrupt", lease_id, [lease_id, *bad])])
                     metrics.inc(metrics.POOL_CORRUPT_TOTAL, len(bad), shard=s)
         self._add_blocked("draw", blocked)
-        # Shuffle so the batch order carries no shard structure (SPOP order is already random within a shard).
-        perm = self.rng.permutation(b)
-        batch = RecordBatch.cat(recs).index(torch.from_numpy(perm))
+        batch = dest.batch()
         elapsed = time.monotonic() - t0
         self.local["draw_s"] += elapsed
         metrics.observe(metrics.POOL_DRAW_SECONDS, elapsed)
@@ -671,15 +677,17 @@ class RedisPool(Pool):
         if delay > 0.001:        # it waited at least once: the whole call was blocked time
             self._add_blocked("fill", time.monotonic() - t0)
         self._claims[claim_id] = [(s, members) for s, members, _ in parts]
-        recs = []
+        rows, i = self._rows(sum(len(m) for _, m, _ in parts)), 0     # rows start empty (t = EMPTY_T)
         for _, members, payloads in parts:
             for p in payloads:
-                try:
-                    recs.append(self._empty(1) if p is None else self._decode(p))
-                except RecordCorrupt:
-                    recs.append(self._empty(1))   # the teacher rebuilds the slot from scratch
+                if p is not None:
+                    try:
+                        rows.put(i, p)
+                    except RecordCorrupt:
+                        pass          # left empty: the teacher rebuilds the slot from scratch
+                i += 1
         slots = torch.tensor([m for _, members, _ in parts for m in members], dtype=torch.int64)
-        return Claim(claim_id=claim_id, slots=slots, batch=RecordBatch.cat(recs),
+        return Claim(claim_id=claim_id, slots=slots, batch=rows.batch(),
                      deadline=time.time() + self.cfg.claim_timeout_s)
 
     def _claim_parts(self, claim_id: str) -> list[tuple[int, list[int]]]:
