@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+import warnings
 
 import numpy as np
 import ray
@@ -67,6 +68,45 @@ def _from_wire(w: dict, storage: str) -> RecordBatch:
         logvar=None if w["logvar"] is None else from_numpy(w["logvar"], storage),
         y=None if w["y"] is None else torch.from_numpy(np.array(w["y"], dtype=np.int64)),
     )
+
+
+def _gather(wires: list[dict], storage: str) -> RecordBatch:
+    """Shard replies (wire dicts, read-only zero-copy buffers) -> one RecordBatch, one copy per byte."""
+    n = sum(len(w["t"]) for w in wires)
+    out = {}
+    for k in ("x_t", "eps", "logvar", "t", "y"):
+        if wires[0][k] is None:
+            out[k] = None
+            continue
+        first = np.asarray(wires[0][k])
+        a = np.empty((n, *first.shape[1:]), dtype=first.dtype if k not in ("t", "y") else np.int64)
+        off = 0
+        for w in wires:
+            m = len(w["t"])
+            a[off:off + m] = w[k]
+            off += m
+        out[k] = a
+    return RecordBatch(
+        x_t=from_numpy(out["x_t"], storage), t=torch.from_numpy(out["t"]), eps=from_numpy(out["eps"], storage),
+        logvar=None if out["logvar"] is None else from_numpy(out["logvar"], storage),
+        y=None if out["y"] is None else torch.from_numpy(out["y"]),
+    )
+
+
+def _view_wire(w: dict, storage: str) -> RecordBatch:
+    """A fill's wire dict as tensors over the received (read-only, zero-copy) buffers, for reading only:
+    PoolShard.fill copies them into its slots, so a private copy first would only double the traffic."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+
+        def view(a, floating=True):
+            if a is None:
+                return None
+            t = torch.from_numpy(np.ascontiguousarray(a))
+            return t.view(torch.bfloat16) if floating and storage == "bf16" else t
+
+        return RecordBatch(x_t=view(w["x_t"]), t=view(np.asarray(w["t"], dtype=np.int64), False), eps=view(w["eps"]),
+                           logvar=view(w["logvar"]), y=view(None if w["y"] is None else np.asarray(w["y"], dtype=np.int64), False))
 
 
 class ShardServer:
@@ -125,7 +165,7 @@ class ShardServer:
         return self.shard.claim_size(claim_id)
 
     def fill(self, claim_id: str, w: dict) -> bool:
-        return self.shard.fill(claim_id, _from_wire(w, self.shard.storage_dtype))
+        return self.shard.fill(claim_id, _view_wire(w, self.shard.storage_dtype))
 
     def add_time(self, side: str, blocked_s: float, call_s: float, rejected: int = 0) -> None:
         self.blocked[side] += blocked_s
@@ -328,11 +368,11 @@ class RayPool(Pool):
             for (i, _), (slots, wire, counts) in zip(asked, replies):
                 if len(slots):
                     got_slots.append(slots)
-                    got.append(_from_wire(wire, self.storage_dtype))
+                    got.append(wire)
                     want -= len(slots)
                 per[i] = counts
         slots = torch.from_numpy(np.concatenate(got_slots))      # shard order: the draw is random anyway
-        batch = got[0] if len(got) == 1 else RecordBatch.cat(got)
+        batch = _gather(got, self.storage_dtype)
         dt = time.perf_counter() - t0
         self.handles[0].add_time.remote("draw", blocked, dt)
         metrics.observe(metrics.POOL_DRAW_SECONDS, dt)
@@ -364,10 +404,10 @@ class RayPool(Pool):
             layout = [(i, len(slots)) for (i, _), (slots, _) in zip(asked, replies) if len(slots)]
             if layout:        # else another client took them first: poll again
                 break
-        parts = [(slots, _from_wire(wire, self.storage_dtype)) for slots, wire in replies if len(slots)]
+        parts = [(slots, wire) for slots, wire in replies if len(slots)]
         self.claims[claim_id] = layout
         slots = torch.from_numpy(np.concatenate([p[0] for p in parts]))
-        return Claim(claim_id=claim_id, slots=slots, batch=RecordBatch.cat([p[1] for p in parts]), deadline=deadline)
+        return Claim(claim_id=claim_id, slots=slots, batch=_gather([p[1] for p in parts], self.storage_dtype), deadline=deadline)
 
     def fill(self, claim_id: str, batch: RecordBatch) -> bool:
         t0 = time.perf_counter()

@@ -42,6 +42,12 @@ SHARD_COUNTERS = (
 )
 
 
+def _np(x: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's memory as numpy (bf16 as its int16 bits): gathers and scatters run in numpy,
+    which is 10x to 100x faster than torch's index_select/index_put for [b, C, H, W] rows on CPU."""
+    return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()
+
+
 def check_batch(batch: RecordBatch, n: int, record_shape, has_logvar: bool, has_label: bool, num_timesteps: int) -> None:
     """Raise ValueError (one line) unless ``batch`` is n records of the pool's layout."""
     if len(batch) != n:
@@ -169,16 +175,13 @@ class PoolShard(ShardGroups):
 
     def _records(self, idx: np.ndarray, out: RecordBatch | None = None) -> RecordBatch:
         """Copies of the records at local slots idx, written into ``out`` (len(idx) records) when given."""
-        ti = torch.from_numpy(idx)
         if out is None:
             out = self.empty_batch(len(idx))
-        torch.index_select(self.x_t, 0, ti, out=out.x_t)
-        torch.index_select(self.eps, 0, ti, out=out.eps)
-        out.t.copy_(torch.from_numpy(self.t[idx]))
-        if self.logvar is not None:
-            torch.index_select(self.logvar, 0, ti, out=out.logvar)
-        if self.y is not None:
-            torch.index_select(self.y, 0, ti, out=out.y)
+        for name in ("x_t", "eps", "logvar", "y"):
+            src = getattr(self, name)
+            if src is not None:
+                _np(getattr(out, name))[...] = _np(src)[idx]
+        _np(out.t)[...] = self.t[idx]
         return out
 
     def _publish(self) -> None:
@@ -275,14 +278,12 @@ class PoolShard(ShardGroups):
         idx, _ = got
         self.check_batch(batch, len(idx))
         del self.claims[claim_id]
-        ti = torch.from_numpy(idx)
         dt = STORAGE_DTYPES[self.storage_dtype]
-        self.x_t[ti] = batch.x_t.to("cpu", dt)
-        self.eps[ti] = batch.eps.to("cpu", dt)
-        if self.logvar is not None:
-            self.logvar[ti] = batch.logvar.to("cpu", dt)
+        for name in ("x_t", "eps", "logvar"):
+            if getattr(self, name) is not None:
+                _np(getattr(self, name))[idx] = _np(getattr(batch, name).detach().to("cpu", dt))
         if self.y is not None:
-            self.y[ti] = batch.y.to("cpu", torch.int64)
+            self.y.numpy()[idx] = batch.y.detach().to("cpu", torch.int64).numpy()
         self.t[idx] = batch.t.cpu().numpy()
         self.uses[idx] = record_uses(self.k, len(idx), self.rng)
         self.produced_at[idx] = self.c["produced"]
