@@ -22,6 +22,7 @@ its own while a damaged frame structure fails the whole file.
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ SNAPSHOT_MAGIC = b"DKDMPOOL\n"
 SNAPSHOT_VERSION = 1
 
 _WIRE = {"fp32": np.float32, "fp16": np.float16, "bf16": np.int16}   # numpy dtype of the bytes
+_WIRE_SIZE = {k: np.dtype(v).itemsize for k, v in _WIRE.items()}
 _FLOAT_FIELDS = ("x_t", "eps", "logvar")
 
 
@@ -118,8 +120,8 @@ def _checked_fields(data: bytes) -> tuple[str, int, tuple[int, ...], dict[str, b
         raise RecordCorrupt("record envelope lacks dtype, n, shape or crc") from None
     if storage not in _WIRE:
         raise RecordCorrupt(f"record has unknown storage dtype {storage!r}")
-    elems = n * int(np.prod(shape, dtype=np.int64))
-    fsize = np.dtype(_WIRE[storage]).itemsize
+    elems = n * math.prod(shape)
+    fsize = _WIRE_SIZE[storage]
     out: dict[str, bytes | None] = {}
     for name, want in (("t", 8 * n), ("x_t", elems * fsize), ("eps", elems * fsize), ("logvar", elems * fsize), ("y", 8 * n)):
         blob = env.get(name)
@@ -161,17 +163,18 @@ class RecordRows:
     The batch path of the Redis backend: a draw or claim of n records decodes each envelope
     (checksums per record, so a damaged record is isolated) straight into row i of
     x_t, eps, logvar [n, C, H, W] (wire dtype), t, y [n] int64, with no per-record tensors.
-    Rows never written hold an empty slot (zeros, t = EMPTY_T).
+    Rows never written hold an empty slot (zeros, t = EMPTY_T); with ``every_row=True`` the caller
+    promises to write every row and the storage is left uninitialised.
     """
 
-    def __init__(self, n: int, record_shape, storage: str, has_logvar: bool, has_label: bool):
+    def __init__(self, n: int, record_shape, storage: str, has_logvar: bool, has_label: bool, every_row: bool = False):
         self.n, self.shape, self.storage = int(n), tuple(int(s) for s in record_shape), dtype_name(storage)
         self.has_logvar, self.has_label = bool(has_logvar), bool(has_label)
-        wire = _WIRE[self.storage]
-        self.x_t = np.zeros((self.n, *self.shape), dtype=wire)
-        self.eps = np.zeros((self.n, *self.shape), dtype=wire)
-        self.logvar = np.zeros((self.n, *self.shape), dtype=wire) if has_logvar else None
-        self.y = np.zeros(self.n, dtype=np.int64) if has_label else None
+        wire, alloc = _WIRE[self.storage], (np.empty if every_row else np.zeros)
+        self.x_t = alloc((self.n, *self.shape), dtype=wire)
+        self.eps = alloc((self.n, *self.shape), dtype=wire)
+        self.logvar = alloc((self.n, *self.shape), dtype=wire) if has_logvar else None
+        self.y = alloc(self.n, dtype=np.int64) if has_label else None
         self.t = np.full(self.n, -1, dtype=np.int64)        # EMPTY_T (common.records)
 
     def put(self, i: int, data: bytes) -> None:
