@@ -221,9 +221,9 @@ def local_harness():
 # --- ray ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray cluster for the whole test session."""
+    """One local Ray cluster per test module (other test folders start clusters with their own settings)."""
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
@@ -235,7 +235,7 @@ def ray_cluster():
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield ray
 
-    for handles in _RAY_CREATORS:
+    for handles in _RAY_CREATORS if ray.is_initialized() else ():
         for h in handles:
             try:
                 ray.kill(h)
