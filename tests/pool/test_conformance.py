@@ -410,7 +410,8 @@ def test_concurrent_workers_one_killed(harness, tmp_path):
     st = pool.stats()
     st.check_invariant()
     assert st.counts["LEASED"] == 0 and st.counts["FILLING"] == 0, st.counts
-    assert st.expired_leases_total >= 4 and st.expired_claims_total >= 4
+    # the lease is exactly 4 slots; claim_refill(4) may get 1 to 4 (teachers race for REFILL slots)
+    assert st.expired_leases_total >= 4 and st.expired_claims_total >= 1
     fill_all(pool)
     d = pool.draw(32)
     check_records(d.slots, d.batch)
