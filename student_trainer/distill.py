@@ -75,10 +75,7 @@ def build_session(cfg: Config) -> Session:
                            warmup="noise" if cfg.distill.variant == "iterative" else "shuffle",
                            claim_timeout_s=cfg.pool.claim_timeout_s)
     model, student_config = build_student_for(cfg.student, teacher)
-    d = cfg.distill
-    trainer = StudentTrainer(model, teacher.diffusion, var_type=student_var_type(teacher), lr=d.lr,
-                             weight_decay=d.weight_decay, ema_rate=d.ema_rate, grad_clip=d.grad_clip,
-                             lambda_vlb=d.lambda_vlb, bf16=d.bf16, device=device)
+    trainer = StudentTrainer.from_config(model, teacher.diffusion, cfg.distill, student_var_type(teacher), device)
     return Session(cfg, RunDir(cfg), teacher, pool, worker, trainer, student_config, device)
 
 

@@ -91,10 +91,7 @@ class DDPStudentTrainer(StudentTrainer):
 def build_trainer(cfg: Config, spec: TeacherSpec, device: torch.device) -> tuple[DDPStudentTrainer, dict]:
     torch.manual_seed(cfg.run.seed)     # same initial weights on every rank (and as the single-process run)
     model, student_config = build_student(cfg.student, spec.image_shape, spec.learned_variance, spec.num_classes)
-    d = cfg.distill
-    trainer = DDPStudentTrainer(model, spec.diffusion, var_type=student_var_type(spec), lr=d.lr,
-                                weight_decay=d.weight_decay, ema_rate=d.ema_rate, grad_clip=d.grad_clip,
-                                lambda_vlb=d.lambda_vlb, bf16=d.bf16, device=device)
+    trainer = DDPStudentTrainer.from_config(model, spec.diffusion, cfg.distill, student_var_type(spec), device)
     trainer.wrap(trainer.model)
     return trainer, student_config
 

@@ -62,10 +62,7 @@ def student_session(cfg: Config, teacher, pool, worker: TeacherWorker, device: t
     """A distill Session for one student on the sweep's shared teacher, pool and worker."""
     torch.manual_seed(cfg.run.seed)        # the student's initialisation, as build_session seeds it
     model, config = build_student_for(cfg.student, teacher)
-    d = cfg.distill
-    trainer = StudentTrainer(model, teacher.diffusion, var_type=student_var_type(teacher), lr=d.lr,
-                             weight_decay=d.weight_decay, ema_rate=d.ema_rate, grad_clip=d.grad_clip,
-                             lambda_vlb=d.lambda_vlb, bf16=d.bf16, device=device)
+    trainer = StudentTrainer.from_config(model, teacher.diffusion, cfg.distill, student_var_type(teacher), device)
     return Session(cfg, RunDir(cfg), teacher, pool, worker, trainer, config, device)
 
 

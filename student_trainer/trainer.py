@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common import metrics
+from common.config import DistillConfig
 from common.diffusion import Diffusion
 from common.records import RecordBatch
 from student_trainer.losses import dkdm_loss, hybrid_loss
@@ -56,6 +57,13 @@ class StudentTrainer:
         self.ema_rate, self.grad_clip, self.lambda_vlb, self.bf16 = ema_rate, grad_clip, lambda_vlb, bf16
         self.step = 0
         self._tmap = d.map_timesteps(torch.arange(d.num_timesteps, device=device))
+
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, d: Diffusion, cfg: DistillConfig, var_type: str,
+                    device: torch.device) -> "StudentTrainer":
+        """The trainer a ``distill:`` config section describes."""
+        return cls(model, d, var_type=var_type, lr=cfg.lr, weight_decay=cfg.weight_decay, ema_rate=cfg.ema_rate,
+                   grad_clip=cfg.grad_clip, lambda_vlb=cfg.lambda_vlb, bf16=cfg.bf16, device=device)
 
     def _forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         with autocast_for(self.device, self.bf16):
