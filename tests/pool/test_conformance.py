@@ -304,10 +304,13 @@ def test_corrupt_records_go_to_refill_and_draws_go_on(harness, tmp_path):
     assert not drawn & set(bad)
     st = pool.stats()
     st.check_invariant()
-    assert st.corrupt_total == 3
-    assert st.counts["REFILL"] == 3 and st.counts["LEASED"] == 9
+    # A backend that finds corruption when it reads a record (redis) may leave a bad record it never drew
+    # READY: the 9 good ones were enough. Every bad record it did read went to REFILL.
+    assert 1 <= st.corrupt_total <= 3 and st.counts["REFILL"] == st.corrupt_total
+    assert st.counts["LEASED"] == 9 and st.counts["READY"] == 3 - st.corrupt_total
     c = pool.claim_refill(12)
-    assert sorted(c.slots.tolist()) == bad and (c.batch.t == -1).all(), "a corrupt slot restarts empty"
+    assert set(c.slots.tolist()) <= set(bad) and len(c) == st.corrupt_total
+    assert (c.batch.t == -1).all(), "a corrupt slot restarts empty"
     assert fill_claim(pool, c, SHAPE)
     pool.release(d.lease_id)
 
