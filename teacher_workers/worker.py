@@ -166,7 +166,6 @@ class TeacherWorker:
         start = time.perf_counter()
         prev = claim.batch.to(self.device, dtype=torch.float32)
         empty = prev.t == EMPTY_T
-        new = torch.empty(0)
         parts: list[tuple[torch.Tensor, RecordBatch]] = []
         if (~empty).any():
             idx = (~empty).nonzero().flatten()
