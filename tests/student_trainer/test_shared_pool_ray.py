@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.student_trainer.test_ray_run import _env, _free_port, _result
+from test_ray_run import _env, _free_port, _result   # pytest puts this folder on sys.path (rootdir-less import mode)
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
