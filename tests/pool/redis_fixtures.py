@@ -1,4 +1,4 @@
-"""A real ``redis-server`` for the pool tests (no mocks of Redis).
+"""A real ``redis-server`` for the pool tests (never a stand-in).
 
 ``RedisServer`` runs ``redis-server`` on a free port in a temporary folder and
 can stop it cleanly, kill it with SIGKILL and restart it on the same port and
