@@ -74,6 +74,12 @@ def build_session(cfg: Config) -> Session:
     worker = TeacherWorker(teacher, pool, microbatch=cfg.distill.teacher_microbatch, seed=cfg.run.seed,
                            warmup="noise" if cfg.distill.variant == "iterative" else "shuffle",
                            claim_timeout_s=cfg.pool.claim_timeout_s)
+    return student_session(cfg, teacher, pool, worker, device)
+
+
+def student_session(cfg: Config, teacher: Teacher, pool: Pool, worker: TeacherWorker, device: torch.device) -> Session:
+    """A Session for one student on a given teacher, pool and worker (the sweep shares them between students)."""
+    torch.manual_seed(cfg.run.seed)        # the student's initialisation depends on its seed only
     model, student_config = build_student_for(cfg.student, teacher)
     trainer = StudentTrainer.from_config(model, teacher.diffusion, cfg.distill, student_var_type(teacher), device)
     return Session(cfg, RunDir(cfg), teacher, pool, worker, trainer, student_config, device)

@@ -33,10 +33,7 @@ from common.pool import make_pool
 from common.pool.base import PoolError
 from common.teachers import make_teacher
 from student_trainer.checkpoints import model_config, save_checkpoint
-from student_trainer.distill import Session, num_slots_for, pool_summary, refill, resolve_device, train_step, write_samples
-from student_trainer.run_dir import RunDir
-from student_trainer.student import build_student_for, student_var_type
-from student_trainer.trainer import StudentTrainer
+from student_trainer.distill import Session, num_slots_for, student_session, pool_summary, refill, resolve_device, train_step, write_samples
 from teacher_workers.worker import TeacherWorker
 
 SHARED_DISTILL = ("distill.variant", "distill.teacher_microbatch")   # the pool's and the worker's, not a student's
@@ -56,14 +53,6 @@ def student_config(cfg: Config, overrides: dict[str, Any]) -> Config:
         _set_dotted(tree, key, value)
     tree["pool"]["group"] = overrides.get("pool.group", overrides["run.name"])
     return config_from_dict(tree)
-
-
-def student_session(cfg: Config, teacher, pool, worker: TeacherWorker, device: torch.device) -> Session:
-    """A distill Session for one student on the sweep's shared teacher, pool and worker."""
-    torch.manual_seed(cfg.run.seed)        # the student's initialisation, as build_session seeds it
-    model, config = build_student_for(cfg.student, teacher)
-    trainer = StudentTrainer.from_config(model, teacher.diffusion, cfg.distill, student_var_type(teacher), device)
-    return Session(cfg, RunDir(cfg), teacher, pool, worker, trainer, config, device)
 
 
 def save_student(s: Session) -> Path:
