@@ -87,6 +87,9 @@ class PoolConfig(_Strict):
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_retry_timeout_s: float = Field(30.0, gt=0)   # connection loss: retry with backoff, then PoolError
     name: str = "dkdm"
+    # ray backend: clients on a shard actor's node map its slots (a file in /dev/shm) and run draws, releases,
+    # claims and fills themselves under the file's lock, with no RPC (docs/pool.md). false: every call is an RPC.
+    shared_memory: bool = True
     # Consumer groups (issue 8, docs/shared_pools.md): several students on one pool, each record trained on
     # once by every group. None: a plain consumer. ``group_max_lag`` (records) is needed by policy "skip".
     group: str | None = None

@@ -25,6 +25,7 @@ import numpy as np
 
 from common import metrics
 from common.pool.base import PoolError, SlotState
+from common.pool.memory import FLAG_GROUPS
 
 READY, LEASED, REFILL, FILLING = (int(s) for s in SlotState)
 
@@ -48,7 +49,8 @@ class Group:
 
 
 class ShardGroups:
-    """PoolShard's consumer-group methods; the shard provides n, state, uses, leases, produced_at, groups."""
+    """PoolShard's consumer-group methods; the shard provides n, state, uses, owner, leases, produced_at, groups,
+    mem (and runs them under its lock: they are called from its locked methods or through the pool's)."""
 
     def attach_group(self, name: str, policy: str = "wait", max_lag: int | None = None, now: float | None = None) -> None:
         """Attach (or re-configure) a group; it starts with every record now held in the shard pending.
@@ -60,7 +62,7 @@ class ShardGroups:
         self.expire(now)
         if self.k != 1.0:
             raise PoolError(f"consumer groups need pool.samples_per_insert=1, this pool has {self.k}")
-        if any(lid not in self.lease_group for lid in self.leases):
+        if ((self.state == LEASED) & (self.owner != 0)).any():
             raise PoolError("a plain (group-less) consumer holds leases on this pool: consumer groups and plain draws do not mix")
         g = self.groups.get(name)
         if g is not None:
@@ -70,6 +72,7 @@ class ShardGroups:
         g = Group(name, self.n, policy, max_lag, now)
         g.pending[:] = (self.state == READY) | (self.state == LEASED)
         self.groups[name] = g
+        self.mem.set_flag(FLAG_GROUPS, True)        # from now on only this process runs transitions
 
     def detach_group(self, name: str, now: float | None = None) -> bool:
         """Drop a group: its leases end, records only it still needed go to REFILL. Unknown: False."""
@@ -86,6 +89,7 @@ class ShardGroups:
             has = (self.state == READY) | (self.state == LEASED)
             self.state[has] = READY
             self.uses[has] = 1
+            self.mem.set_flag(FLAG_GROUPS, False)
         self._publish()
         return True
 

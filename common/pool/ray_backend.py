@@ -23,6 +23,7 @@ timeout passes. A dead shard actor surfaces as PoolError naming the shard.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 import warnings
@@ -48,7 +49,8 @@ from common.pool.base import (
 )
 from common.pool.codec import from_numpy, to_numpy, write_snapshot
 from common.pool.local import load_snapshot_for, merge_stats, snapshot_header, surplus_inserted
-from common.pool.shard import PoolShard, check_batch
+from common.pool.memory import ShardMemory
+from common.pool.shard import SHARD_COUNTERS, OwnerOnly, PoolShard, check_batch
 from common.records import RecordBatch
 
 SHARD_NUM_CPUS = 0.05
@@ -60,37 +62,6 @@ def _to_wire(batch: RecordBatch, storage: str) -> dict:
         "logvar": None if batch.logvar is None else to_numpy(batch.logvar, storage),
         "y": None if batch.y is None else batch.y.numpy(),
     }
-
-
-def _from_wire(w: dict, storage: str) -> RecordBatch:
-    return RecordBatch(
-        x_t=from_numpy(w["x_t"], storage), t=torch.from_numpy(np.array(w["t"], dtype=np.int64)), eps=from_numpy(w["eps"], storage),
-        logvar=None if w["logvar"] is None else from_numpy(w["logvar"], storage),
-        y=None if w["y"] is None else torch.from_numpy(np.array(w["y"], dtype=np.int64)),
-    )
-
-
-def _gather(wires: list[dict], storage: str) -> RecordBatch:
-    """Shard replies (wire dicts, read-only zero-copy buffers) -> one RecordBatch, one copy per byte."""
-    n = sum(len(w["t"]) for w in wires)
-    out = {}
-    for k in ("x_t", "eps", "logvar", "t", "y"):
-        if wires[0][k] is None:
-            out[k] = None
-            continue
-        first = np.asarray(wires[0][k])
-        a = np.empty((n, *first.shape[1:]), dtype=first.dtype if k not in ("t", "y") else np.int64)
-        off = 0
-        for w in wires:
-            m = len(w["t"])
-            a[off:off + m] = w[k]
-            off += m
-        out[k] = a
-    return RecordBatch(
-        x_t=from_numpy(out["x_t"], storage), t=torch.from_numpy(out["t"]), eps=from_numpy(out["eps"], storage),
-        logvar=None if out["logvar"] is None else from_numpy(out["logvar"], storage),
-        y=None if out["y"] is None else torch.from_numpy(out["y"]),
-    )
 
 
 def _view_wire(w: dict, storage: str) -> RecordBatch:
@@ -110,19 +81,55 @@ def _view_wire(w: dict, storage: str) -> RecordBatch:
 
 
 class ShardServer:
-    """A PoolShard speaking numpy over RPC, plus the pool-wide bits kept on shard 0 (layout, blocked time)."""
+    """A PoolShard speaking numpy over RPC, plus the pool-wide bits kept on shard 0 (layout, blocked time).
+
+    With ``pool.shared_memory`` the shard's slots live in a file in /dev/shm that clients on this
+    node map (``where``); the actor owns the file (unlinks it on ``shutdown``/reset; a killed actor's
+    file is reaped by the next shard created on the node) and refreshes the slot gauges every second,
+    since clients' transitions do not pass through it.
+    """
 
     def __init__(self, meta: dict, **shard_kw):
+        self.shard = None
+        self.shm_note = None
         self.reset(meta, **shard_kw)
+        self._gauges = threading.Thread(target=self._publish_loop, daemon=True)
+        self._gauges.start()
 
     def reset(self, meta: dict, **shard_kw) -> None:
         """Become a fresh, empty shard with a new layout (RayPool(reuse_actors=True) keeps the process)."""
+        self.shutdown()
         self.meta_ = meta
-        self.shard = PoolShard(**shard_kw)
-        self.blocked = {"draw": 0.0, "fill": 0.0}
-        self.seconds = {"draw": 0.0, "fill": 0.0}
-        self.extra = {"fill_rejected": 0}
+        mem = None
+        if meta["cfg"].get("shared_memory", True):
+            try:
+                mem = ShardMemory.create(
+                    f"{meta['cfg']['name']}-{shard_kw['shard_id']}", shard_kw["n"], shard_kw["record_shape"],
+                    shard_kw.get("storage_dtype", "fp32"), shard_kw.get("has_logvar", False),
+                    shard_kw.get("has_label", False), len(SHARD_COUNTERS))
+            except PoolError as err:       # said once, in the actor's log and by where(): clients use RPCs
+                self.shm_note = str(err)
+                print(f"dkdm pool shard {shard_kw['shard_id']}: {err}; clients will use RPCs", flush=True)
+        self.shard = PoolShard(**shard_kw, memory=mem)
         self.identity_: dict | None = None
+
+    def _publish_loop(self) -> None:
+        while True:
+            time.sleep(1.0)
+            shard = self.shard
+            if shard is not None and shard.mem.path is not None:
+                shard._publish()
+
+    def where(self) -> dict:
+        """How a client reaches the slots: {"node_id", "path", "uid"} (path None: RPCs only; see ``note``)."""
+        mem = self.shard.mem
+        return {"node_id": ray.get_runtime_context().get_node_id(), "path": mem.path,
+                "uid": mem.uid if mem.path else None, "note": self.shm_note}
+
+    def shutdown(self) -> None:
+        """Unlink the shared slots (clients that still map them see the shard as closed)."""
+        if self.shard is not None:
+            self.shard.mem.close()
 
     def meta(self) -> dict:
         return self.meta_
@@ -161,21 +168,17 @@ class ShardServer:
         return slots, _to_wire(batch, self.shard.storage_dtype)
 
     def claim_size(self, claim_id: str) -> int:
-        self.shard.expire()
         return self.shard.claim_size(claim_id)
 
     def fill(self, claim_id: str, w: dict) -> bool:
         return self.shard.fill(claim_id, _view_wire(w, self.shard.storage_dtype))
 
     def add_time(self, side: str, blocked_s: float, call_s: float, rejected: int = 0) -> None:
-        self.blocked[side] += blocked_s
-        self.seconds[side] += call_s
-        self.extra["fill_rejected"] += rejected
-        if blocked_s > 0:
-            metrics.inc(metrics.POOL_BLOCKED_SECONDS_TOTAL, blocked_s, side=side)
+        self.shard.add_time(side, blocked_s, call_s, rejected)
 
     def stats(self) -> dict:
-        return {**self.shard.stats(), "blocked": dict(self.blocked), "seconds": dict(self.seconds), "extra": dict(self.extra)}
+        blocked, seconds, rejected = self.shard.time_totals()
+        return {**self.shard.stats(), "blocked": blocked, "seconds": seconds, "extra": {"fill_rejected": rejected}}
 
     def snapshot(self):
         return self.shard.snapshot()
@@ -272,6 +275,56 @@ class RayPool(Pool):
         self.rng = np.random.default_rng()
         self.leases: dict[str, list[int]] = {}
         self.claims: dict[str, list[tuple[int, int]]] = {}
+        self._views: list[PoolShard | None] | None = None     # mapped shards, probed at first use
+
+    # --- the shared-memory fast path --------------------------------------------------------
+
+    def _shard_views(self) -> list[PoolShard | None]:
+        """Per shard: a view of its slots when this process is on the shard actor's node, else None (RPCs)."""
+        if self._views is None:
+            views: list[PoolShard | None] = [None] * len(self.handles)
+            if self.cfg.shared_memory:
+                node = ray.get_runtime_context().get_node_id()
+                for i, info in enumerate(self._get([h.where.remote() for h in self.handles], "locate the shards")):
+                    if info["path"] is None:
+                        if info.get("note"):
+                            warnings.warn(f"pool {self.cfg.name!r} shard {i} uses RPCs: {info['note']}", stacklevel=3)
+                        continue
+                    if info["node_id"] != node or not os.path.exists(info["path"]):
+                        continue
+                    lo, hi = self.ranges[i]
+                    mem = ShardMemory.attach(info["path"], hi - lo, self.record_shape, self.storage_dtype, self.has_logvar,
+                                             self.has_label, len(SHARD_COUNTERS), info["uid"])
+                    views[i] = PoolShard(
+                        shard_id=i, lo=lo, n=hi - lo, record_shape=self.record_shape, storage_dtype=self.storage_dtype,
+                        has_logvar=self.has_logvar, has_label=self.has_label, lease_timeout_s=self.cfg.lease_timeout_s,
+                        claim_timeout_s=self.cfg.claim_timeout_s, samples_per_insert=self.cfg.samples_per_insert,
+                        num_timesteps=self.meta["num_timesteps"], t_buckets=self.t_buckets,
+                        seed=int.from_bytes(os.urandom(4), "little"), memory=mem, view=True)
+            self._views = views
+        return self._views
+
+    def _view(self, i: int) -> PoolShard | None:
+        """Shard i's view, or None; PoolError when its actor is gone (a dead shard, as over RPC)."""
+        v = self._shard_views()[i]
+        if v is not None and not v.mem.owner_alive():
+            raise PoolError(f"pool {self.cfg.name!r}: a shard actor died or its pool was dropped (shard {i}'s shared slots are closed)")
+        return v
+
+    def _local(self, i: int, method: str, *args, **kw):
+        """Run a shard transition in this process -> (True, result), or (False, None) when it needs an RPC."""
+        v = self._view(i)
+        if v is None:
+            return False, None
+        try:
+            return True, getattr(v, method)(*args, **kw)
+        except OwnerOnly:         # consumer groups attached: their bookkeeping lives in the actor
+            return False, None
+
+    def _add_time(self, side: str, blocked_s: float, call_s: float, rejected: int = 0) -> None:
+        done, _ = self._local(0, "add_time", side, blocked_s, call_s, rejected)
+        if not done:
+            self.handles[0].add_time.remote(side, blocked_s, call_s, rejected)
 
     @classmethod
     def attach(cls, name: str) -> "RayPool":
@@ -290,6 +343,7 @@ class RayPool(Pool):
 
     def drop(self) -> None:
         """Kill every shard actor of this pool (detached ones included): the pool is gone for every client."""
+        self._shutdown_actors()
         for h in self.handles:
             try:
                 ray.kill(h, no_restart=True)
@@ -302,6 +356,19 @@ class RayPool(Pool):
 
     def __setstate__(self, state):
         self._setup(state["meta"], state["handles"], owner=False)
+
+    def _shutdown_actors(self) -> None:
+        """Ask every live shard actor to unlink its shared slots (before it is killed)."""
+        refs = []
+        for h in self.handles:
+            try:
+                refs.append(h.shutdown.remote())
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        try:
+            ray.wait(refs, num_returns=len(refs), timeout=10)
+        except Exception:  # noqa: BLE001 - a dead actor: the next shard on its node reaps the file
+            pass
 
     def _get(self, refs, what: str):
         try:
@@ -316,7 +383,18 @@ class RayPool(Pool):
             raise type(cause)(str(cause)) from None
 
     def _counts(self, group: str | None = None) -> list[dict]:
-        return self._get([h.counts.remote(group) for h in self.handles], "read the shard counts")
+        out: list = [None] * len(self.handles)
+        refs = []
+        for i, h in enumerate(self.handles):
+            done, c = self._local(i, "counts") if group is None else (False, None)
+            if done:
+                out[i] = c
+            else:
+                refs.append((i, h.counts.remote(group)))
+        if refs:
+            for (i, _), c in zip(refs, self._get([r for _, r in refs], "read the shard counts")):
+                out[i] = c
+        return out
 
     def _poll(self, ok, what: str, side: str, timeout_s: float | None, group: str | None = None) -> tuple[list[dict], float]:
         """Poll counts with backoff until ok(per-shard counts) -> (counts, seconds blocked); PoolTimeout after timeout."""
@@ -329,7 +407,7 @@ class RayPool(Pool):
             left = timeout_s - (time.monotonic() - start)
             if left <= 0:
                 waited = time.monotonic() - start
-                self.handles[0].add_time.remote(side, waited, waited)
+                self._add_time(side, waited, waited)
                 counts = {n: sum(c[n] for c in per) for n in STATE_NAMES}
                 inserted = sum(c["inserted"] for c in per)
                 raise PoolTimeout(timeout_message(what, timeout_s, counts, f", inserted={inserted}, min_ready={self.min_ready}"))
@@ -337,6 +415,36 @@ class RayPool(Pool):
             sleep = min(sleep * 2, 0.05)
 
     # --- the contract ---------------------------------------------------------------------
+
+    def _take(self, asked: list[tuple[int, int]], method: str, key: str, *extra, local: bool = True):
+        """Draw or claim ``m`` slots from each shard (mapped ones here unless ``local`` is False, the others by
+        parallel RPCs) -> ([(global slots, records, mine)] per shard that gave any, fresh counts by shard);
+        ``mine``: the records are this process's own memory (else views of a received, read-only buffer)."""
+        parts, counts, refs = [], {}, []
+        for i, m in asked:
+            done, res = self._local(i, method, m, key) if local else (False, None)
+            if not done:
+                refs.append((i, getattr(self.handles[i], method).remote(m, key, *extra)))
+                continue
+            if len(res[0]):
+                parts.append((res[0], res[1], True))
+            if method == "draw" and len(res[0]) < m:      # lost a race: the next round needs its counts
+                counts[i] = self._view(i).counts()
+        if refs:
+            for (i, _), reply in zip(refs, self._get([r for _, r in refs], method)):
+                if len(reply[0]):
+                    parts.append((reply[0], _view_wire(reply[1], self.storage_dtype), False))
+                if method == "draw":
+                    counts[i] = reply[2]
+        return parts, counts
+
+    @staticmethod
+    def _join(parts) -> tuple[torch.Tensor, RecordBatch]:
+        """Shard parts -> (global slots, one batch the caller owns): a single local part as it is, else one copy."""
+        slots = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+        if len(parts) == 1 and parts[0][2]:
+            return slots, parts[0][1]
+        return slots, RecordBatch.cat([p[1] for p in parts])
 
     def draw(self, b: int, timeout_s: float | None = None, group: str | None = None) -> Draw:
         if not 1 <= b <= self.num_slots:
@@ -348,7 +456,7 @@ class RayPool(Pool):
         if group is not None:
             what = f"{b} records new to consumer group {group!r} (warm-up needs {self.min_ready} inserted)"
         per, blocked = self._poll(ok, what, "draw", timeout_s, group)
-        lease_id, want, got_slots, got = uuid.uuid4().hex, b, [], []
+        lease_id, want, parts = uuid.uuid4().hex, b, []
         self.leases[lease_id] = list(range(len(self.handles)))
         deadline = time.time() + self.cfg.lease_timeout_s
         while want > 0:
@@ -363,24 +471,28 @@ class RayPool(Pool):
                 continue
             take = split_draw(ready, want, self.rng)
             asked = [(i, int(m)) for i, m in enumerate(take) if m > 0]
-            replies = self._get([self.handles[i].draw.remote(m, lease_id, group) for i, m in asked], "draw")
+            # a consumer group's draw goes to the actors, where the groups live
+            got, fresh = self._take(asked, "draw", lease_id, group, local=group is None)
             per = list(per)
-            for (i, _), (slots, wire, counts) in zip(asked, replies):
-                if len(slots):
-                    got_slots.append(slots)
-                    got.append(wire)
-                    want -= len(slots)
-                per[i] = counts
-        slots = torch.from_numpy(np.concatenate(got_slots))      # shard order: the draw is random anyway
-        batch = _gather(got, self.storage_dtype)
+            for i, c in fresh.items():
+                per[i] = c
+            parts += got
+            want -= sum(len(p[0]) for p in got)
+        slots, out = self._join(parts)        # shard order: the draw is random anyway
         dt = time.perf_counter() - t0
-        self.handles[0].add_time.remote("draw", blocked, dt)
+        self._add_time("draw", blocked, dt)
         metrics.observe(metrics.POOL_DRAW_SECONDS, dt)
-        return Draw(lease_id=lease_id, slots=slots, batch=batch, deadline=deadline)
+        return Draw(lease_id=lease_id, slots=slots, batch=out, deadline=deadline)
 
     def release(self, lease_id: str) -> None:
         shards = self.leases.pop(lease_id, range(len(self.handles)))   # unknown here: ask every shard (idempotent)
-        self._get([self.handles[i].release.remote(lease_id) for i in shards], "release a lease")
+        refs = []
+        for i in shards:
+            done, _ = self._local(i, "release", lease_id)
+            if not done:
+                refs.append(self.handles[i].release.remote(lease_id))
+        if refs:
+            self._get(refs, "release a lease")
 
     def claim_refill(self, n: int, timeout_s: float | None = None) -> Claim:
         if n < 1:
@@ -391,7 +503,7 @@ class RayPool(Pool):
             left = max(0.0, timeout_s - (time.monotonic() - start))
             per, blocked = self._poll(lambda p: sum(c["REFILL"] for c in p) >= 1, "a REFILL slot", "fill", left)
             if blocked > 1e-4:
-                self.handles[0].add_time.remote("fill", blocked, 0.0)
+                self._add_time("fill", blocked, 0.0)
             deadline = time.time() + self.cfg.claim_timeout_s
             refill = np.array([c["REFILL"] for c in per])
             asked, want = [], n
@@ -400,34 +512,48 @@ class RayPool(Pool):
                 if m:
                     asked.append((int(i), m))
                     want -= m
-            replies = self._get([self.handles[i].claim.remote(m, claim_id) for i, m in asked], "claim slots")
-            layout = [(i, len(slots)) for (i, _), (slots, _) in zip(asked, replies) if len(slots)]
-            if layout:        # else another client took them first: poll again
+            parts, _ = self._take(asked, "claim", claim_id)
+            if parts:          # else another client took them first: poll again
                 break
-        parts = [(slots, wire) for slots, wire in replies if len(slots)]
-        self.claims[claim_id] = layout
-        slots = torch.from_numpy(np.concatenate([p[0] for p in parts]))
-        return Claim(claim_id=claim_id, slots=slots, batch=_gather([p[1] for p in parts], self.storage_dtype), deadline=deadline)
+        # (shard, count) in the order of the claim's slots (a global slot tells its shard)
+        self.claims[claim_id] = [(next(k for k, (lo, hi) in enumerate(self.ranges) if lo <= int(p[0][0]) < hi), len(p[0]))
+                                 for p in parts]
+        slots, batch = self._join(parts)
+        return Claim(claim_id=claim_id, slots=slots, batch=batch, deadline=deadline)
 
     def fill(self, claim_id: str, batch: RecordBatch) -> bool:
         t0 = time.perf_counter()
         layout = self.claims.pop(claim_id, None)
         if layout is None:     # claimed by another client object: ask the shards for their part
-            sizes = self._get([h.claim_size.remote(claim_id) for h in self.handles], "look up a claim")
-            layout = [(i, m) for i, m in enumerate(sizes) if m]
+            sizes, refs = {}, {}
+            for i, h in enumerate(self.handles):
+                done, m = self._local(i, "claim_size", claim_id)
+                if done:
+                    sizes[i] = m
+                else:
+                    refs[i] = h.claim_size.remote(claim_id)
+            if refs:
+                sizes.update(zip(refs, self._get(list(refs.values()), "look up a claim")))
+            layout = [(i, sizes[i]) for i in range(len(self.handles)) if sizes[i]]
         if not layout:
-            self.handles[0].add_time.remote("fill", 0.0, 0.0, 1)
+            self._add_time("fill", 0.0, 0.0, 1)
             return False
-        wire = _to_wire(batch, self.storage_dtype)
         check_batch(batch, sum(m for _, m in layout), self.record_shape, self.has_logvar, self.has_label, self.meta["num_timesteps"])
-        off, refs = 0, []
+        off, refs, oks = 0, [], []
+        wire = None
         for i, m in layout:
-            part = {k: (None if v is None else v[off:off + m]) for k, v in wire.items()}
-            refs.append(self.handles[i].fill.remote(claim_id, part))
+            part = batch.index(slice(off, off + m))
+            done, ok = self._local(i, "fill", claim_id, part)
+            if done:
+                oks.append(ok)
+            else:
+                wire = wire or _to_wire(batch, self.storage_dtype)
+                refs.append(self.handles[i].fill.remote(claim_id, {k: (None if v is None else v[off:off + m]) for k, v in wire.items()}))
             off += m
-        ok = all(self._get(refs, "fill slots"))
+        remote = self._get(refs, "fill slots") if refs else []
+        ok = all(oks) and all(remote)
         dt = time.perf_counter() - t0
-        self.handles[0].add_time.remote("fill", 0.0, dt, 0 if ok else 1)
+        self._add_time("fill", 0.0, dt, 0 if ok else 1)
         metrics.observe(metrics.POOL_FILL_SECONDS, dt)
         return ok
 
@@ -487,6 +613,7 @@ class RayPool(Pool):
         copied from it are garbage collected (Ray's owner semantics).
         """
         if self.owner:
+            self._shutdown_actors()
             for h in self.handles:
                 try:
                     ray.kill(h)

@@ -1,20 +1,32 @@
 """PoolShard: n slots of B+ held as preallocated arrays, and every state transition on them.
 
-A plain, single-threaded class (the owner serializes calls: LocalPool with its
-lock, a Ray actor by running one method at a time). It never blocks; blocking,
-rate limiting across shards and the random split of a draw over shards live in
-the pool that owns the shards (local.py, ray_backend.py). See base.py for the
-contract; this module implements it for one contiguous range of global slots.
+A plain class that never blocks; blocking, rate limiting across shards and the
+random split of a draw over shards live in the pool that owns the shards
+(local.py, ray_backend.py). See base.py for the contract; this module implements
+it for one contiguous range of global slots.
+
+All of its state lives in a ShardMemory (memory.py): private arrays (LocalPool,
+which serializes calls with its own lock) or a shared file that the shard actor
+and every client on its node map (the Ray backend's fast path). Every public
+method runs under the memory's lock, so several processes may run transitions on
+one shared shard; a process that is not the memory's owner (``view=True``) runs
+only the plain transitions and raises OwnerOnly while consumer groups are
+attached (their bookkeeping lives in the owner process).
 
 Storage per slot: x_t, eps, logvar (optional) [n, C, H, W] in the storage dtype;
 y (optional) [n] int64; t [n] int64 (EMPTY_T = no record); state [n] uint8;
 uses [n] int32 (uses left of the record, samples_per_insert); produced_at [n]
 int64 (value of the shard's produced counter when the record was filled, for
-the record age); owner [n] object (lease or claim id) with deadline [n] float64.
+the record age); owner [n] int64 (memory.lease_key of the lease or claim, 0 =
+none) with deadline [n] float64. A transition writes owner and deadline before
+state. Consumer-group leases (several groups may lease one slot) are kept in the
+owner's ``leases`` dict instead.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import time
 
 import numpy as np
@@ -24,6 +36,7 @@ from common import metrics
 from common.pool.base import (
     STATE_NAMES,
     STORAGE_DTYPES,
+    PoolError,
     SlotState,
     check_samples_per_insert,
     record_uses,
@@ -31,15 +44,51 @@ from common.pool.base import (
 )
 from common.pool.codec import SlotArrays, from_numpy, to_numpy
 from common.pool.groups import Group, ShardGroups  # noqa: F401 - Group: the type of PoolShard.groups values
+from common.pool.memory import FLAG_GROUPS, SECONDS, ShardMemory, lease_key
 from common.records import EMPTY_T, RecordBatch
 
 READY, LEASED, REFILL, FILLING = (int(s) for s in SlotState)
-_AGE_SAMPLE = 16      # records per draw whose age goes into the metric histogram (stats keep the exact mean)
+_AGE_SAMPLE = 4      # records per draw whose age goes into the metric histogram (stats keep the exact mean)
 
 SHARD_COUNTERS = (
     "produced", "consumed", "inserted", "released", "bytes_in", "bytes_out", "expired_leases", "expired_claims",
     "corrupt", "fill_rejected", "draws", "fills", "age_sum",
 )
+_CIDX = {k: i for i, k in enumerate(SHARD_COUNTERS)}
+_SIDX = {k: i for i, k in enumerate(SECONDS)}
+
+
+class OwnerOnly(Exception):
+    """A view (non-owner process) was asked for a transition only the owner can run (consumer groups)."""
+
+
+class Counters:
+    """The shard's counters over an int64 array of its memory, read and written by name."""
+
+    def __init__(self, arr: np.ndarray):
+        self.arr = arr
+
+    def __getitem__(self, k: str) -> int:
+        return int(self.arr[_CIDX[k]])
+
+    def __setitem__(self, k: str, v: int) -> None:
+        self.arr[_CIDX[k]] = v
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(zip(SHARD_COUNTERS, self.arr.tolist()))
+
+
+def _locked(fn):
+    """Run a public method under the memory's lock (re-entrant; a no-op for private memory)."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kw):
+        with self.mem.lock:
+            if self.view and self.mem.flags & FLAG_GROUPS:
+                raise OwnerOnly(fn.__name__)
+            return fn(self, *args, **kw)
+
+    return wrapper
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
@@ -85,7 +134,11 @@ class PoolShard(ShardGroups):
         t_buckets: int = 10,
         seed: int = 0,
         record_metrics: bool = True,
+        memory: ShardMemory | None = None,
+        view: bool = False,
     ):
+        """``memory``: where the slots live (default: private arrays); ``view``: this process maps a
+        shard another process owns (it keeps no groups and publishes no gauges)."""
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"pool.storage_dtype={storage_dtype!r} is not one of {sorted(STORAGE_DTYPES)}")
         self.shard_id, self.lo, self.n = shard_id, lo, n
@@ -96,19 +149,25 @@ class PoolShard(ShardGroups):
         self.num_timesteps, self.t_buckets = num_timesteps, t_buckets
         self.rng = np.random.default_rng(seed + shard_id)
         self.record_metrics = record_metrics
-        dt = STORAGE_DTYPES[storage_dtype]
-        shape = (n, *self.record_shape)
-        self.x_t = torch.zeros(shape, dtype=dt)
-        self.eps = torch.zeros(shape, dtype=dt)
-        self.logvar = torch.zeros(shape, dtype=dt) if has_logvar else None
-        self.y = torch.zeros(n, dtype=torch.int64) if has_label else None
-        self.t = np.full(n, EMPTY_T, dtype=np.int64)
-        self.state = np.full(n, REFILL, dtype=np.uint8)
-        self.uses = np.zeros(n, dtype=np.int32)
-        self.produced_at = np.zeros(n, dtype=np.int64)
-        self.leases: dict[str, tuple[np.ndarray, float]] = {}   # id -> (local slots, deadline)
-        self.claims: dict[str, tuple[np.ndarray, float]] = {}
-        self.c = dict.fromkeys(SHARD_COUNTERS, 0)
+        self.view = view
+        if memory is None:
+            memory = ShardMemory.private(n, self.record_shape, storage_dtype, has_logvar, has_label, len(SHARD_COUNTERS))
+        self.mem = mem = memory
+        a = mem.a
+        self.x_t, self.eps = mem.tensor("x_t"), mem.tensor("eps")
+        self.logvar = mem.tensor("logvar") if has_logvar else None
+        self.y = mem.tensor("y") if has_label else None
+        self.t, self.state, self.uses, self.produced_at = a["t"], a["state"], a["uses"], a["produced_at"]
+        self.owner, self.deadline = a["owner"], a["deadline"]
+        self.c = Counters(a["counters"])
+        self.seconds = a["seconds"]
+        if not view:                     # a new shard: every slot empty, in REFILL
+            with mem.lock:
+                self.t[:] = EMPTY_T
+                self.state[:] = REFILL
+                self.owner[:] = 0
+                self.deadline[:] = math.inf
+        self.leases: dict[str, tuple[np.ndarray, float]] = {}   # consumer-group leases: id -> (local slots, deadline)
         # Consumer groups (opt-in, issue 8): name -> Group; rows of ``pending`` [G, n] say which
         # records a group has not trained on yet; the group's leases are in ``leases`` with its name.
         self.groups: dict[str, Group] = {}
@@ -118,6 +177,7 @@ class PoolShard(ShardGroups):
 
     # --- bookkeeping ----------------------------------------------------------------
 
+    @_locked
     def counts(self, now: float | None = None, group: str | None = None) -> dict[str, int]:
         """State counts (after expiry) plus ``inserted``, the records ever inserted (for the warm-up).
 
@@ -132,10 +192,24 @@ class PoolShard(ShardGroups):
             out["available"] = int(g.pending.sum())
         return out
 
+    @_locked
     def expire(self, now: float | None = None) -> tuple[int, int]:
         """Overdue leases -> READY (record kept, no use spent); overdue claims -> REFILL. -> (slots, slots)."""
         now = time.time() if now is None else now
         nl = nc = 0
+        if now >= self.mem.next_deadline:         # a lower bound of every live deadline: scan only past it
+            owned = np.flatnonzero(self.owner != 0)
+            dl = self.deadline[owned]
+            over = owned[dl <= now]
+            if len(over):
+                st = self.state[over]
+                leased, claimed = over[st == LEASED], over[st == FILLING]
+                self.owner[over] = 0
+                self.state[leased] = READY
+                self.state[claimed] = REFILL
+                nl, nc = len(leased), len(claimed)
+            rest = dl[dl > now]
+            self.mem.next_deadline = float(rest.min()) if len(rest) else math.inf
         for lid in [k for k, (_, d) in self.leases.items() if d <= now]:
             idx, _ = self.leases.pop(lid)
             g = self.groups.get(self.lease_group.pop(lid, None))
@@ -143,13 +217,7 @@ class PoolShard(ShardGroups):
                 g.leased[idx] = False
                 g.pending[idx] = True
                 self._settle(idx)
-            else:
-                self.state[idx] = READY
             nl += len(idx)
-        for cid in [k for k, (_, d) in self.claims.items() if d <= now]:
-            idx, _ = self.claims.pop(cid)
-            self.state[idx] = REFILL
-            nc += len(idx)
         if self.groups:
             self._expire_groups(now)
         if nl or nc:
@@ -163,29 +231,46 @@ class PoolShard(ShardGroups):
                 self._publish()
         return nl, nc
 
-    def empty_batch(self, n: int) -> RecordBatch:
-        """Uninitialized storage for n records of this layout (a multi-shard draw gathers into it)."""
+    def empty_batch(self, n: int, zeros: bool = False) -> RecordBatch:
+        """Storage for n records of this layout (uninitialized, or zeros: lazily mapped zero pages)."""
         dt = STORAGE_DTYPES[self.storage_dtype]
+        new = torch.zeros if zeros else torch.empty
+        shape = (n, *self.record_shape)
         return RecordBatch(
-            x_t=torch.empty((n, *self.record_shape), dtype=dt), t=torch.empty(n, dtype=torch.int64),
-            eps=torch.empty((n, *self.record_shape), dtype=dt),
-            logvar=torch.empty((n, *self.record_shape), dtype=dt) if self.has_logvar else None,
-            y=torch.empty(n, dtype=torch.int64) if self.has_label else None,
+            x_t=new(shape, dtype=dt), t=new(n, dtype=torch.int64), eps=new(shape, dtype=dt),
+            logvar=new(shape, dtype=dt) if self.has_logvar else None,
+            y=new(n, dtype=torch.int64) if self.has_label else None,
         )
 
     def _records(self, idx: np.ndarray, out: RecordBatch | None = None) -> RecordBatch:
-        """Copies of the records at local slots idx, written into ``out`` (len(idx) records) when given."""
+        """Copies of the records at local slots idx, written into ``out`` (len(idx) records) when given.
+
+        Without ``out`` the gathers allocate their results (numpy's fancy indexing writes straight
+        into fresh memory: about 3x faster than gathering into a buffer allocated beforehand).
+        """
         if out is None:
-            out = self.empty_batch(len(idx))
+            vals = {name: None if getattr(self, name) is None else _np(getattr(self, name))[idx]
+                    for name in ("x_t", "eps", "logvar", "y")}
+            bf16 = self.storage_dtype == "bf16"
+
+            def wrap(a, floating=True):
+                if a is None:
+                    return None
+                t = torch.from_numpy(a)
+                return t.view(torch.bfloat16) if floating and bf16 else t
+
+            return RecordBatch(x_t=wrap(vals["x_t"]), t=torch.from_numpy(self.t[idx]), eps=wrap(vals["eps"]),
+                               logvar=wrap(vals["logvar"]), y=wrap(vals["y"], False))
         for name in ("x_t", "eps", "logvar", "y"):
             src = getattr(self, name)
             if src is not None:
-                _np(getattr(out, name))[...] = _np(src)[idx]
+                np.take(_np(src), idx, axis=0, out=_np(getattr(out, name)))
         _np(out.t)[...] = self.t[idx]
         return out
 
     def _publish(self) -> None:
-        if not self.record_metrics:
+        """Slot-state gauges (the owner's job: a shared shard's owner also refreshes them periodically)."""
+        if not self.record_metrics or self.view:
             return
         for name, v in zip(STATE_NAMES, np.bincount(self.state, minlength=4).tolist()):
             metrics.set(metrics.POOL_SLOTS, v, shard=self.shard_id, state=name)
@@ -198,7 +283,24 @@ class PoolShard(ShardGroups):
 
         ``out``: m records of storage to write into (only used when exactly m slots are READY).
         ``group``: lease among the records that consumer group has not trained on yet.
+        The records are copied after the lock is released: a leased slot's record cannot change
+        while the lease holds, so several processes copy at once.
         """
+        idx, deadline = self._lease(m, lease_id, now, group)
+        batch = self._records(idx, out if out is not None and len(out) == len(idx) else None)
+        if len(idx) and group is None and time.time() >= deadline:
+            self._check_held(idx, lease_id, LEASED)
+        return idx + self.lo, batch
+
+    @_locked
+    def _check_held(self, idx: np.ndarray, key_id: str, state: int) -> None:
+        """PoolError unless the slots are still held by the lease or claim (their copy is then valid)."""
+        if not ((self.owner[idx] == lease_key(key_id)) & (self.state[idx] == state)).all():
+            raise PoolError(f"lease or claim {key_id} expired while its records were copied; raise pool.lease_timeout_s")
+
+    @_locked
+    def _lease(self, m: int, lease_id: str, now: float | None, group: str | None) -> tuple[np.ndarray, float]:
+        """The draw's transition: READY -> LEASED (or a group's pending -> leased) -> (local slots, deadline)."""
         now = time.time() if now is None else now
         self.expire(now)
         g = self._group_for_draw(group, now)
@@ -211,11 +313,11 @@ class PoolShard(ShardGroups):
             g.consumed += m
             self.lease_group[lease_id] = group
             self._settle(idx)
-        elif m:
-            self.state[idx] = LEASED
-        if m:
             prev = self.leases.get(lease_id)
             self.leases[lease_id] = (idx if prev is None else np.concatenate([prev[0], idx]), now + self.lease_timeout_s)
+        elif m:
+            self._own(idx, lease_id, now + self.lease_timeout_s, LEASED)
+        if m:
             ages = self.c["produced"] - self.produced_at[idx]
             self.c["consumed"] += m
             self.c["draws"] += 1
@@ -227,57 +329,89 @@ class PoolShard(ShardGroups):
                 for a in ages[:_AGE_SAMPLE].tolist():   # the slots are random: a sample of the batch suffices
                     metrics.observe(metrics.POOL_RECORD_AGE_STEPS, a)
                 self._publish()
-        return idx + self.lo, self._records(idx, out if out is not None and len(out) == m else None)
+        return idx, now + self.lease_timeout_s
 
+    @_locked
     def release(self, lease_id: str, now: float | None = None) -> int:
         """Spend one use per leased slot: -> READY with uses left, else REFILL. Unknown lease: 0 (idempotent)."""
         self.expire(now)
         got = self.leases.pop(lease_id, None)
-        if got is None:
-            return 0
-        idx, _ = got
-        g = self.groups.get(self.lease_group.pop(lease_id, None))
-        if g is not None:                # trained on by this group; REFILL once no group needs it
-            g.leased[idx] = False
-            g.seen = time.time() if now is None else now
-            self._settle(idx)
+        if got is not None:              # a consumer group's lease
+            idx, _ = got
+            g = self.groups.get(self.lease_group.pop(lease_id, None))
+            if g is not None:            # trained on by this group; REFILL once no group needs it
+                g.leased[idx] = False
+                g.seen = time.time() if now is None else now
+                self._settle(idx)
         else:
+            idx = self._owned(lease_id, LEASED)
+            if len(idx) == 0:
+                return 0
+            self.owner[idx] = 0
             self.uses[idx] -= 1
             self.state[idx] = np.where(self.uses[idx] > 0, READY, REFILL).astype(np.uint8)
         self.c["released"] += len(idx)
         self._publish()
         return len(idx)
 
+    def _own(self, idx: np.ndarray, key_id: str, deadline: float, state: int) -> None:
+        """Slots idx now belong to a lease or claim: owner and deadline first, then the state."""
+        self.owner[idx] = lease_key(key_id)
+        self.deadline[idx] = deadline
+        self.state[idx] = state
+        if deadline < self.mem.next_deadline:
+            self.mem.next_deadline = deadline
+
+    def _owned(self, key_id: str, state: int) -> np.ndarray:
+        """Local slots in ``state`` owned by a lease or claim id, ascending (a claim's slot order)."""
+        return np.flatnonzero((self.owner == lease_key(key_id)) & (self.state == state))
+
     def claim(self, m: int, claim_id: str, now: float | None = None, out: RecordBatch | None = None) -> tuple[np.ndarray, RecordBatch]:
-        """Claim min(m, REFILL) slots (random ones) -> (global slots, their previous records)."""
+        """Claim min(m, REFILL) slots (random ones) -> (global slots, their previous records).
+
+        The records are copied after the lock is released (a FILLING slot's record cannot change
+        while the claim holds); empty slots (the warm-up) hand over zeros and t = EMPTY_T.
+        """
+        idx, deadline = self._claim_slots(m, claim_id, now)
+        m = len(idx)
+        if out is None and m and (self.t[idx] == EMPTY_T).all():
+            out = self.empty_batch(m, zeros=True)
+            out.t.fill_(EMPTY_T)
+            return idx + self.lo, out
+        batch = self._records(idx, out if out is not None and len(out) == m else None)
+        if m and time.time() >= deadline:
+            self._check_held(idx, claim_id, FILLING)
+        return idx + self.lo, batch
+
+    @_locked
+    def _claim_slots(self, m: int, claim_id: str, now: float | None) -> tuple[np.ndarray, float]:
         now = time.time() if now is None else now
         self.expire(now)
         refill = np.flatnonzero(self.state == REFILL)
         m = min(int(m), len(refill))
         idx = np.sort(self.rng.choice(refill, size=m, replace=False)) if m else refill[:0]
         if m:
-            self.state[idx] = FILLING
-            self.claims[claim_id] = (idx, now + self.claim_timeout_s)
+            self._own(idx, claim_id, now + self.claim_timeout_s, FILLING)
             self._publish()
-        return idx + self.lo, self._records(idx, out if out is not None and len(out) == m else None)
+        return idx, now + self.claim_timeout_s
 
+    @_locked
     def claim_size(self, claim_id: str) -> int:
-        got = self.claims.get(claim_id)
-        return 0 if got is None else len(got[0])
+        self.expire()
+        return len(self._owned(claim_id, FILLING))
 
     def check_batch(self, batch: RecordBatch, n: int) -> None:
         check_batch(batch, n, self.record_shape, self.has_logvar, self.has_label, self.num_timesteps)
 
+    @_locked
     def fill(self, claim_id: str, batch: RecordBatch, now: float | None = None) -> bool:
         """FILLING -> READY with ``batch`` (claim slot order). Unknown or expired claim: False, nothing changes."""
         self.expire(now)
-        got = self.claims.get(claim_id)
-        if got is None:
+        idx = self._owned(claim_id, FILLING)
+        if len(idx) == 0:
             self.c["fill_rejected"] += 1
             return False
-        idx, _ = got
         self.check_batch(batch, len(idx))
-        del self.claims[claim_id]
         dt = STORAGE_DTYPES[self.storage_dtype]
         for name in ("x_t", "eps", "logvar"):
             if getattr(self, name) is not None:
@@ -287,6 +421,7 @@ class PoolShard(ShardGroups):
         self.t[idx] = batch.t.cpu().numpy()
         self.uses[idx] = record_uses(self.k, len(idx), self.rng)
         self.produced_at[idx] = self.c["produced"]
+        self.owner[idx] = 0
         self.state[idx] = READY
         for g in self.groups.values():
             g.pending[idx] = True
@@ -301,17 +436,38 @@ class PoolShard(ShardGroups):
             self._publish()
         return True
 
+    attach_group = _locked(ShardGroups.attach_group)
+    detach_group = _locked(ShardGroups.detach_group)
+    group_stats = _locked(ShardGroups.group_stats)
+
     # --- stats, snapshot, restore ----------------------------------------------------------
 
+    @_locked
+    def add_time(self, side: str, blocked_s: float, call_s: float, rejected: int = 0) -> None:
+        """Pool-wide seconds a side spent blocked and inside its calls (kept on shard 0), fills rejected."""
+        self.seconds[_SIDX[f"{side}_blocked"]] += blocked_s
+        self.seconds[_SIDX[side]] += call_s
+        self.seconds[_SIDX["fill_rejected"]] += rejected
+        if blocked_s > 0 and self.record_metrics:
+            metrics.inc(metrics.POOL_BLOCKED_SECONDS_TOTAL, blocked_s, side=side)
+
+    def time_totals(self) -> tuple[dict, dict, int]:
+        """(blocked seconds per side, call seconds per side, fills rejected) as add_time summed them."""
+        s = self.seconds
+        return ({"draw": float(s[_SIDX["draw_blocked"]]), "fill": float(s[_SIDX["fill_blocked"]])},
+                {"draw": float(s[_SIDX["draw"]]), "fill": float(s[_SIDX["fill"]])}, int(s[_SIDX["fill_rejected"]]))
+
+    @_locked
     def stats(self, now: float | None = None) -> dict:
         counts = self.counts(now)
         hist = t_histogram(self.t[self.state == READY], self.num_timesteps, self.t_buckets)
         if self.record_metrics:
             for i, v in enumerate(hist):
                 metrics.set(metrics.POOL_READY_T, v, shard=self.shard_id, bucket=i)
-        return {"shard": self.shard_id, "counts": {k: counts[k] for k in STATE_NAMES}, "t_histogram": hist, **self.c,
+        return {"shard": self.shard_id, "counts": {k: counts[k] for k in STATE_NAMES}, "t_histogram": hist, **self.c.as_dict(),
                 "groups": self.group_stats()}
 
+    @_locked
     def snapshot(self, now: float | None = None) -> SlotArrays:
         """A copy of every slot, LEASED written as READY and FILLING as REFILL (their state after expiry)."""
         self.expire(now)
@@ -326,6 +482,7 @@ class PoolShard(ShardGroups):
             y=None if self.y is None else self.y.numpy().copy(),
         )
 
+    @_locked
     def restore(self, arrays: SlotArrays, bad: np.ndarray, inserted_extra: int = 0) -> None:
         """Replace every slot with ``arrays`` (this shard's range); ``bad`` records become empty REFILL slots.
 
@@ -336,7 +493,9 @@ class PoolShard(ShardGroups):
             raise ValueError(f"shard {self.shard_id}: restore got slots [{arrays.lo}, {arrays.lo + len(arrays)}), owns [{self.lo}, {self.lo + self.n})")
         s = self.storage_dtype
         self.leases.clear()
-        self.claims.clear()
+        self.owner[:] = 0
+        self.deadline[:] = math.inf
+        self.mem.next_deadline = math.inf
         self.x_t.copy_(from_numpy(arrays.x_t, s))
         self.eps.copy_(from_numpy(arrays.eps, s))
         if self.logvar is not None:

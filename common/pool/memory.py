@@ -1,0 +1,293 @@
+"""ShardMemory: where one shard's slots live, private to a process or shared by the processes of a node.
+
+A PoolShard keeps all of its state in these arrays (slot states, lease and claim
+owners with their deadlines, counters, the records). Private memory serves the
+local backend and shard actors whose clients are elsewhere. Shared memory is one
+file in a tmpfs (``/dev/shm``) that the shard actor creates and every co-located
+client maps: a client then runs the shard's transitions itself, under the file's
+lock, and copies records straight between the mapping and its tensors, with no
+RPC and no serialization (the Ray backend's fast path, docs/pool.md).
+
+File layout (every array 64-byte aligned, in this order):
+
+    header   int64[16]   MAGIC, VERSION, n, owner pid, segment uid, flags, record layout fingerprint
+    clock    float64[4]  heartbeat (owner's time.time()), next deadline, reserved
+    counters int64[len(SHARD_COUNTERS)]
+    seconds  float64[6]  blocked and call seconds per side, fill_rejected (pool-wide, kept on shard 0)
+    state uint8[n], t int64[n], uses int32[n], produced_at int64[n], owner int64[n], deadline float64[n],
+    y int64[n] (has_label), x_t, eps, logvar (has_logvar) [n, C, H, W] storage dtype (bf16 as int16 bits)
+
+Locking: ``fcntl.flock`` on the file, exclusive, re-entrant within a process. The
+kernel drops the lock of a process that dies, so a killed client never wedges a
+shard; every transition writes a slot's owner and deadline before its state, so a
+client killed inside one leaves each slot in exactly one valid state.
+
+Lifetime: the creating process (the shard actor) unlinks the file when it closes;
+a file whose owner died without closing (SIGKILL) is unlinked by the next shard
+created on the node (``reap``). Clients check the owner's pid before each call and
+treat a dead owner as a dead shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import mmap
+import os
+import time
+import uuid
+
+import numpy as np
+import torch
+
+from common.pool.base import PoolError
+
+MAGIC = 0x444B444D53484D31          # "DKDMSHM1"
+VERSION = 1
+SHM_DIR = "/dev/shm"
+PREFIX = "dkdm-pool-"
+_H_MAGIC, _H_VERSION, _H_N, _H_PID, _H_UID, _H_FLAGS, _H_LAYOUT = range(7)
+FLAG_GROUPS = 1                      # consumer groups attached: only the owner may run transitions
+FLAG_CLOSED = 2
+_C_HEARTBEAT, _C_NEXT_DEADLINE = 0, 1
+SECONDS = ("draw_blocked", "fill_blocked", "draw", "fill", "fill_rejected", "reserved")
+_WIRE = {"fp32": np.float32, "fp16": np.float16, "bf16": np.int16}
+
+
+def _align(off: int) -> int:
+    return (off + 63) & ~63
+
+
+def layout_fingerprint(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool, counters: int) -> int:
+    """A 62-bit number that differs when anything about the arrays' layout differs."""
+    import zlib
+
+    key = f"{n}|{tuple(record_shape)}|{storage_dtype}|{has_logvar}|{has_label}|{counters}|{VERSION}".encode()
+    return zlib.crc32(key) | (len(key) << 32)
+
+
+def _plan(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool, counters: int):
+    """[(name, dtype, shape, offset)] and the total size in bytes."""
+    rec = (n, *record_shape)
+    fields = [("header", np.int64, (16,)), ("clock", np.float64, (4,)), ("counters", np.int64, (counters,)),
+              ("seconds", np.float64, (len(SECONDS),)), ("state", np.uint8, (n,)), ("t", np.int64, (n,)),
+              ("uses", np.int32, (n,)), ("produced_at", np.int64, (n,)), ("owner", np.int64, (n,)),
+              ("deadline", np.float64, (n,))]
+    if has_label:
+        fields.append(("y", np.int64, (n,)))
+    wire = _WIRE[storage_dtype]
+    fields += [("x_t", wire, rec), ("eps", wire, rec)] + ([("logvar", wire, rec)] if has_logvar else [])
+    out, off = [], 0
+    for name, dt, shape in fields:
+        off = _align(off)
+        out.append((name, dt, shape, off))
+        off += int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+    return out, _align(off)
+
+
+class _FileLock:
+    """Exclusive flock on a file, re-entrant within the process (nested ``with`` keeps the lock)."""
+
+    def __init__(self, fd: int):
+        self.fd, self.depth = fd, 0
+
+    def __enter__(self):
+        if self.depth == 0:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self.depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        self.depth -= 1
+        if self.depth == 0:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (exited, not yet reaped) is dead for us
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class ShardMemory:
+    """The arrays of one shard (see the module docstring); ``path`` is None for private memory."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], path: str | None, lock, owner: bool, mm=None, fd: int | None = None):
+        self.a = arrays
+        self.path, self.lock, self.owner = path, lock, owner
+        self._mm, self._fd = mm, fd
+        self.storage_dtype = None
+        self._checked, self._alive = -math.inf, True
+
+    # --- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def private(cls, n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool, counters: int) -> "ShardMemory":
+        plan, _ = _plan(n, record_shape, storage_dtype, has_logvar, has_label, counters)
+        arrays = {name: np.zeros(shape, dtype=dt) for name, dt, shape, _ in plan}
+        mem = cls(arrays, None, contextlib.nullcontext(), owner=True)
+        mem._init_header(n, record_shape, storage_dtype, has_logvar, has_label, counters)
+        return mem
+
+    @classmethod
+    def create(cls, tag: str, n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool,
+               counters: int, directory: str = SHM_DIR) -> "ShardMemory":
+        """A new shared file ``<directory>/dkdm-pool-<tag>-<uid>``; every page reserved up front.
+
+        Raises PoolError (one line) when the tmpfs cannot hold it: a full tmpfs would otherwise
+        kill the first process that touches an unbacked page (SIGBUS).
+        """
+        reap(directory)
+        plan, size = _plan(n, record_shape, storage_dtype, has_logvar, has_label, counters)
+        safe = "".join(ch if ch.isalnum() or ch in "._" else "_" for ch in tag)[:80]
+        path = os.path.join(directory, f"{PREFIX}{safe}-{uuid.uuid4().hex[:12]}")
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as err:
+            os.close(fd)
+            os.unlink(path)
+            raise PoolError(f"cannot reserve {size / 2**20:.1f} MiB of shared memory in {directory} for a pool shard "
+                            f"({err.strerror}); enlarge it (docker: shm_size) or set pool.shared_memory=false") from None
+        mem = cls._map(path, fd, plan, size, owner=True)
+        mem._init_header(n, record_shape, storage_dtype, has_logvar, has_label, counters)
+        return mem
+
+    @classmethod
+    def attach(cls, path: str, n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool,
+               counters: int, uid: int) -> "ShardMemory":
+        """Map an existing shard file; PoolError unless it is the segment ``uid`` with this layout."""
+        plan, size = _plan(n, record_shape, storage_dtype, has_logvar, has_label, counters)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as err:
+            raise PoolError(f"cannot open pool shard memory {path}: {err.strerror}") from None
+        have = os.fstat(fd).st_size
+        if have != size:
+            os.close(fd)
+            raise PoolError(f"pool shard memory {path} holds {have} bytes, its layout needs {size}")
+        mem = cls._map(path, fd, plan, size, owner=False)
+        h = mem.a["header"]
+        want = layout_fingerprint(n, record_shape, storage_dtype, has_logvar, has_label, counters)
+        if h[_H_MAGIC] != MAGIC or h[_H_UID] != uid or h[_H_LAYOUT] != want:
+            mem.close()
+            raise PoolError(f"pool shard memory {path} is not the expected segment (magic, uid or layout differ)")
+        mem.storage_dtype = storage_dtype
+        return mem
+
+    @classmethod
+    def _map(cls, path: str, fd: int, plan, size: int, owner: bool) -> "ShardMemory":
+        # MAP_POPULATE: map every page now, not one fault per page on the first draws and fills
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mm = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+        arrays = {name: np.ndarray(shape, dtype=dt, buffer=mm, offset=off) for name, dt, shape, off in plan}
+        return cls(arrays, path, _FileLock(fd), owner=owner, mm=mm, fd=fd)
+
+    def _init_header(self, n, record_shape, storage_dtype, has_logvar, has_label, counters) -> None:
+        h = self.a["header"]
+        h[_H_MAGIC], h[_H_VERSION], h[_H_N], h[_H_PID] = MAGIC, VERSION, n, os.getpid()
+        h[_H_UID] = int.from_bytes(os.urandom(7), "little")
+        h[_H_LAYOUT] = layout_fingerprint(n, record_shape, storage_dtype, has_logvar, has_label, counters)
+        self.a["clock"][:] = [0.0, np.inf, 0.0, 0.0]
+        self.storage_dtype = storage_dtype
+
+    # --- views -------------------------------------------------------------------------------
+
+    def tensor(self, name: str) -> torch.Tensor | None:
+        """A record field as a torch tensor over the memory (bf16 viewed from its int16 bits)."""
+        a = self.a.get(name)
+        if a is None:
+            return None
+        t = torch.from_numpy(a)
+        return t.view(torch.bfloat16) if self.storage_dtype == "bf16" and name in ("x_t", "eps", "logvar") else t
+
+    @property
+    def uid(self) -> int:
+        return int(self.a["header"][_H_UID])
+
+    @property
+    def owner_pid(self) -> int:
+        return int(self.a["header"][_H_PID])
+
+    @property
+    def flags(self) -> int:
+        return int(self.a["header"][_H_FLAGS])
+
+    def set_flag(self, flag: int, on: bool) -> None:
+        h = self.a["header"]
+        h[_H_FLAGS] = (h[_H_FLAGS] | flag) if on else (h[_H_FLAGS] & ~flag)
+
+    def owner_alive(self, every_s: float = 0.05) -> bool:
+        """The owner has not closed the memory and its process lives (the pid checked at most every ``every_s``)."""
+        if self.flags & FLAG_CLOSED:
+            return False
+        now = time.monotonic()
+        if now - self._checked >= every_s:
+            self._alive = pid_alive(self.owner_pid)
+            self._checked = now
+        return self._alive
+
+    @property
+    def next_deadline(self) -> float:
+        return float(self.a["clock"][_C_NEXT_DEADLINE])
+
+    @next_deadline.setter
+    def next_deadline(self, v: float) -> None:
+        self.a["clock"][_C_NEXT_DEADLINE] = v
+
+    def close(self) -> None:
+        """Unmap (and unlink, for the creator). Arrays handed out before stay valid only while referenced."""
+        if self.path is None:
+            return
+        if self.owner:
+            with contextlib.suppress(Exception):
+                self.set_flag(FLAG_CLOSED, True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        self.path = None
+
+
+def reap(directory: str = SHM_DIR) -> list[str]:
+    """Unlink shard files whose owner process is gone (killed without closing) -> the paths removed."""
+    removed = []
+    try:
+        names = [f for f in os.listdir(directory) if f.startswith(PREFIX)]
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "rb") as f:
+                head = np.frombuffer(f.read(16 * 8), dtype=np.int64)
+        except OSError:
+            continue
+        if len(head) < 16 or head[_H_MAGIC] != MAGIC:
+            continue
+        if head[_H_FLAGS] & FLAG_CLOSED or not pid_alive(int(head[_H_PID])):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                removed.append(path)
+    return removed
+
+
+def lease_key(lease_id: str) -> int:
+    """A lease or claim id -> the nonzero int64 stored as the owner of its slots."""
+    import hashlib
+
+    k = int.from_bytes(hashlib.blake2b(lease_id.encode(), digest_size=8).digest(), "little", signed=True)
+    return k or 1
+
