@@ -763,7 +763,7 @@ class RedisPool(Pool):
             deadline = min(deadline, time.time() + self.cfg.lease_timeout_s)
             self.local["wire_bytes_out"] += sum(len(p) for p in payloads if p is not None)
             to = free[filled:filled + len(members)].copy()
-            why = self.fmt.decode_into(payloads, dest, to)            # every shard's records in one pass
+            why = self.fmt.decode_into(payloads, dest, to, [records[s] for s in order])   # all shards in one pass
             ok = np.array([w is None for w in why], dtype=bool)
             free[filled:filled + len(members)] = np.concatenate([to[ok], to[~ok]])  # rows of bad ones: for the top-up
             slot_of_row[to[ok]] = np.asarray(members, dtype=np.int64)[ok]

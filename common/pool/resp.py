@@ -133,13 +133,16 @@ class SlotFormat:
             rows, cand = rows[ok], [j for j, g in zip(cand, ok.tolist()) if g]
         return rows, cand, why
 
-    def decode_into(self, payloads: list, dest: dict, rows: np.ndarray) -> list[str | None]:
+    def decode_into(self, payloads: list, dest: dict, rows: np.ndarray, segments: list | None = None) -> list[str | None]:
         """Stored records (bytes-like or None) -> rows ``rows[j]`` of ``dest`` (wire-dtype arrays x_t, eps,
         logvar [n, C, H, W], t, y [n]); returns per payload None (written) or why it is corrupt (its row
         is then zeros with t untouched, for the caller to reuse or leave empty).
 
-        Each tensor is copied once, from the read buffer straight into its contiguous row; then the
-        headers and the checksums of the whole batch are checked in a few vectorised numpy operations.
+        Each tensor is copied once, from the read buffer straight into its row; then the headers and
+        the checksums of the whole batch are checked in a few vectorised numpy operations. ``segments``:
+        the replies ``payloads`` concatenates (default: one). A reply of equal-length records at a
+        regular stride in one read buffer (``Bulks``: an HMGET of intact records) is copied with one
+        strided numpy copy per field; anything else record by record.
         """
         if self.field_bytes % 8:           # fields padded on the wire: no word sums over the rows
             staged, idx, why = self.stage(payloads)
@@ -151,26 +154,33 @@ class SlotFormat:
                 if dest.get("y") is not None:
                     dest["y"][to] = self.y_of(staged)
             return why
-        L, k, count = self.record_bytes, len(payloads), self.field_bytes // self.wire.itemsize
-        flat = {name: dest[name].reshape(len(dest[name]), -1) for name in self.fields}
-        offsets = [(flat[name], HEADER_BYTES + i * self.field_stride) for i, name in enumerate(self.fields)]
+        L, k = self.record_bytes, len(payloads)
+        flat = [dest[name].reshape(len(dest[name]), -1).view(np.uint8) for name in self.fields]
+        offsets = [(a, HEADER_BYTES + i * self.field_stride) for i, a in enumerate(flat)]
         why: list[str | None] = [None] * k
         hdr = np.empty((k, HEADER_BYTES), dtype=np.uint8)
         trailer = np.empty(k, dtype=np.uint64)
-        cand = []
-        for j, p in enumerate(payloads):
-            if p is None:
-                why[j] = "READY slot holds no record"
-                continue
-            if len(p) != L:
-                why[j] = self._reason(p)
-                continue
-            r = rows[j]
-            hdr[j] = np.frombuffer(p, dtype=np.uint8, count=HEADER_BYTES)
-            for a, o in offsets:
-                a[r] = np.frombuffer(p, dtype=self.wire, count=count, offset=o)
-            trailer[j] = np.frombuffer(p, dtype="<u8", count=1, offset=L - 8)[0]
-            cand.append(j)
+        cand: list[int] = []
+        base = 0
+        for seg in (segments if segments is not None else [payloads]):
+            if self._strided_copy(seg, base, offsets, hdr, trailer, rows):
+                cand += range(base, base + len(seg))
+            else:
+                for j in range(base, base + len(seg)):
+                    p = payloads[j]
+                    if p is None:
+                        why[j] = "READY slot holds no record"
+                        continue
+                    if len(p) != L:
+                        why[j] = self._reason(p)
+                        continue
+                    a8 = np.frombuffer(p, dtype=np.uint8)
+                    hdr[j] = a8[:HEADER_BYTES]
+                    for a, o in offsets:
+                        a[rows[j]] = a8[o:o + self.field_bytes]
+                    trailer[j] = a8[L - 8:].view("<u8")[0]
+                    cand.append(j)
+            base += len(seg)
         if not cand:
             return why
         c = np.asarray(cand)
@@ -188,6 +198,24 @@ class SlotFormat:
             for a, _ in offsets:
                 a[rows[j]] = 0
         return why
+
+    def _strided_copy(self, seg, base: int, offsets: list, hdr: np.ndarray, trailer: np.ndarray, rows: np.ndarray) -> bool:
+        """decode_into's copy of one reply as a single strided array; False (nothing done) unless it qualifies."""
+        L = self.record_bytes
+        if not isinstance(seg, Bulks) or len(seg) < 2 or any(len(p) != L for p in seg):
+            return False
+        starts = np.asarray(seg.starts)
+        step = int(starts[1] - starts[0])
+        if step < L or (np.diff(starts) != step).any():
+            return False
+        k = len(seg)
+        recs = np.ndarray((k, L), dtype=np.uint8, buffer=seg.buf, offset=int(starts[0]), strides=(step, 1))
+        hdr[base:base + k] = recs[:, :HEADER_BYTES]
+        trailer[base:base + k] = np.ascontiguousarray(recs[:, L - 8:]).view("<u8")[:, 0]
+        rr = rows[base:base + k]
+        for a, o in offsets:
+            a[rr] = recs[:, o:o + self.field_bytes]
+        return True
 
     def check(self, payload) -> np.ndarray:
         """One stored record -> its [1, L] row; RecordCorrupt naming what is wrong."""
@@ -286,7 +314,7 @@ class RespConnection:
         self.pos = self.end = 0
         big: list = []
         replies = [self._reply(big) for _ in commands]
-        return _resolve(replies, big, memoryview(self.buf)) if big else replies
+        return _resolve(replies, big, self.buf) if big else replies
 
     def _send(self, parts: list) -> None:
         """Send the parts in order without joining them (records go out from their own buffers)."""
@@ -379,12 +407,24 @@ class _Big:
         self.i = i
 
 
-def _resolve(x, big: list, mv: memoryview):
+class Bulks(list):
+    """A reply array whose items are all long bulk strings (memoryviews): ``buf`` and ``starts`` say where
+    each lies in the read buffer, so equal-length records at a regular stride can be read as one array."""
+
+    buf: bytearray
+    starts: list[int]
+
+
+def _resolve(x, big: list, buf: bytearray):
     if isinstance(x, _Big):
         start, n = big[x.i]
-        return mv[start:start + n]
+        return memoryview(buf)[start:start + n]
     if isinstance(x, list):
-        return [_resolve(v, big, mv) for v in x]
+        if x and all(isinstance(v, _Big) for v in x):
+            out = Bulks(_resolve(v, big, buf) for v in x)
+            out.buf, out.starts = buf, [big[v.i][0] for v in x]
+            return out
+        return [_resolve(v, big, buf) for v in x]
     return x
 
 

@@ -251,3 +251,65 @@ def test_pool_bench_quick_prints_one_json_line_per_case(capsys):
         assert r["draw_release_records_s"] > 0 and r["claim_fill_records_s"] > 0
         assert r["draw_ratio"] == pytest.approx(r["draw_release_records_s"] / r["ceiling_draw_records_s"], abs=1e-3)
         assert r["draw_release_GB_s"] == pytest.approx(r["draw_release_records_s"] * r["record_bytes"] / 1e9, abs=1e-4)
+
+
+def test_fast_fill_of_a_lost_claim_is_refused_and_leaves_no_stray_record(redis_server):
+    """A fill takes the fast path (plain HSET of the records, then the state script) while its claim has
+    time left; if the claim was lost meanwhile (here: another client resets the pool), the script refuses
+    and removes the records the HSET wrote, so the slots stay empty."""
+    pool = make_redis_pool(redis_server, 8, record_shape=SHAPE, shards=2, claim_timeout_s=60.0)
+    other = make_redis_pool(redis_server, 8, record_shape=SHAPE, shards=2, claim_timeout_s=60.0, name=pool.cfg.name)
+    c = pool.claim_refill(8)
+    other.reset()
+    assert not fill_claim(pool, c, SHAPE)
+    st = pool.stats()
+    assert st.counts == dict(READY=0, LEASED=0, REFILL=8, FILLING=0) and st.produced_total == 0
+    client = redis_server.client()
+    assert all(client.hlen(pool.keys(s)[6]) == 0 for s in range(2))
+    c2 = other.claim_refill(8)
+    assert (c2.batch.t == -1).all(), "the refused records did not become previous records"
+    assert fill_claim(other, c2, SHAPE)
+    d = pool.draw(8)
+    check_records(d.slots, d.batch)
+    other.close()
+    pool.close()
+
+
+def test_leased_and_filling_zsets_stay_skiplists_and_are_counted_without_their_sentinel(redis_server):
+    pool = make_redis_pool(redis_server, 6, record_shape=SHAPE, shards=1)
+    client = redis_server.client()
+    leased, filling = pool.keys(0)[3], pool.keys(0)[4]
+    assert client.object("encoding", leased) == b"skiplist" and client.object("encoding", filling) == b"skiplist"
+    assert pool.stats().counts == dict(READY=0, LEASED=0, REFILL=6, FILLING=0)
+    fill_all(pool)
+    d = pool.draw(6)
+    pool.release(d.lease_id)
+    assert client.object("encoding", leased) == b"skiplist", "an emptied zset is not deleted"
+    assert pool.stats().counts == dict(READY=0, LEASED=0, REFILL=6, FILLING=0)
+    pool.close()
+
+
+def test_threads_sharing_one_pool_object_get_their_own_records(redis_server):
+    """Each thread has its own connection (replies are views of its read buffer)."""
+    pool = make_redis_pool(redis_server, 64, record_shape=(3, 8, 8), shards=1, samples_per_insert=1e9)
+    while pool.stats().counts["REFILL"]:
+        c = pool.claim_refill(64, timeout_s=2.0)
+        assert fill_claim(pool, c, (3, 8, 8))
+    errors = []
+
+    def trainer():
+        try:
+            for _ in range(20):
+                d = pool.draw(16, timeout_s=10.0)
+                check_records(d.slots, d.batch)
+                pool.release(d.lease_id)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=trainer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    pool.close()
