@@ -2,11 +2,14 @@
 
 A PoolShard keeps all of its state in these arrays (slot states, lease and claim
 owners with their deadlines, counters, the records). Private memory serves the
-local backend and shard actors whose clients are elsewhere. Shared memory is one
-file in a tmpfs (``/dev/shm``) that the shard actor creates and every co-located
-client maps: a client then runs the shard's transitions itself, under the file's
-lock, and copies records straight between the mapping and its tensors, with no
-RPC and no serialization (the Ray backend's fast path, docs/pool.md).
+local backend and shard actors whose clients are elsewhere. Shared memory is an
+anonymous memory file (memfd) that the shard actor creates and every co-located
+client maps through ``/proc/<actor pid>/fd/<fd>``: a client then runs the shard's
+transitions itself, under the file's lock, and copies records straight between
+the mapping and its tensors, with no RPC and no serialization (the Ray backend's
+fast path, docs/pool.md). A memfd lives exactly as long as some process holds it,
+so a killed actor leaks nothing, and it is not bounded by a container's small
+``/dev/shm``.
 
 File layout (every array 64-byte aligned, in this order):
 
@@ -22,10 +25,8 @@ kernel drops the lock of a process that dies, so a killed client never wedges a
 shard; every transition writes a slot's owner and deadline before its state, so a
 client killed inside one leaves each slot in exactly one valid state.
 
-Lifetime: the creating process (the shard actor) unlinks the file when it closes;
-a file whose owner died without closing (SIGKILL) is unlinked by the next shard
-created on the node (``reap``). Clients check the owner's pid before each call and
-treat a dead owner as a dead shard.
+Lifetime: clients check the owner's pid (at most every 50 ms) and the header's
+closed flag before each call and treat a dead or closed owner as a dead shard.
 """
 
 from __future__ import annotations
@@ -45,8 +46,6 @@ from common.pool.base import PoolError
 
 MAGIC = 0x444B444D53484D31          # "DKDMSHM1"
 VERSION = 1
-SHM_DIR = "/dev/shm"
-PREFIX = "dkdm-pool-"
 _H_MAGIC, _H_VERSION, _H_N, _H_PID, _H_UID, _H_FLAGS, _H_LAYOUT = range(7)
 FLAG_GROUPS = 1                      # consumer groups attached: only the owner may run transitions
 FLAG_CLOSED = 2
@@ -141,25 +140,25 @@ class ShardMemory:
 
     @classmethod
     def create(cls, tag: str, n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool,
-               counters: int, directory: str = SHM_DIR) -> "ShardMemory":
-        """A new shared file ``<directory>/dkdm-pool-<tag>-<uid>``; every page reserved up front.
+               counters: int) -> "ShardMemory":
+        """New shared memory (an anonymous memfd, every page reserved up front); clients open it by
+        ``path`` (``/proc/<pid>/fd/<fd>``), so it vanishes with its last user and never leaks.
 
-        Raises PoolError (one line) when the tmpfs cannot hold it: a full tmpfs would otherwise
-        kill the first process that touches an unbacked page (SIGBUS).
+        Raises PoolError (one line) when memory cannot hold it, instead of an out-of-memory kill later.
         """
-        reap(directory)
         plan, size = _plan(n, record_shape, storage_dtype, has_logvar, has_label, counters)
-        safe = "".join(ch if ch.isalnum() or ch in "._" else "_" for ch in tag)[:80]
-        path = os.path.join(directory, f"{PREFIX}{safe}-{uuid.uuid4().hex[:12]}")
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        check_memory(size, f"a pool shard ({tag})")
+        if not hasattr(os, "memfd_create"):
+            raise PoolError("shared pool memory needs Linux (memfd_create); set pool.shared_memory=false")
+        fd = os.memfd_create(f"dkdm-pool-{tag}"[:240], os.MFD_CLOEXEC)
         try:
+            os.ftruncate(fd, size)
             os.posix_fallocate(fd, 0, size)
         except OSError as err:
             os.close(fd)
-            os.unlink(path)
-            raise PoolError(f"cannot reserve {size / 2**20:.1f} MiB of shared memory in {directory} for a pool shard "
-                            f"({err.strerror}); enlarge it (docker: shm_size) or set pool.shared_memory=false") from None
-        mem = cls._map(path, fd, plan, size, owner=True)
+            raise PoolError(f"cannot reserve {size / 2**20:.1f} MiB of shared memory for a pool shard ({err.strerror}); "
+                            f"use fewer slots or pool.storage_dtype=fp16") from None
+        mem = cls._map(f"/proc/{os.getpid()}/fd/{fd}", fd, plan, size, owner=True)
         mem._init_header(n, record_shape, storage_dtype, has_logvar, has_label, counters)
         return mem
 
@@ -246,14 +245,13 @@ class ShardMemory:
         self.a["clock"][_C_NEXT_DEADLINE] = v
 
     def close(self) -> None:
-        """Unmap (and unlink, for the creator). Arrays handed out before stay valid only while referenced."""
+        """Close this process's handle (the owner first marks the memory closed for every client).
+        The pages are freed when the last process that maps them drops its arrays."""
         if self.path is None:
             return
         if self.owner:
             with contextlib.suppress(Exception):
                 self.set_flag(FLAG_CLOSED, True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
@@ -261,27 +259,16 @@ class ShardMemory:
         self.path = None
 
 
-def reap(directory: str = SHM_DIR) -> list[str]:
-    """Unlink shard files whose owner process is gone (killed without closing) -> the paths removed."""
-    removed = []
+def check_memory(size: int, what: str) -> None:
+    """PoolError unless ``size`` bytes fit in the memory available now (Linux MemAvailable)."""
     try:
-        names = [f for f in os.listdir(directory) if f.startswith(PREFIX)]
-    except OSError:
-        return removed
-    for name in names:
-        path = os.path.join(directory, name)
-        try:
-            with open(path, "rb") as f:
-                head = np.frombuffer(f.read(16 * 8), dtype=np.int64)
-        except OSError:
-            continue
-        if len(head) < 16 or head[_H_MAGIC] != MAGIC:
-            continue
-        if head[_H_FLAGS] & FLAG_CLOSED or not pid_alive(int(head[_H_PID])):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-                removed.append(path)
-    return removed
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return
+    if size > avail:
+        raise PoolError(f"{what} needs {size / 2**30:.2f} GiB but only {avail / 2**30:.2f} GiB of memory is available; "
+                        f"use fewer slots, more shards on more nodes, or pool.storage_dtype=fp16")
 
 
 def lease_key(lease_id: str) -> int:

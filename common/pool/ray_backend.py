@@ -83,10 +83,10 @@ def _view_wire(w: dict, storage: str) -> RecordBatch:
 class ShardServer:
     """A PoolShard speaking numpy over RPC, plus the pool-wide bits kept on shard 0 (layout, blocked time).
 
-    With ``pool.shared_memory`` the shard's slots live in a file in /dev/shm that clients on this
-    node map (``where``); the actor owns the file (unlinks it on ``shutdown``/reset; a killed actor's
-    file is reaped by the next shard created on the node) and refreshes the slot gauges every second,
-    since clients' transitions do not pass through it.
+    With ``pool.shared_memory`` the shard's slots live in shared memory (memory.py: a memfd) that
+    clients on this node map (``where``); the actor marks it closed on ``shutdown``/reset (the pages
+    go with the last process that maps them) and refreshes the slot gauges every second, since
+    clients' transitions do not pass through it.
     """
 
     def __init__(self, meta: dict, **shard_kw):
@@ -127,7 +127,7 @@ class ShardServer:
                 "uid": mem.uid if mem.path else None, "note": self.shm_note}
 
     def shutdown(self) -> None:
-        """Unlink the shared slots (clients that still map them see the shard as closed)."""
+        """Close the shared slots: clients that still map them see the shard as closed."""
         if self.shard is not None:
             self.shard.mem.close()
 
@@ -358,7 +358,8 @@ class RayPool(Pool):
         self._setup(state["meta"], state["handles"], owner=False)
 
     def _shutdown_actors(self) -> None:
-        """Ask every live shard actor to unlink its shared slots (before it is killed)."""
+        """Ask every live shard actor to mark its shared slots closed (before it is killed), so that
+        clients still mapping them fail at once instead of working on memory nobody serves."""
         refs = []
         for h in self.handles:
             try:
@@ -367,7 +368,7 @@ class RayPool(Pool):
                 pass
         try:
             ray.wait(refs, num_returns=len(refs), timeout=10)
-        except Exception:  # noqa: BLE001 - a dead actor: the next shard on its node reaps the file
+        except Exception:  # noqa: BLE001 - a dead actor: its memory went with it
             pass
 
     def _get(self, refs, what: str):
