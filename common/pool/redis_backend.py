@@ -10,6 +10,7 @@ i mod n when ``redis_url`` lists n servers):
     {tag}:refill   set    REFILL slot ids
     {tag}:leased   zset   LEASED slot ids scored by lease deadline (server clock, seconds)
     {tag}:filling  zset   FILLING slot ids scored by claim deadline
+                          (each also holds one sentinel member scored +inf: see _ZSET_SENTINEL)
     {tag}:owner    hash   slot -> lease or claim id (a LEASED/FILLING slot has exactly one)
     {tag}:rec      hash   slot -> stored record (resp.SlotFormat: fixed header, raw tensors, word-sum
                           checksum); absent = empty
@@ -27,6 +28,21 @@ then expires overdue leases (LEASED -> READY) and claims (FILLING -> REFILL).
 Deadlines use the Redis server's clock (``TIME``), the one clock every client
 of a shard agrees on; ``Draw.deadline``/``Claim.deadline`` are the client's
 estimate in ``time.time()``.
+
+Round trips (pipelined per server; plain redis:// and unix:// URLs go through our own RESP
+client, resp.RespConnection, TLS and Redis Cluster through redis-py):
+
+- draw, one shard: the draw script (it checks the warm-up and READY itself and leases all b or
+  nothing), then one HMGET of the records. Several shards: a counts round (the exact
+  hypergeometric split needs the READY counts), the draw scripts, one HMGET per shard.
+- release: one script per shard.
+- claim, one shard: the claim script, then one HMGET of the previous records; several shards:
+  counts first.
+- fill: per shard a plain HSET of the records into {tag}:rec and the state script, in one round
+  (while the claim has a margin of time left; else the records go through the script's ARGV).
+Records never pass through Lua on the hot path: Lua copies every payload into a Lua string and
+back (4.7 MB: 15.6 ms returned from a script against 4.7 ms for an HMGET; ~12 ms as ARGV against
+~6 ms for an HSET, measured on the 2-core development machine).
 
 Semantics follow base.py and shard.py exactly (rate limiting, uses, corruption,
 snapshots); blocking is client-side polling with a growing sleep (1 ms..50 ms).
@@ -144,7 +160,8 @@ expire(now)
 """
 
 # ARGV: k, lease_id, lease_timeout_s, count_call (1 on one shard per draw call), record_bytes,
-#   min_ready, all_or_nothing -> {members, ages, deadline, counts {READY, LEASED, REFILL, FILLING, inserted}}
+#   min_ready, all_or_nothing -> {members "m1,m2,...", ages "a1,a2,...", deadline,
+#   counts {READY, LEASED, REFILL, FILLING, inserted}} (two strings, not 2b array items to parse)
 # all_or_nothing=1 (a pool of one shard: no counts round before the draw): lease nothing unless the
 # shard holds k READY slots and has seen min_ready inserts. The records are read after it with a plain
 # HMGET (nothing else can change a LEASED slot's record): returning them from Lua cost 15.6 ms for
@@ -158,11 +175,11 @@ local k = tonumber(ARGV[1])
 if ARGV[7] == '1' then
   local inserted = tonumber(redis.call('HGET', KEYS[11], 'inserted') or '0')
   if inserted < tonumber(ARGV[6]) or redis.call('SCARD', KEYS[2]) < k then
-    return {{}, {}, tostring(now), counts()}
+    return {'', '', tostring(now), counts()}
   end
 end
 local members = redis.call('SPOP', KEYS[2], k)
-if #members == 0 then return {{}, {}, tostring(now), counts()} end
+if #members == 0 then return {'', '', tostring(now), counts()} end
 local deadline = now + tonumber(ARGV[3])
 chunked('ZADD', KEYS[4], pairs_of(members, deadline, true)); chunked('HSET', KEYS[6], pairs_of(members, ARGV[2]))
 chunked('SADD', KEYS[12], members)
@@ -178,7 +195,7 @@ redis.call('HINCRBY', KEYS[11], 'consumed', #members)
 redis.call('HINCRBY', KEYS[11], 'bytes_out', #members * tonumber(ARGV[5]))
 redis.call('HINCRBY', KEYS[11], 'draws', tonumber(ARGV[4]))
 redis.call('HINCRBY', KEYS[11], 'age_sum', age_sum)
-return {members, ages, tostring(deadline), counts()}
+return {table.concat(members, ','), table.concat(ages, ','), tostring(deadline), counts()}
 """
 
 # ARGV: lease_id, refund (1: back to READY, no use spent) -> slots released
@@ -710,14 +727,16 @@ class RedisPool(Pool):
         if self.shards == 1:
             r = self._run([(0, "draw", lease_id, [need, lease_id, self.cfg.lease_timeout_s, int(first), self.record_bytes,
                                                   self.min_ready, 1])])[0]
-            return ({0: r} if len(r[0]) else {}), np.array([r[3]], dtype=np.int64)
+            r = _split_draw_reply(r)
+            return ({0: r} if r[0] else {}), np.array([r[3]], dtype=np.int64)
         rows = self._counts()
         if int(rows[:, 4].sum()) < self.min_ready or int(rows[:, 0].sum()) < need:
             return {}, rows
         split = split_draw(rows[:, 0], need, self.rng)
         res = self._run([(s, "draw", lease_id, [int(split[s]), lease[0], lease[1], int(first and j == 0), self.record_bytes, 0, 0])
                          for j, s in enumerate(np.flatnonzero(split).tolist())])
-        return {s: r for s, r in res.items() if len(r[0])}, rows
+        res = {s: _split_draw_reply(r) for s, r in res.items()}
+        return {s: r for s, r in res.items() if r[0]}, rows
 
     def draw(self, b: int, timeout_s: float | None = None, group: str | None = None) -> Draw:
         """Lease b READY slots uniformly at random over all shards (multivariate hypergeometric split)."""
@@ -1087,6 +1106,14 @@ class RedisPool(Pool):
                 c.close()
             except Exception:  # noqa: BLE001 - closing a dead connection is fine
                 pass
+
+
+def _split_draw_reply(r: list) -> tuple[list[bytes], list[bytes], bytes, list]:
+    """The draw script's reply -> (slot ids, ages, deadline, counts), the two lists from their strings."""
+    def split(x) -> list[bytes]:
+        return bytes(x).split(b",") if len(x) else []
+
+    return split(r[0]), split(r[1]), r[2], r[3]
 
 
 def _rebuild(args: dict) -> RedisPool:
