@@ -5,7 +5,8 @@
     python benchmarks/pool_bench.py --backends redis --redis-url redis://host:6379/0
 
 Records are b = 128 of 3x32x32 fp32 with x_t, eps and logvar (36 KiB of tensors each,
-issue 4). Each case builds a pool of ``clients * iters * b`` slots, then
+issue 4). Each case builds a pool of ``clients * (iters + warmup) * b`` slots, then (every
+client first makes ``warmup`` untimed calls of each phase: a steady state is measured)
 
 1. claim+fill: every client process claims b slots and fills them, ``iters`` times,
    until the pool is full (timed from a common start to the last client's end);
@@ -13,19 +14,23 @@ issue 4). Each case builds a pool of ``clients * iters * b`` slots, then
    built with samples_per_insert = 1e9 so a release returns the slot to READY and
    the phase can run without teachers).
 
-Throughput = records moved / wall seconds, as records/s and GB/s of tensor bytes
-(1e9 bytes). The raw ceiling is measured in the same run on the same machine:
+Throughput in records/s and GB/s of tensor bytes (1e9 bytes). The raw ceiling is
+measured in the same run on the same machine:
 
 - redis: ``redis-benchmark -t set,get -d <record bytes> -c <clients> -P <b> -r n/4`` against
-  the same server (SET is the ceiling of fill, GET of draw);
-- ray: a plain numpy copy of the same bytes between the pool's memory and a batch, in one
-  process, multiplied by the number of client processes but not beyond the number of
-  CPUs: for draw, b records gathered from random slots of arrays as large as the pool
-  (``x[idx]`` per tensor field, what any draw must copy at least once); for fill, b
-  records scattered into random slots (``x[idx] = batch``). ``ceiling_hot_copy_records_s``
-  also reports ``np.copy`` of one b-record buffer over and over (it stays in the CPU's
-  cache, so it is an upper bound no pool can meet: it was the ceiling of the first
-  version of this benchmark).
+  the same server (SET is the ceiling of fill, GET of draw), right after the case; the
+  pool's throughput is records moved / wall seconds from the common start to the last
+  client's end.
+- ray: a plain numpy copy of the same bytes between memory as large as the pool and a
+  batch, done by every client process itself, interleaved with its pool calls (one copy
+  before every draw+release or claim+fill, timed apart), so the ceiling and the pool meet
+  the same load on this shared machine: for draw, b records gathered from random slots
+  (``x[idx]`` per tensor field: what any draw must copy at least once); for fill, b records
+  scattered into random slots (``x[idx] = batch``). Throughputs are summed over the
+  clients (each client's records / its seconds in pool calls, or in copies).
+  ``ceiling_hot_copy_records_s`` also reports ``np.copy`` of one b-record buffer over and
+  over in one process (it stays in the CPU's cache, so no pool can meet it: it was the
+  ceiling of the first version of this benchmark).
 
 ``ratio`` = pool throughput / ceiling (issue 4's target: at least 0.5).
 """
@@ -60,66 +65,98 @@ def make_batch(n: int, shape: tuple[int, int, int], seed: int) -> RecordBatch:
                        eps=torch.randn(n, *shape, generator=g), logvar=torch.randn(n, *shape, generator=g))
 
 
-def client_loop(pool, phase: str, b: int, iters: int, shape, barrier: str | None, seed: int) -> tuple[int, float, float]:
-    """One client: ``iters`` claim+fill or draw+release of b records -> (records, start, end).
+def client_loop(pool, phase: str, b: int, iters: int, shape, barrier: str | None, seed: int,
+                ceiling_slots: int = 0, warmup: int = 0) -> tuple[int, float, float, float, float]:
+    """One client: ``iters`` claim+fill or draw+release of b records
+    -> (records, start, end, seconds in pool calls, seconds in ceiling copies).
 
     ``barrier``: a folder; the client writes ``ready-<seed>`` once set up (its batch made, the pool's
     shards mapped: one-time costs of a process) and starts when the driver writes ``go``.
+    ``ceiling_slots`` > 0: before every pool call, copy the same bytes between a batch and random
+    slots of arrays of that many slots (gather for draw, scatter for fill), timed apart.
+    ``warmup``: untimed calls first (a steady state is measured, not a process's first page faults).
     """
     torch.set_num_threads(1)
     batch = make_batch(b, shape, seed)
+    rng = np.random.default_rng(seed)
+    fields = [f for f in (batch.x_t, batch.eps, batch.logvar) if f is not None]
+    store = [rng.standard_normal((ceiling_slots, *shape), dtype=np.float32) for _ in fields] if ceiling_slots else []
+    src = [f.numpy() for f in fields]
     getattr(pool, "_shard_views", lambda: None)()      # Ray: map co-located shards before the clock starts
+    for _ in range(warmup):                             # untimed: a process's first calls pay for page faults
+        _one_call(pool, phase, b, batch)
     if barrier is not None:
         open(os.path.join(barrier, f"ready-{seed}"), "w").close()
         while not os.path.exists(os.path.join(barrier, "go")):
             time.sleep(0.001)
     t0 = time.time()
-    moved = 0
+    moved, in_pool, in_copy = 0, 0.0, 0.0
     for _ in range(iters):
-        if phase == "fill":
-            c = pool.claim_refill(b, timeout_s=60)
-            pool.fill(c.claim_id, batch.index(slice(0, len(c))))
-            moved += len(c)
-        else:
-            d = pool.draw(b, timeout_s=60)
-            pool.release(d.lease_id)
-            moved += len(d.batch)
-    return moved, t0, time.time()
+        if store:
+            idx = np.sort(rng.choice(ceiling_slots, b, replace=False))
+            c0 = time.perf_counter()
+            if phase == "fill":
+                for a, x in zip(store, src):
+                    a[idx] = x
+            else:
+                for a in store:
+                    a[idx]          # noqa: B018 - the gather itself is the measurement
+            in_copy += time.perf_counter() - c0
+        p0 = time.perf_counter()
+        n = _one_call(pool, phase, b, batch)
+        in_pool += time.perf_counter() - p0
+        moved += n
+    return moved, t0, time.time(), in_pool, in_copy
 
 
-def _proc_main(pool, phase, b, iters, shape, barrier, seed, q):
-    q.put(client_loop(pool, phase, b, iters, shape, barrier, seed))
+def _one_call(pool, phase: str, b: int, batch) -> int:
+    """One claim+fill or draw+release of b records -> records moved."""
+    if phase == "fill":
+        c = pool.claim_refill(b, timeout_s=60)
+        pool.fill(c.claim_id, batch.index(slice(0, len(c))))
+        return len(c)
+    d = pool.draw(b, timeout_s=60)
+    pool.release(d.lease_id)
+    return len(d.batch)
 
 
-def run_clients(backend: str, pool, phase: str, clients: int, b: int, iters: int, shape) -> float:
-    """Run ``clients`` client processes at once (started together once all are set up) -> records/s
-    over the common wall time."""
+def _proc_main(pool, phase, b, iters, shape, barrier, seed, warmup, q):
+    q.put(client_loop(pool, phase, b, iters, shape, barrier, seed, 0, warmup))
+
+
+def run_clients(backend: str, pool, phase: str, clients: int, b: int, iters: int, shape,
+                ceiling_slots: int = 0, warmup: int = 0) -> tuple[float, float | None]:
+    """Run ``clients`` client processes at once (started together once all are set up)
+    -> (pool records/s, ceiling records/s or None): with ``ceiling_slots`` both are sums of the
+    clients' rates over their seconds in pool calls and in copies, else the pool's over the wall time."""
     if clients == 1 and backend == "redis":      # one client: run it here (no process start in --quick)
-        moved, t0, t1 = client_loop(pool, phase, b, iters, shape, None, 0)
-        return moved / (t1 - t0)
-    barrier = tempfile.mkdtemp(prefix="pool_bench_barrier_")
-    try:
-        if backend == "ray":
-            import ray
+        res = [client_loop(pool, phase, b, iters, shape, None, 0, 0, warmup)]
+    else:
+        barrier = tempfile.mkdtemp(prefix="pool_bench_barrier_")
+        try:
+            if backend == "ray":
+                import ray
 
-            fn = ray.remote(num_cpus=0)(client_loop)
-            refs = [fn.remote(pool, phase, b, iters, shape, barrier, i) for i in range(clients)]
-            _release_barrier(barrier, clients)
-            res = ray.get(refs)
-        else:
-            ctx = mp.get_context("spawn")
-            q = ctx.Queue()
-            procs = [ctx.Process(target=_proc_main, args=(pool, phase, b, iters, shape, barrier, i, q)) for i in range(clients)]
-            for p in procs:
-                p.start()
-            _release_barrier(barrier, clients)
-            res = [q.get(timeout=600) for _ in procs]
-            for p in procs:
-                p.join()
-    finally:
-        shutil.rmtree(barrier, ignore_errors=True)
-    moved = sum(r[0] for r in res)
-    return moved / (max(r[2] for r in res) - min(r[1] for r in res))
+                fn = ray.remote(num_cpus=0)(client_loop)
+                refs = [fn.remote(pool, phase, b, iters, shape, barrier, i, ceiling_slots, warmup) for i in range(clients)]
+                _release_barrier(barrier, clients)
+                res = ray.get(refs)
+            else:
+                ctx = mp.get_context("spawn")
+                q = ctx.Queue()
+                procs = [ctx.Process(target=_proc_main, args=(pool, phase, b, iters, shape, barrier, i, warmup, q))
+                         for i in range(clients)]
+                for p in procs:
+                    p.start()
+                _release_barrier(barrier, clients)
+                res = [q.get(timeout=600) for _ in procs]
+                for p in procs:
+                    p.join()
+        finally:
+            shutil.rmtree(barrier, ignore_errors=True)
+    if ceiling_slots:
+        return sum(r[0] / r[3] for r in res), sum(r[0] / r[4] for r in res)
+    return sum(r[0] for r in res) / (max(r[2] for r in res) - min(r[1] for r in res)), None
 
 
 def _release_barrier(barrier: str, clients: int, timeout_s: float = 300.0) -> None:
@@ -150,30 +187,14 @@ def redis_ceiling(port: int, record_bytes: int, clients: int, b: int, n: int) ->
     return rps
 
 
-def copy_ceilings(record_bytes: int, clients: int, b: int, num_slots: int, shape, seconds: float) -> dict[str, float]:
-    """records/s of plain numpy copies of b records' bytes in one process, times min(clients, CPUs):
-    {"draw": gather from random slots, "fill": scatter into random slots, "hot": np.copy of one hot buffer}."""
-    rng = np.random.default_rng(0)
-    fields = record_bytes // (4 * int(np.prod(shape)))
-    pool = [rng.standard_normal((num_slots, *shape), dtype=np.float32) for _ in range(fields)]
-    batch = [rng.standard_normal((b, *shape), dtype=np.float32) for _ in range(fields)]
-    hot = np.concatenate([x.ravel() for x in batch])
-
-    def rate(step) -> float:
-        best = 0.0
-        for _ in range(3):          # the best of three: a ceiling is what the machine can do when left alone
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds / 3:
-                step(np.sort(rng.choice(num_slots, b, replace=False)))
-                n += 1
-            best = max(best, n * b / (time.perf_counter() - t0))
-        return best * min(clients, os.cpu_count() or 1)
-
-    def scatter(idx):
-        for a, x in zip(pool, batch):
-            a[idx] = x
-
-    return {"draw": rate(lambda idx: [a[idx] for a in pool]), "fill": rate(scatter), "hot": rate(lambda idx: np.copy(hot))}
+def hot_copy_rate(record_bytes: int, b: int, seconds: float) -> float:
+    """records/s of np.copy of one b-record buffer in one process (cache-hot: an upper bound)."""
+    hot = np.random.default_rng(0).standard_normal(b * record_bytes // 8)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        np.copy(hot)
+        n += 1
+    return n * b / (time.perf_counter() - t0)
 
 
 # --- cases --------------------------------------------------------------------------------------------------------
@@ -196,23 +217,24 @@ def build_pool(backend: str, url: str | None, shards: int, num_slots: int, shape
     return make_pool(cfg, num_slots, shape, has_logvar=True, has_label=False)
 
 
-def run_case(backend, url, port, shards, clients, b, iters, shape, record_bytes, draw_iters=None) -> dict:
-    pool = build_pool(backend, url, shards, clients * iters * b, shape)
+def run_case(backend, url, port, shards, clients, b, iters, shape, record_bytes, draw_iters=None, warmup=0) -> dict:
+    num_slots = clients * (iters + warmup) * b
+    pool = build_pool(backend, url, shards, num_slots, shape)
     extra = {}
+    copies = num_slots if backend == "ray" else 0
     try:
-        fill_rps = run_clients(backend, pool, "fill", clients, b, iters, shape)
-        draw_rps = run_clients(backend, pool, "draw", clients, b, draw_iters or iters, shape)
+        fill_rps, ceil_fill = run_clients(backend, pool, "fill", clients, b, iters, shape, copies, warmup)
+        draw_rps, ceil_draw = run_clients(backend, pool, "draw", clients, b, draw_iters or iters, shape, copies, warmup)
     finally:
         if backend == "redis":
             pool.destroy()
         pool.close()
     if backend == "redis":
-        raw = redis_ceiling(port, record_bytes, clients, b, max(clients * iters * b, 1000))
+        raw = redis_ceiling(port, record_bytes, clients, b, max(num_slots, 1000))
         ceil_fill, ceil_draw, how = raw["set"], raw["get"], "redis-benchmark SET/GET"
     else:
-        c = copy_ceilings(record_bytes, clients, b, clients * iters * b, shape, 1.5)
-        ceil_fill, ceil_draw, how = c["fill"], c["draw"], "numpy gather/scatter of the same bytes"
-        extra["ceiling_hot_copy_records_s"] = round(c["hot"], 1)
+        how = "numpy gather/scatter of the same bytes, interleaved in each client"
+        extra["ceiling_hot_copy_records_s"] = round(hot_copy_rate(record_bytes, b, 0.5), 1)
     gb = record_bytes / 1e9
     return {
         "backend": backend, "shards": shards, "clients": clients, "b": b, "record_shape": list(shape),
@@ -233,11 +255,12 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="3,32,32")
     ap.add_argument("--iters", type=int, default=10, help="claim+fill batches per client (the pool holds clients * iters * b slots)")
     ap.add_argument("--draw-iters", type=int, default=50, help="draw+release batches per client (the records are reused)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed calls per client and phase before the clock starts")
     ap.add_argument("--redis-url", default=None, help="an existing server (default: start one in a temp folder)")
     ap.add_argument("--quick", action="store_true", help="a few seconds: redis only, shards 1,2, clients 1, b 32, 3 iters")
     args = ap.parse_args(argv)
     if args.quick:
-        args.backends, args.shards, args.clients, args.b, args.iters, args.draw_iters = "redis", "1,2", "1", 32, 3, 3
+        args.backends, args.shards, args.clients, args.b, args.iters, args.draw_iters, args.warmup = "redis", "1,2", "1", 32, 3, 3, 0
     shape = tuple(int(s) for s in args.shape.split(","))
     record_bytes = 3 * int(np.prod(shape)) * 4          # x_t, eps, logvar in fp32
     backends = [s for s in args.backends.split(",") if s]
@@ -265,7 +288,8 @@ def main(argv=None) -> int:
                     url, port = server.url, server.port
             for shards in (int(s) for s in args.shards.split(",")):
                 for clients in (int(c) for c in args.clients.split(",")):
-                    row = run_case(backend, url, port, shards, clients, args.b, args.iters, shape, record_bytes, args.draw_iters)
+                    row = run_case(backend, url, port, shards, clients, args.b, args.iters, shape, record_bytes, args.draw_iters,
+                                   args.warmup)
                     print(json.dumps(row), flush=True)
     finally:
         if server is not None:

@@ -265,7 +265,7 @@ class LocalPool(Pool):
                 if m:
                     layout.append((i, m))
                     want -= m
-            out = self.shards[0].empty_batch(n - want)
+            out = self.shards[0].empty_batch(n - want, zeros=True)    # claim's ``out``: zero-filled
             parts, off = [], 0
             for i, m in layout:
                 parts.append(self.shards[i].claim(m, claim_id, now, out=out.index(slice(off, off + m))))

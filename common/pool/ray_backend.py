@@ -47,10 +47,10 @@ from common.pool.base import (
     split_draw,
     timeout_message,
 )
-from common.pool.codec import from_numpy, to_numpy, write_snapshot
+from common.pool.codec import to_numpy, write_snapshot
 from common.pool.local import load_snapshot_for, merge_stats, snapshot_header, surplus_inserted
 from common.pool.memory import ShardMemory
-from common.pool.shard import SHARD_COUNTERS, OwnerOnly, PoolShard, check_batch
+from common.pool.shard import SHARD_COUNTERS, OwnerOnly, PoolShard, check_batch, new_batch
 from common.records import RecordBatch
 
 SHARD_NUM_CPUS = 0.05
@@ -78,6 +78,15 @@ def _view_wire(w: dict, storage: str) -> RecordBatch:
 
         return RecordBatch(x_t=view(w["x_t"]), t=view(np.asarray(w["t"], dtype=np.int64), False), eps=view(w["eps"]),
                            logvar=view(w["logvar"]), y=view(None if w["y"] is None else np.asarray(w["y"], dtype=np.int64), False))
+
+
+def _copy_rows(out: RecordBatch, off: int, rec: RecordBatch) -> None:
+    """Write ``rec`` into rows [off, off + len(rec)) of ``out``."""
+    n = len(rec)
+    for name in ("x_t", "eps", "logvar", "t", "y"):
+        dst = getattr(out, name)
+        if dst is not None:
+            dst[off:off + n].copy_(getattr(rec, name))
 
 
 class ShardServer:
@@ -417,35 +426,36 @@ class RayPool(Pool):
 
     # --- the contract ---------------------------------------------------------------------
 
-    def _take(self, asked: list[tuple[int, int]], method: str, key: str, *extra, local: bool = True):
-        """Draw or claim ``m`` slots from each shard (mapped ones here unless ``local`` is False, the others by
-        parallel RPCs) -> ([(global slots, records, mine)] per shard that gave any, fresh counts by shard);
-        ``mine``: the records are this process's own memory (else views of a received, read-only buffer)."""
-        parts, counts, refs = [], {}, []
+    def _empty(self, n: int, zeros: bool = False) -> RecordBatch:
+        return new_batch(n, self.record_shape, self.storage_dtype, self.has_logvar, self.has_label, zeros)
+
+    def _take(self, asked: list[tuple[int, int]], method: str, key: str, out: RecordBatch, off: int, *extra,
+              local: bool = True):
+        """Draw or claim ``m`` slots from each shard (mapped ones here unless ``local`` is False, the others
+        by parallel RPCs), their records written into ``out`` from row ``off`` on (one copy per byte)
+        -> (global slot arrays in row order, the next free row, fresh counts of shards that fell short)."""
+        slots, counts, refs = [], {}, []
         for i, m in asked:
-            done, res = self._local(i, method, m, key) if local else (False, None)
+            done, res = self._local(i, method, m, key, out=out.index(slice(off, off + m))) if local else (False, None)
             if not done:
                 refs.append((i, getattr(self.handles[i], method).remote(m, key, *extra)))
                 continue
-            if len(res[0]):
-                parts.append((res[0], res[1], True))
-            if method == "draw" and len(res[0]) < m:      # lost a race: the next round needs its counts
+            got, rec = res
+            if len(got) and len(got) != m:        # fewer than asked: they came in their own storage
+                _copy_rows(out, off, rec)
+            slots.append(got)
+            off += len(got)
+            if method == "draw" and len(got) < m:     # lost a race: the next round needs its counts
                 counts[i] = self._view(i).counts()
         if refs:
             for (i, _), reply in zip(refs, self._get([r for _, r in refs], method)):
                 if len(reply[0]):
-                    parts.append((reply[0], _view_wire(reply[1], self.storage_dtype), False))
+                    _copy_rows(out, off, _view_wire(reply[1], self.storage_dtype))
+                slots.append(reply[0])
+                off += len(reply[0])
                 if method == "draw":
                     counts[i] = reply[2]
-        return parts, counts
-
-    @staticmethod
-    def _join(parts) -> tuple[torch.Tensor, RecordBatch]:
-        """Shard parts -> (global slots, one batch the caller owns): a single local part as it is, else one copy."""
-        slots = torch.from_numpy(np.concatenate([p[0] for p in parts]))
-        if len(parts) == 1 and parts[0][2]:
-            return slots, parts[0][1]
-        return slots, RecordBatch.cat([p[1] for p in parts])
+        return slots, off, counts
 
     def draw(self, b: int, timeout_s: float | None = None, group: str | None = None) -> Draw:
         if not 1 <= b <= self.num_slots:
@@ -457,9 +467,10 @@ class RayPool(Pool):
         if group is not None:
             what = f"{b} records new to consumer group {group!r} (warm-up needs {self.min_ready} inserted)"
         per, blocked = self._poll(ok, what, "draw", timeout_s, group)
-        lease_id, want, parts = uuid.uuid4().hex, b, []
+        lease_id, want, got_slots = uuid.uuid4().hex, b, []
         self.leases[lease_id] = list(range(len(self.handles)))
         deadline = time.time() + self.cfg.lease_timeout_s
+        out, off = self._empty(b), 0
         while want > 0:
             ready = np.array([c[col] for c in per])
             if ready.sum() < want:      # lost a race with another client: wait for the rest
@@ -473,13 +484,13 @@ class RayPool(Pool):
             take = split_draw(ready, want, self.rng)
             asked = [(i, int(m)) for i, m in enumerate(take) if m > 0]
             # a consumer group's draw goes to the actors, where the groups live
-            got, fresh = self._take(asked, "draw", lease_id, group, local=group is None)
+            slots, off, fresh = self._take(asked, "draw", lease_id, out, off, group, local=group is None)
             per = list(per)
             for i, c in fresh.items():
                 per[i] = c
-            parts += got
-            want -= sum(len(p[0]) for p in got)
-        slots, out = self._join(parts)        # shard order: the draw is random anyway
+            got_slots += slots
+            want = b - off
+        slots = torch.from_numpy(np.concatenate(got_slots))      # shard order: the draw is random anyway
         dt = time.perf_counter() - t0
         self._add_time("draw", blocked, dt)
         metrics.observe(metrics.POOL_DRAW_SECONDS, dt)
@@ -513,14 +524,16 @@ class RayPool(Pool):
                 if m:
                     asked.append((int(i), m))
                     want -= m
-            parts, _ = self._take(asked, "claim", claim_id)
-            if parts:          # else another client took them first: poll again
+            out = self._empty(sum(m for _, m in asked), zeros=True)     # claim's ``out``: zero-filled
+            parts, off, _ = self._take(asked, "claim", claim_id, out, 0)
+            if off:            # else another client took them first: poll again
                 break
+        parts = [p for p in parts if len(p)]
         # (shard, count) in the order of the claim's slots (a global slot tells its shard)
-        self.claims[claim_id] = [(next(k for k, (lo, hi) in enumerate(self.ranges) if lo <= int(p[0][0]) < hi), len(p[0]))
+        self.claims[claim_id] = [(next(k for k, (lo, hi) in enumerate(self.ranges) if lo <= int(p[0]) < hi), len(p))
                                  for p in parts]
-        slots, batch = self._join(parts)
-        return Claim(claim_id=claim_id, slots=slots, batch=batch, deadline=deadline)
+        return Claim(claim_id=claim_id, slots=torch.from_numpy(np.concatenate(parts)), batch=out.index(slice(0, off)),
+                     deadline=deadline)
 
     def fill(self, claim_id: str, batch: RecordBatch) -> bool:
         t0 = time.perf_counter()
