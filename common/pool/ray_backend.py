@@ -8,7 +8,12 @@ found within one Ray namespace, so drivers that share a pool pass the same
 ``ray.init(namespace=...)``). Without ``detached`` the actors die with the last
 handle of the creating client (Ray's ownership).
 
-Records cross the RPC boundary as a few numpy arrays per call (Ray serializes
+Shared memory (``pool.shared_memory``, the default): each shard's slots live in a
+memfd the actor owns (memory.py); a client on the actor's node maps it at its
+first call and runs draws, releases, claims and fills itself, as the same
+PoolShard code under the memory's lock: no RPC, records copied once. Clients on
+other nodes (and consumer groups, whose bookkeeping lives in the actor) use RPCs,
+where records cross the boundary as a few numpy arrays per call (Ray serializes
 numpy with zero-copy pickle-5 buffers; objects over 100 KiB go through the
 object store instead of being inlined), never one object per record.
 
