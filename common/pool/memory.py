@@ -20,7 +20,8 @@ File layout (every array 64-byte aligned, in this order):
     state uint8[n], t int64[n], uses int32[n], produced_at int64[n], owner int64[n], deadline float64[n],
     y int64[n] (has_label), x_t, eps, logvar (has_logvar) [n, C, H, W] storage dtype (bf16 as int16 bits)
 
-Locking: ``fcntl.flock`` on the file, exclusive, re-entrant within a process. The
+Locking: ``fcntl.flock`` on the file, exclusive, behind a threading.RLock (threads of one
+process, e.g. a trainer's prefetching thread, take turns; re-entrant within a thread). The
 kernel drops the lock of a process that dies, so a killed client never wedges a
 shard; every transition writes a slot's owner and deadline before its state, so a
 client killed inside one leaves each slot in exactly one valid state.
@@ -36,6 +37,7 @@ import fcntl
 import math
 import mmap
 import os
+import threading
 import time
 import uuid
 
@@ -86,14 +88,21 @@ def _plan(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label:
 
 
 class _FileLock:
-    """Exclusive flock on a file, re-entrant within the process (nested ``with`` keeps the lock)."""
+    """Exclusive flock on a file, re-entrant within a thread; threads of one process take turns on a
+    threading.RLock first (flock is per open file, so it cannot tell a process's threads apart)."""
 
     def __init__(self, fd: int):
         self.fd, self.depth = fd, 0
+        self.rlock = threading.RLock()
 
     def __enter__(self):
+        self.rlock.acquire()
         if self.depth == 0:
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+            except BaseException:
+                self.rlock.release()
+                raise
         self.depth += 1
         return self
 
@@ -101,6 +110,7 @@ class _FileLock:
         self.depth -= 1
         if self.depth == 0:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
+        self.rlock.release()
 
 
 def pid_alive(pid: int) -> bool:

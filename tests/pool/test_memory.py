@@ -85,6 +85,41 @@ def test_processes_share_one_shard_and_keep_the_invariant():
     mem.close()
 
 
+def test_threads_of_one_process_take_turns_on_a_mapped_shard():
+    """A trainer draws in a prefetching thread while its main thread releases: one view, two threads."""
+    import threading
+
+    mem = ShardMemory.create("test", **_layout())
+    owner = _shard(mem, view=False)
+    owner.k = 1000.0                        # records reused: the threads never run dry
+    slots, _ = owner.claim(N, "warm")
+    owner.fill("warm", _records(slots - owner.lo, np.zeros(N, dtype=np.int64)))
+    view = _shard(ShardMemory.attach(mem.path, uid=mem.uid, **_layout()), view=True)
+    errors, leased_twice = [], []
+
+    def worker(k: int) -> None:
+        try:
+            for r in range(300):
+                lid = f"t{k}-{r}"
+                got, batch = view.draw(8, lid)
+                if not ((view.owner[got] == lease_key(lid)) & (view.state[got] == SlotState.LEASED)).all():
+                    leased_twice.append(lid)
+                assert (batch.x_t[:, 0, 0, 0].numpy() == got).all()
+                view.release(lid)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == [] and leased_twice == []
+    c = owner.counts()
+    assert c["READY"] == N and c["LEASED"] == 0 and owner.c["consumed"] == 3 * 300 * 8
+    mem.close()
+
+
 def test_a_client_killed_holding_the_lock_does_not_wedge_the_shard():
     mem = ShardMemory.create("test", **_layout())
     owner = _shard(mem, view=False)
