@@ -26,7 +26,10 @@ measured in the same run on the same machine:
   before every draw+release or claim+fill, timed apart), so the ceiling and the pool meet
   the same load on this shared machine: for draw, b records gathered from random slots
   (``x[idx]`` per tensor field: what any draw must copy at least once); for fill, b records
-  scattered into random slots (``x[idx] = batch``). Throughputs are summed over the
+  scattered into random slots (``x[idx] = batch``); a gathered batch is kept until the
+  client's next call, as is the pool's drawn batch (a trainer holds it for its step; a batch
+  freed at once would be gathered into the same cache-hot buffer every time). Throughputs
+  are summed over the
   clients (each client's records / its seconds in pool calls, or in copies).
   ``ceiling_hot_copy_records_s`` also reports ``np.copy`` of one b-record buffer over and
   over in one process (it stays in the CPU's cache, so no pool can meet it: it was the
@@ -90,7 +93,7 @@ def client_loop(pool, phase: str, b: int, iters: int, shape, barrier: str | None
         while not os.path.exists(os.path.join(barrier, "go")):
             time.sleep(0.001)
     t0 = time.time()
-    moved, in_pool, in_copy = 0, 0.0, 0.0
+    moved, in_pool, in_copy, kept = 0, 0.0, 0.0, None
     for _ in range(iters):
         if store:
             idx = np.sort(rng.choice(ceiling_slots, b, replace=False))
@@ -98,26 +101,25 @@ def client_loop(pool, phase: str, b: int, iters: int, shape, barrier: str | None
             if phase == "fill":
                 for a, x in zip(store, src):
                     a[idx] = x
-            else:
-                for a in store:
-                    a[idx]          # noqa: B018 - the gather itself is the measurement
+            else:       # into a fresh batch the client keeps until its next call, as a draw's batch
+                kept = [a[idx] for a in store]  # noqa: F841 - held on purpose
             in_copy += time.perf_counter() - c0
         p0 = time.perf_counter()
-        n = _one_call(pool, phase, b, batch)
+        n, held = _one_call(pool, phase, b, batch)  # noqa: F841 - a drawn batch is held like ``kept``
         in_pool += time.perf_counter() - p0
         moved += n
     return moved, t0, time.time(), in_pool, in_copy
 
 
-def _one_call(pool, phase: str, b: int, batch) -> int:
-    """One claim+fill or draw+release of b records -> records moved."""
+def _one_call(pool, phase: str, b: int, batch):
+    """One claim+fill or draw+release of b records -> (records moved, the drawn batch or None)."""
     if phase == "fill":
         c = pool.claim_refill(b, timeout_s=60)
         pool.fill(c.claim_id, batch.index(slice(0, len(c))))
-        return len(c)
+        return len(c), None
     d = pool.draw(b, timeout_s=60)
     pool.release(d.lease_id)
-    return len(d.batch)
+    return len(d.batch), d.batch
 
 
 def _proc_main(pool, phase, b, iters, shape, barrier, seed, warmup, q):
