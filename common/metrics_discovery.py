@@ -127,14 +127,19 @@ def remove_target(path: Path) -> None:
         pass
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """The process exists on this machine and is not a zombie (exited, not yet reaped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def _remove_dead_targets(directory: Path) -> None:
@@ -144,5 +149,5 @@ def _remove_dead_targets(directory: Path) -> None:
         parts = path.stem.rsplit("-", 2)
         if len(parts) != 3 or parts[1] != host or not parts[2].isdigit():
             continue
-        if not _pid_alive(int(parts[2])):
+        if not pid_alive(int(parts[2])):
             remove_target(path)

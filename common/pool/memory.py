@@ -39,11 +39,11 @@ import mmap
 import os
 import threading
 import time
-import uuid
 
 import numpy as np
 import torch
 
+from common.metrics_discovery import pid_alive
 from common.pool.base import PoolError
 
 MAGIC = 0x444B444D53484D31          # "DKDMSHM1"
@@ -111,21 +111,6 @@ class _FileLock:
         if self.depth == 0:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
         self.rlock.release()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (exited, not yet reaped) is dead for us
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 class ShardMemory:
