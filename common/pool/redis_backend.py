@@ -108,8 +108,10 @@ _CHUNK = 2000   # members per variadic command inside scripts (Lua's C stack hol
 # batch measured here), and an emptied zset would be deleted and start as a listpack again.
 _ZSET_SENTINEL = "~dkdm-keeps-this-zset-a-skiplist~" + "~" * 40
 
-# KEYS (all scripts): 1 meta 2 ready 3 refill 4 leased 5 filling 6 owner 7 rec 8 t 9 uses 10 born 11 stats 12 group
-_PRELUDE = r"""
+# KEYS (one-shard scripts): 1 meta 2 ready 3 refill 4 leased 5 filling 6 owner 7 rec 8 t 9 uses 10 born
+#   11 stats 12 group. The functions take one shard's keys as a table K (the all-shard scripts below
+#   pass each shard's 12 keys in turn).
+_LIB = r"""
 local function now_s()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -131,8 +133,8 @@ local function pairs_of(members, v, first)
   return out
 end
 -- the members whose owner is id and that are in the zset key (LEASED or FILLING)
-local function owned_by(members, id, zkey)
-  local owners, scores, out = chunked('HMGET', KEYS[6], members), chunked('ZMSCORE', zkey, members), {}
+local function owned_by(K, members, id, zkey)
+  local owners, scores, out = chunked('HMGET', K[6], members), chunked('ZMSCORE', zkey, members), {}
   for i, m in ipairs(members) do
     if owners[i] == id and scores[i] then out[#out + 1] = m end
   end
@@ -142,21 +144,90 @@ end
 local function zcard(key)
   return redis.call('ZCARD', key) - (redis.call('ZSCORE', key, '{SENTINEL}') and 1 or 0)
 end
-local function expire(now)
-  local L = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)
+local function expire(K, now)
+  local L = redis.call('ZRANGEBYSCORE', K[4], '-inf', now)
   for _, m in ipairs(L) do
-    redis.call('ZREM', KEYS[4], m); redis.call('HDEL', KEYS[6], m); redis.call('SADD', KEYS[2], m)
+    redis.call('ZREM', K[4], m); redis.call('HDEL', K[6], m); redis.call('SADD', K[2], m)
   end
-  if #L > 0 then redis.call('HINCRBY', KEYS[11], 'expired_leases', #L) end
-  local F = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now)
+  if #L > 0 then redis.call('HINCRBY', K[11], 'expired_leases', #L) end
+  local F = redis.call('ZRANGEBYSCORE', K[5], '-inf', now)
   for _, m in ipairs(F) do
-    redis.call('ZREM', KEYS[5], m); redis.call('HDEL', KEYS[6], m); redis.call('SADD', KEYS[3], m)
+    redis.call('ZREM', K[5], m); redis.call('HDEL', K[6], m); redis.call('SADD', K[3], m)
   end
-  if #F > 0 then redis.call('HINCRBY', KEYS[11], 'expired_claims', #F) end
+  if #F > 0 then redis.call('HINCRBY', K[11], 'expired_claims', #F) end
 end
+-- {READY, LEASED, REFILL, FILLING, inserted}
+local function counts(K)
+  return {redis.call('SCARD', K[2]), zcard(K[4]), redis.call('SCARD', K[3]),
+          zcard(K[5]), tonumber(redis.call('HGET', K[11], 'inserted') or '0')}
+end
+-- Lease k READY slots of one shard (all of them READY: the caller checked) -> members, ages (strings
+-- "m1,m2,...", "a1,a2,..."); stats counted, draws by count_call.
+local function lease(K, k, lease_id, timeout_s, deadline, count_call, record_bytes)
+  local members = redis.call('SPOP', K[2], k)
+  if #members == 0 then return '', '' end
+  chunked('ZADD', K[4], pairs_of(members, deadline, true)); chunked('HSET', K[6], pairs_of(members, lease_id))
+  chunked('SADD', K[12], members)
+  redis.call('PEXPIRE', K[12], math.floor((timeout_s + 3600) * 1000))
+  local born = chunked('HMGET', K[10], members)
+  local produced = tonumber(redis.call('HGET', K[11], 'produced') or '0')
+  local ages, age_sum = {}, 0
+  for i = 1, #members do
+    ages[i] = produced - tonumber(born[i] or produced)
+    age_sum = age_sum + ages[i]
+  end
+  redis.call('HINCRBY', K[11], 'consumed', #members)
+  redis.call('HINCRBY', K[11], 'bytes_out', #members * record_bytes)
+  redis.call('HINCRBY', K[11], 'draws', count_call)
+  redis.call('HINCRBY', K[11], 'age_sum', age_sum)
+  return table.concat(members, ','), table.concat(ages, ',')
+end
+-- Claim up to k REFILL slots of one shard -> members "m1,m2,...", and per member '1' if its slot holds
+-- a record (the client reads only those: a claim of empty slots needs no HMGET) else '0'
+local function claim(K, k, claim_id, timeout_s, deadline)
+  local members = redis.call('SPOP', K[3], k)
+  if #members == 0 then return '', '' end
+  chunked('ZADD', K[5], pairs_of(members, deadline, true)); chunked('HSET', K[6], pairs_of(members, claim_id))
+  redis.call('DEL', K[12])
+  chunked('RPUSH', K[12], members)
+  redis.call('PEXPIRE', K[12], math.floor((timeout_s + 3600) * 1000))
+  local has = {}
+  for i, m in ipairs(members) do has[i] = redis.call('HEXISTS', K[7], m) == 1 and '1' or '0' end
+  return table.concat(members, ','), table.concat(has)
+end
+-- The exact multivariate hypergeometric split of k draws over the slots counted in avail[1..S]: each
+-- draw picks one of the slots left uniformly (a shard with probability its share of them), as one
+-- uniform draw of k slots over the union does (base.split_draw). Seeded by the client (ARGV).
+local function split(avail, k, seed)
+  math.randomseed(seed)
+  local left, out, rest = 0, {}, {}
+  for j, a in ipairs(avail) do left = left + a; out[j] = 0; rest[j] = a end
+  for _ = 1, k do
+    local r, j = math.random(left), 1
+    while r > rest[j] do r = r - rest[j]; j = j + 1 end
+    rest[j] = rest[j] - 1; out[j] = out[j] + 1; left = left - 1
+  end
+  return out
+end
+"""
+# One shard: check the marker, expire overdue leases and claims.
+_PRELUDE = _LIB + r"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('DKDMNOINIT ' .. KEYS[1]) end
 local now = now_s()
-expire(now)
+expire(KEYS, now)
+"""
+# All shards of one (non-cluster) server: KEYS holds 12 keys per shard, shard by shard -> KS[j]. A shard
+# without its marker fails the call (DKDMNOINIT: the client re-initialises the shards and retries).
+_PRELUDE_ALL = _LIB + r"""
+local KS = {}
+for j = 1, #KEYS / 12 do
+  local K = {}
+  for i = 1, 12 do K[i] = KEYS[12 * (j - 1) + i] end
+  if redis.call('EXISTS', K[1]) == 0 then return redis.error_reply('DKDMNOINIT ' .. K[1]) end
+  KS[j] = K
+end
+local now = now_s()
+for _, K in ipairs(KS) do expire(K, now) end
 """
 
 # ARGV: k, lease_id, lease_timeout_s, count_call (1 on one shard per draw call), record_bytes,
@@ -167,40 +238,49 @@ expire(now)
 # HMGET (nothing else can change a LEASED slot's record): returning them from Lua cost 15.6 ms for
 # 4.7 MB against 4.7 ms for the HMGET (Lua copies every payload into a Lua string and back).
 _DRAW = _PRELUDE + r"""
-local function counts()
-  return {redis.call('SCARD', KEYS[2]), zcard(KEYS[4]), redis.call('SCARD', KEYS[3]),
-          zcard(KEYS[5]), tonumber(redis.call('HGET', KEYS[11], 'inserted') or '0')}
-end
 local k = tonumber(ARGV[1])
 if ARGV[7] == '1' then
   local inserted = tonumber(redis.call('HGET', KEYS[11], 'inserted') or '0')
   if inserted < tonumber(ARGV[6]) or redis.call('SCARD', KEYS[2]) < k then
-    return {'', '', tostring(now), counts()}
+    return {'', '', tostring(now), counts(KEYS)}
   end
 end
-local members = redis.call('SPOP', KEYS[2], k)
-if #members == 0 then return {'', '', tostring(now), counts()} end
 local deadline = now + tonumber(ARGV[3])
-chunked('ZADD', KEYS[4], pairs_of(members, deadline, true)); chunked('HSET', KEYS[6], pairs_of(members, ARGV[2]))
-chunked('SADD', KEYS[12], members)
-redis.call('PEXPIRE', KEYS[12], math.floor((tonumber(ARGV[3]) + 3600) * 1000))
-local born = chunked('HMGET', KEYS[10], members)
-local produced = tonumber(redis.call('HGET', KEYS[11], 'produced') or '0')
-local ages, age_sum = {}, 0
-for i = 1, #members do
-  ages[i] = produced - tonumber(born[i] or produced)
-  age_sum = age_sum + ages[i]
+local members, ages = lease(KEYS, k, ARGV[2], tonumber(ARGV[3]), deadline, tonumber(ARGV[4]), tonumber(ARGV[5]))
+if members == '' then return {'', '', tostring(now), counts(KEYS)} end
+return {members, ages, tostring(deadline), counts(KEYS)}
+"""
+
+# The draw of a pool whose shards all live on one non-cluster server, in one call (no counts round):
+# ARGV: need, lease_id, lease_timeout_s, count_call, record_bytes, min_ready, seed
+#   -> {{members per shard}, {ages per shard}, deadline, {counts per shard (before the lease)}}
+# All or nothing: nothing is leased unless min_ready records were inserted (summed over shards) and
+# need slots are READY; then need is split over the shards by their READY counts (split) and each
+# shard leases its part as the one-shard draw does.
+_DRAW_ALL = _PRELUDE_ALL + r"""
+local need, rows, ready, inserted = tonumber(ARGV[1]), {}, {}, 0
+local members, ages = {}, {}
+for j, K in ipairs(KS) do
+  rows[j] = counts(K); ready[j] = rows[j][1]; inserted = inserted + rows[j][5]
+  members[j] = ''; ages[j] = ''
 end
-redis.call('HINCRBY', KEYS[11], 'consumed', #members)
-redis.call('HINCRBY', KEYS[11], 'bytes_out', #members * tonumber(ARGV[5]))
-redis.call('HINCRBY', KEYS[11], 'draws', tonumber(ARGV[4]))
-redis.call('HINCRBY', KEYS[11], 'age_sum', age_sum)
-return {table.concat(members, ','), table.concat(ages, ','), tostring(deadline), counts()}
+local total = 0
+for _, r in ipairs(ready) do total = total + r end
+if inserted < tonumber(ARGV[6]) or total < need then return {members, ages, tostring(now), rows} end
+local parts = split(ready, need, tonumber(ARGV[7]))
+local deadline, first = now + tonumber(ARGV[3]), tonumber(ARGV[4])
+for j, K in ipairs(KS) do
+  if parts[j] > 0 then
+    members[j], ages[j] = lease(K, parts[j], ARGV[2], tonumber(ARGV[3]), deadline, first, tonumber(ARGV[5]))
+    first = 0
+  end
+end
+return {members, ages, tostring(deadline), rows}
 """
 
 # ARGV: lease_id, refund (1: back to READY, no use spent) -> slots released
 _RELEASE = _PRELUDE + r"""
-local mine = owned_by(redis.call('SMEMBERS', KEYS[12]), ARGV[1], KEYS[4])
+local mine = owned_by(KEYS, redis.call('SMEMBERS', KEYS[12]), ARGV[1], KEYS[4])
 local n = #mine
 if n > 0 then
   chunked('ZREM', KEYS[4], mine); chunked('HDEL', KEYS[6], mine)
@@ -240,17 +320,31 @@ if n > 0 then redis.call('HINCRBY', KEYS[11], 'corrupt', n) end
 return n
 """
 
-# ARGV: k, claim_id, claim_timeout_s -> {members, deadline}; the previous records are read after it
-#   with a plain HMGET, as for draws
+# ARGV: k, claim_id, claim_timeout_s -> {members "m1,...", has "0110...", deadline}; the previous
+#   records (of the members whose has is 1) are read after it with a plain HMGET, as for draws
 _CLAIM = _PRELUDE + r"""
-local members = redis.call('SPOP', KEYS[3], tonumber(ARGV[1]))
-if #members == 0 then return {{}, tostring(now)} end
 local deadline = now + tonumber(ARGV[3])
-chunked('ZADD', KEYS[5], pairs_of(members, deadline, true)); chunked('HSET', KEYS[6], pairs_of(members, ARGV[2]))
-redis.call('DEL', KEYS[12])
-chunked('RPUSH', KEYS[12], members)
-redis.call('PEXPIRE', KEYS[12], math.floor((tonumber(ARGV[3]) + 3600) * 1000))
-return {members, tostring(deadline)}
+local members, has = claim(KEYS, tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), deadline)
+return {members, has, tostring(deadline)}
+"""
+
+# The claim of a pool whose shards all live on one non-cluster server, in one call (no counts round):
+# ARGV: n, claim_id, claim_timeout_s, seed -> {{members per shard}, {has per shard}, deadline,
+#   {counts per shard (before the claim)}}: min(n, REFILL) slots split over the shards by their
+# REFILL counts, so a claim is uniform over all REFILL slots.
+_CLAIM_ALL = _PRELUDE_ALL + r"""
+local rows, refill, total, members, has = {}, {}, 0, {}, {}
+for j, K in ipairs(KS) do
+  rows[j] = counts(K); refill[j] = rows[j][3]; total = total + refill[j]
+  members[j] = ''; has[j] = ''
+end
+if total == 0 then return {members, has, tostring(now), rows} end
+local parts = split(refill, math.min(tonumber(ARGV[1]), total), tonumber(ARGV[4]))
+local deadline = now + tonumber(ARGV[3])
+for j, K in ipairs(KS) do
+  if parts[j] > 0 then members[j], has[j] = claim(K, parts[j], ARGV[2], tonumber(ARGV[3]), deadline) end
+end
+return {members, has, tostring(deadline), rows}
 """
 
 # ARGV: claim_id, count_call, record_bytes, then (slot, record, t, uses) per record
@@ -298,7 +392,7 @@ for i = 5, #ARGV, 3 do
   ts[#ts + 1] = m; ts[#ts + 1] = ARGV[i + 1]
   uses[#uses + 1] = m; uses[#uses + 1] = ARGV[i + 2]
 end
-if #owned_by(members, ARGV[1], KEYS[5]) ~= #members then
+if #owned_by(KEYS, members, ARGV[1], KEYS[5]) ~= #members then
   local stray = {}
   for _, m in ipairs(members) do
     if redis.call('SISMEMBER', KEYS[3], m) == 1 or redis.call('ZSCORE', KEYS[5], m) then stray[#stray + 1] = m end
@@ -322,8 +416,7 @@ return n
 
 # -> {READY, LEASED, REFILL, FILLING, inserted}
 _COUNTS = _PRELUDE + r"""
-return {redis.call('SCARD', KEYS[2]), zcard(KEYS[4]), redis.call('SCARD', KEYS[3]),
-        zcard(KEYS[5]), tonumber(redis.call('HGET', KEYS[11], 'inserted') or '0')}
+return counts(KEYS)
 """
 
 # -> {counts (4), stats hash (flat), t of READY slots}
@@ -387,7 +480,7 @@ return ready
 """
 
 _SCRIPTS = {
-    "draw": _DRAW, "release": _RELEASE, "corrupt": _CORRUPT, "claim": _CLAIM, "fill": _FILL, "fill_written": _FILL_WRITTEN,
+    "draw": _DRAW, "draw_all": _DRAW_ALL, "claim_all": _CLAIM_ALL, "release": _RELEASE, "corrupt": _CORRUPT, "claim": _CLAIM, "fill": _FILL, "fill_written": _FILL_WRITTEN,
     "counts": _COUNTS, "stats": _STATS, "dump": _DUMP, "init": _INIT,
     "restore_begin": _RESTORE_BEGIN, "restore_add": _RESTORE_ADD,
 }
@@ -518,8 +611,20 @@ class RedisPool(Pool):
             self._fast_all.extend(c for c in conns if c is not None)
         return conns[server]
 
-    def _server(self, shard: int) -> int:
-        return 0 if self.cluster else shard % len(self._clients)
+    def _server(self, shard: int | None) -> int:
+        return 0 if self.cluster or shard is None else shard % len(self._clients)
+
+    @property
+    def _one_server(self) -> bool:
+        """All shards on one non-cluster server: draws and claims run as one script over every shard
+        (_DRAW_ALL, _CLAIM_ALL; a call with shard None in _run)."""
+        return self.shards > 1 and not self.cluster and len(self.urls) == 1
+
+    def _call_keys(self, shard: int | None, group: str | None) -> list[str]:
+        """The KEYS of a script call: one shard's 12, or with shard None every shard's, shard by shard."""
+        if shard is not None:
+            return self.keys(shard, group)
+        return [k for s in range(self.shards) for k in self.keys(s, group)]
 
     def keys(self, shard: int, group: str | None = None) -> list[str]:
         tag = f"{{{self.cfg.name}:{shard}}}"
@@ -543,8 +648,9 @@ class RedisPool(Pool):
                 time.sleep(min(delay, max(0.0, self.cfg.redis_retry_timeout_s - waited)))
                 delay = min(delay * 2, 1.0)
 
-    def _run(self, calls: list[tuple[int, str, str | None, list]]) -> dict[int, object]:
-        """Run (shard, script, group, argv) calls, pipelined per server -> {shard: reply}.
+    def _run(self, calls: list[tuple[int | None, str, str | None, list]]) -> dict[int | None, object]:
+        """Run (shard, script, group, argv) calls, pipelined per server -> {shard: reply}. Shard None: an
+        all-shard script (_one_server) over every shard's keys.
 
         A shard whose marker is gone (server restarted without persistence) is
         re-initialised as empty REFILL slots and its call is run once more.
@@ -565,7 +671,8 @@ class RedisPool(Pool):
                     out[c[0]] = r
             if again:
                 out = {s: owned(r) for s, r in out.items()}    # the next execute reuses the read buffer
-                self._init_shards(force=False, only=[c[0] for c in again])
+                self._init_shards(force=False, only=sorted({s for c in again
+                                                            for s in (range(self.shards) if c[0] is None else [c[0]])}))
                 for c, r in zip(again, self._with_retry(server, lambda: self._execute(server, again))):
                     if isinstance(r, Exception):
                         raise PoolError(f"redis server {self.urls[server]}: script {c[1]} failed on shard {c[0]}: {r}")
@@ -583,7 +690,7 @@ class RedisPool(Pool):
                 cmds = []
                 for i in todo:
                     shard, name, grp, argv = calls[i]
-                    keys = self.keys(shard, grp)
+                    keys = self._call_keys(shard, grp)
                     cmds.append(["EVALSHA", self._shas[name], len(keys), *keys, *argv])
                 got = fast.execute(cmds)
             elif self.cluster:
@@ -599,7 +706,7 @@ class RedisPool(Pool):
                 pipe = client.pipeline(transaction=False)
                 for i in todo:
                     shard, name, grp, argv = calls[i]
-                    keys = self.keys(shard, grp)
+                    keys = self._call_keys(shard, grp)
                     pipe.evalsha(self._shas[name], len(keys), *keys, *argv)
                 got = pipe.execute(raise_on_error=False)
             missing = []
@@ -717,11 +824,12 @@ class RedisPool(Pool):
     def _lease(self, lease_id: str, need: int, first: bool) -> tuple[dict[int, list], np.ndarray]:
         """One attempt to lease ``need`` READY slots -> ({shard: draw reply with slots}, counts [S, 5]).
 
-        One shard: a single all-or-nothing draw script that checks the warm-up and READY itself and
-        returns the records (one round trip). Several shards: a counts round, then the exact
-        multivariate hypergeometric split of ``need`` over the READY counts (``split_draw``, what makes
-        draws uniform over slots) and one pipelined round of draw scripts that return the records.
-        Nothing is leased (an empty dict) while the pool is cold or short of READY slots.
+        One shard: a single all-or-nothing draw script that checks the warm-up and READY itself (one
+        round trip; the records are read after it). Several shards on one server: one all-or-nothing
+        script over every shard (_DRAW_ALL: counts, the split, the leases). Else (a cluster, several
+        servers): a counts round, then the exact multivariate hypergeometric split of ``need`` over the
+        READY counts (``split_draw``, what makes draws uniform over slots) and one pipelined round of
+        draw scripts. Nothing is leased (an empty dict) while the pool is cold or short of READY slots.
         """
         lease = [lease_id, self.cfg.lease_timeout_s]
         if self.shards == 1:
@@ -729,6 +837,13 @@ class RedisPool(Pool):
                                                   self.min_ready, 1])])[0]
             r = _split_draw_reply(r)
             return ({0: r} if r[0] else {}), np.array([r[3]], dtype=np.int64)
+        if self._one_server:
+            members, ages, deadline, rows = self._run([(None, "draw_all", lease_id, [
+                need, lease_id, self.cfg.lease_timeout_s, int(first), self.record_bytes, self.min_ready,
+                int(self.rng.integers(1 << 31))])])[None]
+            got = {s: _split_draw_reply([members[s], ages[s], deadline, rows[s]])
+                   for s in range(self.shards) if len(members[s])}
+            return got, np.array(rows, dtype=np.int64)
         rows = self._counts()
         if int(rows[:, 4].sum()) < self.min_ready or int(rows[:, 0].sum()) < need:
             return {}, rows
@@ -821,6 +936,10 @@ class RedisPool(Pool):
             c_sent = time.monotonic()
             if self.shards == 1:          # SPOP takes min(n, REFILL) itself: no counts round
                 res = self._run([(0, "claim", claim_id, [n, claim_id, self.cfg.claim_timeout_s])])
+            elif self._one_server:        # one script over every shard: no counts round either
+                members, has, deadline, _ = self._run([(None, "claim_all", claim_id, [
+                    n, claim_id, self.cfg.claim_timeout_s, int(self.rng.integers(1 << 31))])])[None]
+                res = {s: (members[s], has[s], deadline) for s in range(self.shards)}
             else:
                 rows = self._counts()
                 refill = rows[:, 2]
@@ -829,7 +948,7 @@ class RedisPool(Pool):
                     split = split_draw(refill, min(n, int(refill.sum())), self.rng)
                     res = self._run([(s, "claim", claim_id, [int(split[s]), claim_id, self.cfg.claim_timeout_s])
                                      for s in np.flatnonzero(split).tolist()])
-            parts = [(s, [int(m) for m in r[0]]) for s, r in sorted(res.items()) if len(r[0])]
+            parts = [(s, [int(m) for m in bytes(r[0]).split(b",")]) for s, r in sorted(res.items()) if len(r[0])]
             if parts:
                 break
             if time.monotonic() - t0 >= timeout_s:
@@ -841,12 +960,18 @@ class RedisPool(Pool):
         self._claims[claim_id] = parts
         self._claim_deadlines[claim_id] = time.time() + self.cfg.claim_timeout_s - (time.monotonic() - c_sent)
         # Previous records (empty slots: zeros, t = EMPTY_T; damaged ones are left empty too, the
-        # teacher rebuilds the slot from scratch).
+        # teacher rebuilds the slot from scratch). Only slots that hold a record are read (the script's
+        # has flags): a claim of empty slots makes no HMGET.
         dest, i = self._arrays(sum(len(m) for _, m in parts), fill_empty=True), 0
-        records = self._records(dict(parts))
+        want, rows_of = {}, {}
         for s, members in parts:
-            self.fmt.decode_into(records[s], dest, np.arange(i, i + len(members)))
+            held = [j for j, f in enumerate(bytes(res[s][1])) if f == ord("1")]
+            if held:
+                want[s], rows_of[s] = [members[j] for j in held], np.asarray(held, dtype=np.int64) + i
             i += len(members)
+        records = self._records(want) if want else {}
+        for s in want:
+            self.fmt.decode_into(records[s], dest, rows_of[s])
         slots = torch.tensor([m for _, members in parts for m in members], dtype=torch.int64)
         return Claim(claim_id=claim_id, slots=slots, batch=self._batch(dest),
                      deadline=time.time() + self.cfg.claim_timeout_s)

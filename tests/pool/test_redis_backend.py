@@ -313,3 +313,52 @@ def test_threads_sharing_one_pool_object_get_their_own_records(redis_server):
         t.join()
     assert not errors, errors
     pool.close()
+
+
+def _calls(client, *commands: str) -> dict[str, int]:
+    """Successful calls of each command so far on the server (INFO commandstats; a first EVALSHA of a
+    script fails with NOSCRIPT and is loaded and sent again)."""
+    st = client.info("commandstats")
+    return {c: int(st.get(f"cmdstat_{c}", {}).get("calls", 0)) - int(st.get(f"cmdstat_{c}", {}).get("failed_calls", 0))
+            for c in commands}
+
+
+def test_shards_of_one_server_draw_and_claim_in_one_script_call(redis_server):
+    """With every shard on one server a draw or a claim is one EVALSHA over all shards (no counts round);
+    a claim of empty slots makes no HMGET, a claim of refilled slots reads their previous records."""
+    pool = make_redis_pool(redis_server, 24, record_shape=SHAPE, shards=3, samples_per_insert=1.0)
+    client = redis_server.client()
+    before = _calls(client, "evalsha", "hmget")
+    c = pool.claim_refill(24)
+    assert len(c) == 24 and (c.batch.t == -1).all()
+    assert _calls(client, "evalsha", "hmget") == {"evalsha": before["evalsha"] + 1, "hmget": before["hmget"]}
+    assert fill_claim(pool, c, SHAPE)
+    before = _calls(client, "evalsha", "hmget")
+    d = pool.draw(10)
+    check_records(d.slots, d.batch)
+    assert _calls(client, "evalsha")["evalsha"] == before["evalsha"] + 1, "no counts round before the draw"
+    pool.release(d.lease_id)                        # uses spent: the 10 slots are REFILL with their records
+    before = _calls(client, "evalsha", "hmget")
+    c = pool.claim_refill(24)
+    after = _calls(client, "evalsha", "hmget")
+    assert after["evalsha"] == before["evalsha"] + 1 and after["hmget"] > before["hmget"]
+    assert sorted(c.slots.tolist()) == sorted(d.slots.tolist())
+    check_records(c.slots, c.batch)                  # the previous records come back with the claim
+    assert (c.batch.t >= 0).all()
+    assert fill_claim(pool, c, SHAPE)
+    pool.close()
+
+
+def test_a_shard_lost_under_an_all_shard_script_is_reinitialised_alone(redis_server):
+    pool = make_redis_pool(redis_server, 12, record_shape=SHAPE, shards=3, min_ready_fraction=0.0)
+    fill_all(pool)
+    redis_server.client().delete(*pool.keys(1)[:11])    # shard 1's keys are gone (its marker with them)
+    d = pool.draw(8, timeout_s=2.0)                     # the draw script fails on the marker, shard 1 restarts
+    check_records(d.slots, d.batch)
+    lo, hi = pool.ranges[1]
+    assert not any(lo <= s < hi for s in d.slots.tolist())
+    st = pool.stats()
+    assert st.extra["reinitialised_shards"] == 1 and st.shard_counts[1]["REFILL"] == hi - lo
+    c = pool.claim_refill(12)
+    assert sorted(c.slots.tolist()) == list(range(lo, hi)) and (c.batch.t == -1).all()
+    pool.close()
