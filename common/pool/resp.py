@@ -300,7 +300,10 @@ class RespConnection:
                 self.close()
                 raise redis.AuthenticationError(f"{cmd[0]} failed: {r}") if cmd[0] == "AUTH" else r
 
-    def execute(self, commands: list[list]) -> list:
+    def execute(self, commands) -> list:
+        """Pipeline ``commands`` -> one reply each. A list is sent at once; any other iterable is sent one
+        command at a time as it yields them, so the server works on one command while the caller makes
+        the next (a fill encodes its records chunk by chunk while the server stores the previous chunk)."""
         if self.sock is None:
             self._open()
         try:
@@ -309,11 +312,18 @@ class RespConnection:
             self.close()       # a reply half read leaves the stream out of step: start afresh
             raise
 
-    def _roundtrip(self, commands: list[list]) -> list:
-        self._send([part for cmd in commands for part in _encode(cmd)])
+    def _roundtrip(self, commands) -> list:
+        if isinstance(commands, list):
+            self._send([part for cmd in commands for part in _encode(cmd)])
+            n = len(commands)
+        else:
+            n = 0
+            for cmd in commands:
+                self._send(_encode(cmd))
+                n += 1
         self.pos = self.end = 0
         big: list = []
-        replies = [self._reply(big) for _ in commands]
+        replies = [self._reply(big) for _ in range(n)]
         return _resolve(replies, big, self.buf) if big else replies
 
     def _send(self, parts: list) -> None:
