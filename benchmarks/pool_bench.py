@@ -9,7 +9,7 @@ issue 4). Each case builds a pool of ``clients * (iters + warmup) * b`` slots, t
 client first makes ``warmup`` untimed calls of each phase: a steady state is measured)
 
 1. claim+fill: every client process claims b slots and fills them, ``iters`` times,
-   until the pool is full (timed from a common start to the last client's end);
+   until the pool is full (timed from a common start to the last client's end, per block);
 2. draw+release: every client draws b and releases, ``draw_iters`` times (the pool is
    built with samples_per_insert = 1e9 so a release returns the slot to READY and
    the phase can run without teachers).
@@ -22,15 +22,17 @@ measured in the same run on the same machine:
   pool's throughput is records moved / wall seconds from the common start to the last
   client's end.
 - ray: a plain numpy copy of the same bytes between memory as large as the pool and a
-  batch, done by every client process itself, interleaved with its pool calls (one copy
-  before every draw+release or claim+fill, timed apart), so the ceiling and the pool meet
-  the same load on this shared machine: for draw, b records gathered from random slots
-  (``x[idx]`` per tensor field: what any draw must copy at least once); for fill, b records
-  scattered into random slots (``x[idx] = batch``); a gathered batch is kept until the
-  client's next call, as is the pool's drawn batch (a trainer holds it for its step; a batch
-  freed at once would be gathered into the same cache-hot buffer every time). Throughputs
-  are summed over the
-  clients (each client's records / its seconds in pool calls, or in copies).
+  batch, done by every client process itself: for draw, b records gathered from random
+  slots (``x[idx]`` per tensor field: what any draw must copy at least once), the gathered
+  batch kept until the client's next call as a drawn batch is (a trainer holds it for its
+  step; a batch freed at once would be gathered into the same cache-hot buffer every time);
+  for fill, b records scattered into random slots (``x[idx] = batch``). Each phase runs in
+  ``rounds`` alternating blocks, a block of copies then a block of pool calls, every client
+  in the same block at once (a file barrier per block), so the ceiling and the pool meet the
+  same load on this shared machine. Each rate is records / summed block wall time, all
+  clients together: with more clients than cores that is what the cores give. (The previous
+  version summed each client's records / its own seconds in copies; with 4 clients on 2
+  cores that counted the cores twice for the copies but not for the pool's lock waits.)
   ``ceiling_hot_copy_records_s`` also reports ``np.copy`` of one b-record buffer over and
   over in one process (it stays in the CPU's cache, so no pool can meet it: it was the
   ceiling of the first version of this benchmark).
@@ -69,46 +71,57 @@ def make_batch(n: int, shape: tuple[int, int, int], seed: int) -> RecordBatch:
 
 
 def client_loop(pool, phase: str, b: int, iters: int, shape, barrier: str | None, seed: int,
-                ceiling_slots: int = 0, warmup: int = 0) -> tuple[int, float, float, float, float]:
-    """One client: ``iters`` claim+fill or draw+release of b records
-    -> (records, start, end, seconds in pool calls, seconds in ceiling copies).
+                ceiling_slots: int = 0, warmup: int = 0, rounds: int = 1) -> list[tuple[str, int, float, float]]:
+    """One client: ``iters`` claim+fill or draw+release calls of b records, in ``rounds`` blocks
+    -> [(kind, records, start, end)] per block, kind "pool" or "ceiling".
 
-    ``barrier``: a folder; the client writes ``ready-<seed>`` once set up (its batch made, the pool's
-    shards mapped: one-time costs of a process) and starts when the driver writes ``go``.
-    ``ceiling_slots`` > 0: before every pool call, copy the same bytes between a batch and random
-    slots of arrays of that many slots (gather for draw, scatter for fill), timed apart.
-    ``warmup``: untimed calls first (a steady state is measured, not a process's first page faults).
+    ``barrier``: a folder; before each block the client writes ``ready-<seed>-<block>`` and starts when
+    the driver writes ``go-<block>`` (the driver releases a block once every client is ready for it,
+    so all clients run the same kind of block at once and a block's wall time is comparable).
+    ``ceiling_slots`` > 0: each round is a block of plain copies of the same bytes between a batch and
+    random slots of arrays of that many slots (gather for draw, scatter for fill), then a block of
+    pool calls. ``warmup``: untimed calls first (a steady state is measured, not a process's first
+    page faults).
     """
     torch.set_num_threads(1)
     batch = make_batch(b, shape, seed)
     rng = np.random.default_rng(seed)
     fields = [f for f in (batch.x_t, batch.eps, batch.logvar) if f is not None]
+    getattr(pool, "_shard_views", lambda: None)()      # Ray: map co-located shards before the clock starts
     store = [rng.standard_normal((ceiling_slots, *shape), dtype=np.float32) for _ in fields] if ceiling_slots else []
     src = [f.numpy() for f in fields]
-    getattr(pool, "_shard_views", lambda: None)()      # Ray: map co-located shards before the clock starts
     for _ in range(warmup):                             # untimed: a process's first calls pay for page faults
         _one_call(pool, phase, b, batch)
-    if barrier is not None:
-        open(os.path.join(barrier, f"ready-{seed}"), "w").close()
-        while not os.path.exists(os.path.join(barrier, "go")):
-            time.sleep(0.001)
-    t0 = time.time()
-    moved, in_pool, in_copy, kept = 0, 0.0, 0.0, None
-    for _ in range(iters):
-        if store:
-            idx = np.sort(rng.choice(ceiling_slots, b, replace=False))
-            c0 = time.perf_counter()
-            if phase == "fill":
-                for a, x in zip(store, src):
-                    a[idx] = x
-            else:       # into a fresh batch the client keeps until its next call, as a draw's batch
-                kept = [a[idx] for a in store]  # noqa: F841 - held on purpose
-            in_copy += time.perf_counter() - c0
-        p0 = time.perf_counter()
-        n, held = _one_call(pool, phase, b, batch)  # noqa: F841 - a drawn batch is held like ``kept``
-        in_pool += time.perf_counter() - p0
-        moved += n
-    return moved, t0, time.time(), in_pool, in_copy
+    held = None
+
+    def ceiling_copy():
+        idx = np.sort(rng.choice(ceiling_slots, b, replace=False))
+        if phase == "fill":
+            for a, x in zip(store, src):
+                a[idx] = x
+            return None
+        return [a[idx] for a in store]     # into a fresh batch the client keeps until its next call, as a draw's
+
+    per_round = [iters // rounds + (r < iters % rounds) for r in range(rounds)]
+    kinds = ("ceiling", "pool") if store else ("pool",)
+    out, block = [], 0
+    for n in per_round:
+        for kind in kinds:
+            if barrier is not None:
+                open(os.path.join(barrier, f"ready-{seed}-{block}"), "w").close()
+                while not os.path.exists(os.path.join(barrier, f"go-{block}")):
+                    time.sleep(0.0005)
+            block += 1
+            t0, moved = time.time(), 0
+            for _ in range(n):
+                if kind == "ceiling":
+                    held = ceiling_copy()  # noqa: F841 - held on purpose
+                    moved += b
+                else:
+                    k, held = _one_call(pool, phase, b, batch)  # noqa: F841 - a drawn batch is held like a copy's
+                    moved += k
+            out.append((kind, moved, t0, time.time()))
+    return out
 
 
 def _one_call(pool, phase: str, b: int, batch):
@@ -127,10 +140,14 @@ def _proc_main(pool, phase, b, iters, shape, barrier, seed, warmup, q):
 
 
 def run_clients(backend: str, pool, phase: str, clients: int, b: int, iters: int, shape,
-                ceiling_slots: int = 0, warmup: int = 0) -> tuple[float, float | None]:
-    """Run ``clients`` client processes at once (started together once all are set up)
-    -> (pool records/s, ceiling records/s or None): with ``ceiling_slots`` both are sums of the
-    clients' rates over their seconds in pool calls and in copies, else the pool's over the wall time."""
+                ceiling_slots: int = 0, warmup: int = 0, rounds: int = 1) -> tuple[float, float | None]:
+    """Run ``clients`` client processes at once, block by block -> (pool records/s, ceiling records/s or None).
+
+    Each rate is the records the clients moved in blocks of that kind over the summed wall time of
+    those blocks (from the block's release to the last client's end): the throughput of all clients
+    together, which on a machine with fewer cores than clients is what the cores can give.
+    """
+    blocks = rounds * (2 if ceiling_slots else 1)
     if clients == 1 and backend == "redis":      # one client: run it here (no process start in --quick)
         res = [client_loop(pool, phase, b, iters, shape, None, 0, 0, warmup)]
     else:
@@ -140,8 +157,9 @@ def run_clients(backend: str, pool, phase: str, clients: int, b: int, iters: int
                 import ray
 
                 fn = ray.remote(num_cpus=0)(client_loop)
-                refs = [fn.remote(pool, phase, b, iters, shape, barrier, i, ceiling_slots, warmup) for i in range(clients)]
-                _release_barrier(barrier, clients)
+                refs = [fn.remote(pool, phase, b, iters, shape, barrier, i, ceiling_slots, warmup, rounds) for i in range(clients)]
+                for k in range(blocks):
+                    _release_barrier(barrier, clients, k)
                 res = ray.get(refs)
             else:
                 ctx = mp.get_context("spawn")
@@ -150,24 +168,32 @@ def run_clients(backend: str, pool, phase: str, clients: int, b: int, iters: int
                          for i in range(clients)]
                 for p in procs:
                     p.start()
-                _release_barrier(barrier, clients)
+                _release_barrier(barrier, clients, 0)
                 res = [q.get(timeout=600) for _ in procs]
                 for p in procs:
                     p.join()
         finally:
             shutil.rmtree(barrier, ignore_errors=True)
-    if ceiling_slots:
-        return sum(r[0] / r[3] for r in res), sum(r[0] / r[4] for r in res)
-    return sum(r[0] for r in res) / (max(r[2] for r in res) - min(r[1] for r in res)), None
+
+    def rate(kind: str) -> float:
+        moved = seconds = 0.0
+        for k in range(len(res[0])):
+            rows = [r[k] for r in res]
+            if rows[0][0] == kind:
+                moved += sum(r[1] for r in rows)
+                seconds += max(r[3] for r in rows) - min(r[2] for r in rows)
+        return moved / seconds
+
+    return rate("pool"), (rate("ceiling") if ceiling_slots else None)
 
 
-def _release_barrier(barrier: str, clients: int, timeout_s: float = 300.0) -> None:
+def _release_barrier(barrier: str, clients: int, block: int, timeout_s: float = 300.0) -> None:
     deadline = time.time() + timeout_s
-    while sum(f.startswith("ready-") for f in os.listdir(barrier)) < clients:
+    while sum(f.startswith("ready-") and f.endswith(f"-{block}") for f in os.listdir(barrier)) < clients:
         if time.time() > deadline:
-            raise SystemExit(f"pool bench: {clients} clients did not start within {timeout_s:.0f}s")
-        time.sleep(0.005)
-    open(os.path.join(barrier, "go"), "w").close()
+            raise SystemExit(f"pool bench: {clients} clients did not reach block {block} within {timeout_s:.0f}s")
+        time.sleep(0.0005)
+    open(os.path.join(barrier, f"go-{block}"), "w").close()
 
 
 # --- raw ceilings -----------------------------------------------------------------------------------------
@@ -219,14 +245,18 @@ def build_pool(backend: str, url: str | None, shards: int, num_slots: int, shape
     return make_pool(cfg, num_slots, shape, has_logvar=True, has_label=False)
 
 
-def run_case(backend, url, port, shards, clients, b, iters, shape, record_bytes, draw_iters=None, warmup=0) -> dict:
+def run_case(backend, url, port, shards, clients, b, iters, shape, record_bytes, draw_iters=None, warmup=0,
+             rounds: int = 5) -> dict:
     num_slots = clients * (iters + warmup) * b
     pool = build_pool(backend, url, shards, num_slots, shape)
     extra = {}
     copies = num_slots if backend == "ray" else 0
     try:
-        fill_rps, ceil_fill = run_clients(backend, pool, "fill", clients, b, iters, shape, copies, warmup)
-        draw_rps, ceil_draw = run_clients(backend, pool, "draw", clients, b, draw_iters or iters, shape, copies, warmup)
+        # blocks of at least 5 calls per client (fills are limited by the pool's size)
+        fill_rps, ceil_fill = run_clients(backend, pool, "fill", clients, b, iters, shape, copies, warmup,
+                                          max(1, min(rounds, iters // 5)))
+        draw_rps, ceil_draw = run_clients(backend, pool, "draw", clients, b, draw_iters or iters, shape, copies, warmup,
+                                          max(1, min(rounds, (draw_iters or iters) // 5)))
     finally:
         if backend == "redis":
             pool.destroy()
@@ -255,9 +285,10 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", default="1,2,4")
     ap.add_argument("--b", type=int, default=128)
     ap.add_argument("--shape", default="3,32,32")
-    ap.add_argument("--iters", type=int, default=10, help="claim+fill batches per client (the pool holds clients * iters * b slots)")
+    ap.add_argument("--iters", type=int, default=20, help="claim+fill batches per client (the pool holds clients * iters * b slots)")
     ap.add_argument("--draw-iters", type=int, default=50, help="draw+release batches per client (the records are reused)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls per client and phase before the clock starts")
+    ap.add_argument("--rounds", type=int, default=5, help="ray: alternating blocks of ceiling copies and pool calls per phase")
     ap.add_argument("--redis-url", default=None, help="an existing server (default: start one in a temp folder)")
     ap.add_argument("--quick", action="store_true", help="a few seconds: redis only, shards 1,2, clients 1, b 32, 3 iters")
     args = ap.parse_args(argv)
@@ -291,7 +322,7 @@ def main(argv=None) -> int:
             for shards in (int(s) for s in args.shards.split(",")):
                 for clients in (int(c) for c in args.clients.split(",")):
                     row = run_case(backend, url, port, shards, clients, args.b, args.iters, shape, record_bytes, args.draw_iters,
-                                   args.warmup)
+                                   args.warmup, args.rounds)
                     print(json.dumps(row), flush=True)
     finally:
         if server is not None:

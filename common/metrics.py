@@ -97,9 +97,17 @@ def _get(name: str):
     return m
 
 
+_children: dict[tuple, object] = {}   # (name, *label items) -> the labelled child (labels() takes a lock)
+
+
 def _labelled(name: str, labels: dict):
-    m = _get(name)
-    return m.labels(**{k: str(v) for k, v in labels.items()}) if labels else m
+    if not labels:
+        return _get(name)
+    key = (name, *labels.items())
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = _get(name).labels(**{k: str(v) for k, v in labels.items()})
+    return child
 
 
 def inc(name: str, value: float = 1.0, **labels) -> None:

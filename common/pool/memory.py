@@ -13,12 +13,14 @@ so a killed actor leaks nothing, and it is not bounded by a container's small
 
 File layout (every array 64-byte aligned, in this order):
 
-    header   int64[16]   MAGIC, VERSION, n, owner pid, segment uid, flags, record layout fingerprint
+    header   int64[16]   MAGIC, VERSION, n, owner pid, segment uid, flags, record layout fingerprint,
+                         generation (bumped by a restore: fills copied in before it are refused)
     clock    float64[4]  heartbeat (owner's time.time()), next deadline, reserved
     counters int64[len(SHARD_COUNTERS)]
     seconds  float64[6]  blocked and call seconds per side, fill_rejected (pool-wide, kept on shard 0)
     state uint8[n], t int64[n], uses int32[n], produced_at int64[n], owner int64[n], deadline float64[n],
-    y int64[n] (has_label), x_t, eps, logvar (has_logvar) [n, C, H, W] storage dtype (bf16 as int16 bits)
+    y int64[n] (has_label), x_t, eps, logvar (has_logvar) [n, C, H, W] storage dtype (bf16 as int16 bits),
+    each record array starting 2048 bytes past a page boundary (_align_records)
 
 Locking: ``fcntl.flock`` on the file, exclusive, behind a threading.RLock (threads of one
 process, e.g. a trainer's prefetching thread, take turns; re-entrant within a thread). The
@@ -47,8 +49,8 @@ from common.metrics_discovery import pid_alive
 from common.pool.base import PoolError
 
 MAGIC = 0x444B444D53484D31          # "DKDMSHM1"
-VERSION = 1
-_H_MAGIC, _H_VERSION, _H_N, _H_PID, _H_UID, _H_FLAGS, _H_LAYOUT = range(7)
+VERSION = 2
+_H_MAGIC, _H_VERSION, _H_N, _H_PID, _H_UID, _H_FLAGS, _H_LAYOUT, _H_GENERATION = range(8)
 FLAG_GROUPS = 1                      # consumer groups attached: only the owner may run transitions
 FLAG_CLOSED = 2
 _C_HEARTBEAT, _C_NEXT_DEADLINE = 0, 1
@@ -58,6 +60,17 @@ _WIRE = {"fp32": np.float32, "fp16": np.float16, "bf16": np.int16}
 
 def _align(off: int) -> int:
     return (off + 63) & ~63
+
+
+_RECORD_PAGE_OFFSET = 2048
+
+
+def _align_records(off: int) -> int:
+    """The next offset at 2048 bytes past a page boundary, for record arrays: a batch that numpy or
+    torch allocates starts 16 or 64 bytes past a page, and a memcpy whose destination lies just
+    past its source modulo 4 KiB ("4K aliasing") runs 3-4x slower (measured: a 128-row gather from
+    a page-aligned array into a batch at page + 16 took 1.07 ms instead of 0.3 ms)."""
+    return off + (_RECORD_PAGE_OFFSET - off) % 4096
 
 
 def layout_fingerprint(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool, counters: int) -> int:
@@ -81,7 +94,7 @@ def _plan(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label:
     fields += [("x_t", wire, rec), ("eps", wire, rec)] + ([("logvar", wire, rec)] if has_logvar else [])
     out, off = [], 0
     for name, dt, shape in fields:
-        off = _align(off)
+        off = _align_records(off) if name in ("x_t", "eps", "logvar") else _align(off)
         out.append((name, dt, shape, off))
         off += int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
     return out, _align(off)
@@ -214,6 +227,13 @@ class ShardMemory:
         return int(self.a["header"][_H_PID])
 
     @property
+    def generation(self) -> int:
+        return int(self.a["header"][_H_GENERATION])
+
+    def bump_generation(self) -> None:
+        self.a["header"][_H_GENERATION] += 1
+
+    @property
     def flags(self) -> int:
         return int(self.a["header"][_H_FLAGS])
 
@@ -252,6 +272,33 @@ class ShardMemory:
                 os.close(self._fd)
             self._fd = None
         self.path = None
+
+
+_MALLOC_TUNED = False
+
+
+def tune_malloc(trim_bytes: int = 256 << 20, mmap_bytes: int = 32 << 20) -> bool:
+    """Let glibc keep freed memory for reuse (once per process; True if it was set now).
+
+    A drawn batch is a few MB; by default glibc hands a freed batch back to the kernel (heap trim
+    above 2x the dynamic mmap threshold, or munmap) and the next draw faults its pages in again:
+    1,152 page faults per 4.7 MB batch, which doubled a draw's time (measured: 5 ms instead of
+    1.2 ms per 128-record draw). Allocations below ``mmap_bytes`` come from the heap and up to
+    ``trim_bytes`` of free heap stays mapped. A user who sets MALLOC_TRIM_THRESHOLD_ or
+    MALLOC_MMAP_THRESHOLD_ (glibc's own variables) keeps them; other C libraries are left alone.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or "MALLOC_TRIM_THRESHOLD_" in os.environ or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3          # malloc.h
+        return bool(libc.mallopt(m_mmap_threshold, mmap_bytes)) and bool(libc.mallopt(m_trim_threshold, trim_bytes))
+    except (OSError, AttributeError):                        # not glibc
+        return False
 
 
 def check_memory(size: int, what: str) -> None:

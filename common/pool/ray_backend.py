@@ -27,6 +27,7 @@ timeout passes. A dead shard actor surfaces as PoolError naming the shard.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -54,11 +55,12 @@ from common.pool.base import (
 )
 from common.pool.codec import to_numpy, write_snapshot
 from common.pool.local import load_snapshot_for, merge_stats, snapshot_header, surplus_inserted
-from common.pool.memory import ShardMemory
-from common.pool.shard import SHARD_COUNTERS, OwnerOnly, PoolShard, check_batch, new_batch
-from common.records import RecordBatch
+from common.pool.memory import FLAG_GROUPS, SECONDS, ShardMemory, tune_malloc
+from common.pool.shard import FILLING, LEASED, READY, REFILL, SHARD_COUNTERS, OwnerOnly, PoolShard, check_batch, new_batch
+from common.records import EMPTY_T, RecordBatch
 
 SHARD_NUM_CPUS = 0.05
+_SIDX = {k: i for i, k in enumerate(SECONDS)}
 
 
 def _to_wire(batch: RecordBatch, storage: str) -> dict:
@@ -83,6 +85,24 @@ def _view_wire(w: dict, storage: str) -> RecordBatch:
 
         return RecordBatch(x_t=view(w["x_t"]), t=view(np.asarray(w["t"], dtype=np.int64), False), eps=view(w["eps"]),
                            logvar=view(w["logvar"]), y=view(None if w["y"] is None else np.asarray(w["y"], dtype=np.int64), False))
+
+
+@contextlib.contextmanager
+def _all_locked(views: list[PoolShard]):
+    """Hold the locks of every shard, taken in shard order (so two clients never deadlock)."""
+    with contextlib.ExitStack() as stack:
+        for v in views:
+            stack.enter_context(v.mem.lock)
+        if any(v.mem.flags & FLAG_GROUPS for v in views):
+            raise OwnerOnly("consumer groups attached")
+        yield
+
+
+def fill_margin(claim_timeout_s: float) -> float:
+    """A fill copies its records outside the lock only while its claim has this long left: nobody
+    can take the slots before the deadline, so only a process stalled longer than this could write
+    into slots that were claimed again (the Redis backend's fast fill keeps the same margin)."""
+    return max(1.0, 0.1 * claim_timeout_s)
 
 
 def _copy_rows(out: RecordBatch, off: int, rec: RecordBatch) -> None:
@@ -288,8 +308,11 @@ class RayPool(Pool):
         self.min_ready = min_ready_slots(self.cfg.min_ready_fraction, self.num_slots)
         self.rng = np.random.default_rng()
         self.leases: dict[str, list[int]] = {}
-        self.claims: dict[str, list[tuple[int, int]]] = {}
+        # claim id -> {"layout": [(shard, count)] in slot order, and for claims made on the mapped
+        # path "parts": [(shard, local slots)], "deadline", "empty" (every slot was empty), "gen"}
+        self.claims: dict[str, dict] = {}
         self._views: list[PoolShard | None] | None = None     # mapped shards, probed at first use
+        self._pending = np.zeros(len(SECONDS))     # call seconds not yet added to shard 0 (_add_time)
 
     # --- the shared-memory fast path --------------------------------------------------------
 
@@ -315,6 +338,8 @@ class RayPool(Pool):
                         claim_timeout_s=self.cfg.claim_timeout_s, samples_per_insert=self.cfg.samples_per_insert,
                         num_timesteps=self.meta["num_timesteps"], t_buckets=self.t_buckets,
                         seed=int.from_bytes(os.urandom(4), "little"), memory=mem, view=True)
+            if any(v is not None for v in views):
+                tune_malloc()          # drawn batches reuse freed pages instead of faulting them in
             self._views = views
         return self._views
 
@@ -335,10 +360,163 @@ class RayPool(Pool):
         except OwnerOnly:         # consumer groups attached: their bookkeeping lives in the actor
             return False, None
 
+    def _mapped(self) -> list[PoolShard] | None:
+        """Every shard's view when all of them are mapped here (the whole-pool fast path), else None."""
+        views = self._shard_views()
+        if any(v is None for v in views):
+            return None
+        for i in range(len(views)):
+            self._view(i)          # PoolError for a dead shard
+        return views
+
     def _add_time(self, side: str, blocked_s: float, call_s: float, rejected: int = 0) -> None:
+        """Add a call's seconds to the pool-wide totals on shard 0. A mapped client keeps them until
+        its next call that holds shard 0's lock anyway (or stats()), instead of locking it once more."""
+        if self._views is not None and all(v is not None for v in self._views):
+            p = self._pending
+            p[_SIDX[f"{side}_blocked"]] += blocked_s
+            p[_SIDX[side]] += call_s
+            p[_SIDX["fill_rejected"]] += rejected
+            if blocked_s > 0:
+                metrics.inc(metrics.POOL_BLOCKED_SECONDS_TOTAL, blocked_s, side=side)
+            return
         done, _ = self._local(0, "add_time", side, blocked_s, call_s, rejected)
         if not done:
             self.handles[0].add_time.remote(side, blocked_s, call_s, rejected)
+
+    def _flush_time(self, shard0: PoolShard) -> None:
+        """Add the pending seconds to shard 0's totals (the caller holds its lock)."""
+        if self._pending.any():
+            shard0.seconds += self._pending
+            self._pending[:] = 0.0
+
+    def flush(self) -> None:
+        """Hand this client's pending call seconds to shard 0 (stats() and close() do it too)."""
+        if self._views is not None and self._views[0] is not None and self._pending.any():
+            with contextlib.suppress(PoolError):
+                v = self._view(0)
+                with v.mem.lock:
+                    self._flush_time(v)
+
+    # --- the whole pool mapped: one pass under every shard's lock ------------------------------
+
+    def _zero_batch(self, n: int) -> RecordBatch:
+        """The previous records of n empty slots: read-only zero rows (one row broadcast, no memory) and t = EMPTY_T."""
+        if getattr(self, "_zero_row", None) is None:
+            wire = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.storage_dtype]
+            self._zero_row = torch.zeros((1, *self.record_shape), dtype=wire)
+        z = self._zero_row.expand(n, *self.record_shape)
+        return RecordBatch(x_t=z, t=torch.full((n,), EMPTY_T, dtype=torch.int64), eps=z,
+                           logvar=z if self.has_logvar else None,
+                           y=torch.zeros(n, dtype=torch.int64) if self.has_label else None)
+
+    def _blocked_until(self, attempt, what: str, side: str, timeout_s: float | None):
+        """Call ``attempt()`` until it returns something other than None, sleeping 1 ms doubling to 50 ms
+        between tries -> (its result, seconds blocked); PoolTimeout (one line) after ``timeout_s``."""
+        timeout_s = self.cfg.block_timeout_s if timeout_s is None else timeout_s
+        start, sleep = None, 0.001
+        while True:
+            got = attempt()
+            if got is not None:
+                return got, 0.0 if start is None else time.monotonic() - start
+            start = time.monotonic() if start is None else start
+            left = timeout_s - (time.monotonic() - start)
+            if left <= 0:
+                waited = time.monotonic() - start
+                self._add_time(side, waited, waited)
+                per = self._counts()
+                counts = {n: sum(c[n] for c in per) for n in STATE_NAMES}
+                inserted = sum(c["inserted"] for c in per)
+                raise PoolTimeout(timeout_message(what, timeout_s, counts, f", inserted={inserted}, min_ready={self.min_ready}"))
+            time.sleep(min(sleep, left))
+            sleep = min(sleep * 2, 0.05)
+
+    def _draw_mapped(self, views: list[PoolShard], b: int, lease_id: str, out: RecordBatch):
+        """Lease b READY slots over every shard in one pass under their locks (counts, the split and
+        the leases together: no race between them), then copy the records into ``out`` with no lock
+        held -> [(shard, local slots)] in row order, or None while the pool is cold or short."""
+        now = time.time()
+        with _all_locked(views):
+            ready = [v.ready_slots(READY, now) for v in views]
+            have = np.array([len(r) for r in ready])
+            if sum(v.c["inserted"] for v in views) < self.min_ready or have.sum() < b:
+                return None
+            # b of the READY slots of every shard taken together, uniformly without replacement (as the
+            # hypergeometric split over shards followed by a uniform draw in each, in one call)
+            pos = np.sort(self.rng.choice(int(have.sum()), size=b, replace=False))
+            starts = np.concatenate([[0], np.cumsum(have)])
+            cuts = np.searchsorted(pos, starts[1:-1])
+            leased = [(i, ready[i][p - starts[i]]) for i, p in enumerate(np.split(pos, cuts)) if len(p)]
+            sample = -(-4 // len(leased))
+            for i, idx in leased:
+                views[i].lease_slots(idx, lease_id, now, sample)
+            self._flush_time(views[0])
+        off = 0
+        for i, idx in leased:
+            views[i]._records(idx, out.index(slice(off, off + len(idx))))
+            off += len(idx)
+        if time.time() >= now + self.cfg.lease_timeout_s:
+            for i, idx in leased:
+                views[i]._check_held(idx, lease_id, LEASED)
+        return leased
+
+    def _claim_mapped(self, views: list[PoolShard], n: int, claim_id: str):
+        """Claim up to n REFILL slots, shard by shard in random order (as the RPC path) until n are
+        claimed -> (Claim, its fill info), or None while no slot is in REFILL."""
+        now = time.time()
+        parts, want, empty, gen = [], n, True, {}
+        for i in self.rng.permutation(len(views)).tolist():    # shard by shard, each under its own lock
+            with _all_locked([views[i]]):
+                refill = views[i].ready_slots(REFILL, now)
+                m = min(want, len(refill))
+                if m:
+                    idx = views[i]._claim_slots(m, claim_id, now, refill=refill)[0]
+                    parts.append((i, idx))
+                    empty &= bool((views[i].t[idx] == EMPTY_T).all())
+                    gen[i] = views[i].mem.generation
+                    want -= m
+                if i == 0:
+                    self._flush_time(views[0])
+            if not want:
+                break
+        if not parts:
+            return None
+        deadline = now + self.cfg.claim_timeout_s
+        total = sum(len(idx) for _, idx in parts)
+        if empty:              # the warm-up: nothing to hand over but t
+            batch = self._zero_batch(total)
+        else:
+            batch, off = self._empty(total), 0
+            for i, idx in parts:
+                views[i]._records(idx, batch.index(slice(off, off + len(idx))))
+                off += len(idx)
+            if time.time() >= deadline:
+                for i, idx in parts:
+                    views[i]._check_held(idx, claim_id, FILLING)
+        slots = torch.from_numpy(np.concatenate([idx + views[i].lo for i, idx in parts]))
+        info = {"layout": [(i, len(idx)) for i, idx in parts], "parts": parts, "deadline": deadline,
+                "empty": empty, "gen": gen}
+        return Claim(claim_id=claim_id, slots=slots, batch=batch, deadline=deadline), info
+
+    def _fill_mapped(self, views: list[PoolShard], claim_id: str, info: dict, batch: RecordBatch) -> bool:
+        """Fill a claim made on the mapped path: the records are copied into the slots with no lock
+        held while the claim has fill_margin() left (fill_begin marks the previous records gone
+        first, unless every slot was empty), then one locked commit per shard; under the lock otherwise."""
+        margin = fill_margin(self.cfg.claim_timeout_s)
+        ok, off = True, 0
+        for i, idx in info["parts"]:
+            v, part = views[i], batch.index(slice(off, off + len(idx)))
+            off += len(idx)
+            now = time.time()
+            gen = info["gen"][i] if info["empty"] and now < info["deadline"] - margin else None
+            if gen is None and now < info["deadline"] - margin:
+                gen = v.fill_begin(claim_id, idx, now, margin)
+            if gen is None:                       # too close to the deadline, or the claim is gone
+                ok &= v.fill(claim_id, part)
+                continue
+            v.write_records(idx, part)
+            ok &= v.fill_commit(claim_id, idx, part.t, gen)
+        return ok
 
     @classmethod
     def attach(cls, name: str) -> "RayPool":
@@ -466,6 +644,21 @@ class RayPool(Pool):
         if not 1 <= b <= self.num_slots:
             raise PoolError(f"cannot draw {b} records from a pool of {self.num_slots} slots")
         t0 = time.perf_counter()
+        views = self._mapped() if group is None else None
+        if views is not None:
+            lease_id, out = uuid.uuid4().hex, self._empty(b)
+            what = f"{b} READY slots (warm-up needs {self.min_ready} inserted)"
+            try:
+                leased, blocked = self._blocked_until(lambda: self._draw_mapped(views, b, lease_id, out), what, "draw", timeout_s)
+            except OwnerOnly:             # consumer groups attached meanwhile: the path below
+                pass
+            else:
+                self.leases[lease_id] = dict(leased)
+                slots = torch.from_numpy(np.concatenate([idx + views[i].lo for i, idx in leased]))
+                dt = time.perf_counter() - t0
+                self._add_time("draw", blocked, dt)
+                metrics.observe(metrics.POOL_DRAW_SECONDS, dt)
+                return Draw(lease_id=lease_id, slots=slots, batch=out, deadline=time.time() + self.cfg.lease_timeout_s - dt)
         col = "READY" if group is None else "available"      # a group draws among the records new to it
         ok = lambda per: sum(c["inserted"] for c in per) >= self.min_ready and sum(c[col] for c in per) >= b  # noqa: E731
         what = f"{b} READY slots (warm-up needs {self.min_ready} inserted)"
@@ -504,8 +697,9 @@ class RayPool(Pool):
     def release(self, lease_id: str) -> None:
         shards = self.leases.pop(lease_id, range(len(self.handles)))   # unknown here: ask every shard (idempotent)
         refs = []
-        for i in shards:
-            done, _ = self._local(i, "release", lease_id)
+        for i in shards:           # a lease drawn on the mapped path: {shard: its local slots}
+            done, _ = self._local(i, "release", lease_id, slots=shards[i]) if isinstance(shards, dict) else \
+                self._local(i, "release", lease_id)
             if not done:
                 refs.append(self.handles[i].release.remote(lease_id))
         if refs:
@@ -516,6 +710,18 @@ class RayPool(Pool):
             raise PoolError(f"claim_refill needs n >= 1, got {n}")
         timeout_s = self.cfg.block_timeout_s if timeout_s is None else timeout_s
         start, claim_id = time.monotonic(), uuid.uuid4().hex
+        views = self._mapped()
+        if views is not None:
+            try:
+                (claim, info), blocked = self._blocked_until(lambda: self._claim_mapped(views, n, claim_id), "a REFILL slot",
+                                                             "fill", timeout_s)
+            except OwnerOnly:
+                pass
+            else:
+                if blocked > 1e-4:
+                    self._add_time("fill", blocked, 0.0)
+                self.claims[claim_id] = info
+                return claim
         while True:
             left = max(0.0, timeout_s - (time.monotonic() - start))
             per, blocked = self._poll(lambda p: sum(c["REFILL"] for c in p) >= 1, "a REFILL slot", "fill", left)
@@ -535,14 +741,28 @@ class RayPool(Pool):
                 break
         parts = [p for p in parts if len(p)]
         # (shard, count) in the order of the claim's slots (a global slot tells its shard)
-        self.claims[claim_id] = [(next(k for k, (lo, hi) in enumerate(self.ranges) if lo <= int(p[0]) < hi), len(p))
-                                 for p in parts]
+        self.claims[claim_id] = {"layout": [(next(k for k, (lo, hi) in enumerate(self.ranges) if lo <= int(p[0]) < hi), len(p))
+                                            for p in parts]}
         return Claim(claim_id=claim_id, slots=torch.from_numpy(np.concatenate(parts)), batch=out.index(slice(0, off)),
                      deadline=deadline)
 
     def fill(self, claim_id: str, batch: RecordBatch) -> bool:
         t0 = time.perf_counter()
-        layout = self.claims.pop(claim_id, None)
+        info = self.claims.pop(claim_id, None)
+        views = self._mapped() if info is not None and "parts" in info else None
+        if views is not None:
+            check_batch(batch, sum(m for _, m in info["layout"]), self.record_shape, self.has_logvar, self.has_label,
+                        self.meta["num_timesteps"])
+            try:
+                ok = self._fill_mapped(views, claim_id, info, batch)
+            except OwnerOnly:          # consumer groups attached since the claim: the path below
+                views = None
+            else:
+                dt = time.perf_counter() - t0
+                self._add_time("fill", 0.0, dt, 0 if ok else 1)
+                metrics.observe(metrics.POOL_FILL_SECONDS, dt)
+                return ok
+        layout = None if info is None else info["layout"]
         if layout is None:     # claimed by another client object: ask the shards for their part
             sizes, refs = {}, {}
             for i, h in enumerate(self.handles):
@@ -577,6 +797,7 @@ class RayPool(Pool):
         return ok
 
     def stats(self) -> PoolStats:
+        self.flush()
         per = self._get([h.stats.remote() for h in self.handles], "read stats")
         inserted = sum(p["inserted"] for p in per)
         st = merge_stats(self.num_slots, per, inserted >= self.min_ready, self.t_buckets, per[0]["blocked"], per[0]["seconds"])
@@ -631,6 +852,7 @@ class RayPool(Pool):
         Without ``detached=True`` the actors also die when the creating client and every handle
         copied from it are garbage collected (Ray's owner semantics).
         """
+        self.flush()
         if self.owner:
             self._shutdown_actors()
             for h in self.handles:

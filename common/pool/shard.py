@@ -313,25 +313,38 @@ class PoolShard(ShardGroups):
             self._settle(idx)
             prev = self.leases.get(lease_id)
             self.leases[lease_id] = (idx if prev is None else np.concatenate([prev[0], idx]), now + self.lease_timeout_s)
+            self._count_draw(idx, _AGE_SAMPLE)
         elif m:
-            self._own(idx, lease_id, now + self.lease_timeout_s, LEASED)
-        if m:
-            ages = self.c["produced"] - self.produced_at[idx]
-            self.c["consumed"] += m
-            self.c["draws"] += 1
-            self.c["age_sum"] += int(ages.sum())
-            self.c["bytes_out"] += m * self.record_bytes
-            if self.record_metrics:
-                metrics.inc(metrics.POOL_RECORDS_CONSUMED_TOTAL, m, shard=self.shard_id)
-                metrics.inc(metrics.POOL_BYTES_TOTAL, m * self.record_bytes, shard=self.shard_id, direction="out")
-                for a in ages[:_AGE_SAMPLE].tolist():   # the slots are random: a sample of the batch suffices
-                    metrics.observe(metrics.POOL_RECORD_AGE_STEPS, a)
-                self._publish()
+            self.lease_slots(idx, lease_id, now)
         return idx, now + self.lease_timeout_s
 
     @_locked
-    def release(self, lease_id: str, now: float | None = None) -> int:
-        """Spend one use per leased slot: -> READY with uses left, else REFILL. Unknown lease: 0 (idempotent)."""
+    def lease_slots(self, idx: np.ndarray, lease_id: str, now: float, age_sample: int = _AGE_SAMPLE) -> None:
+        """READY -> LEASED for local slots idx that the caller, holding the lock, chose among ready_slots().
+        ``age_sample``: how many of their ages go into the age histogram (a draw over S shards: 4 / S each)."""
+        self._own(idx, lease_id, now + self.lease_timeout_s, LEASED)
+        self._count_draw(idx, age_sample)
+
+    def _count_draw(self, idx: np.ndarray, age_sample: int) -> None:
+        m = len(idx)
+        ages = self.c["produced"] - self.produced_at[idx]
+        self.c["consumed"] += m
+        self.c["draws"] += 1
+        self.c["age_sum"] += int(ages.sum())
+        self.c["bytes_out"] += m * self.record_bytes
+        if self.record_metrics:
+            metrics.inc(metrics.POOL_RECORDS_CONSUMED_TOTAL, m, shard=self.shard_id)
+            metrics.inc(metrics.POOL_BYTES_TOTAL, m * self.record_bytes, shard=self.shard_id, direction="out")
+            for a in ages[:age_sample].tolist():   # the slots are random: a sample of the batch suffices
+                metrics.observe(metrics.POOL_RECORD_AGE_STEPS, a)
+            self._publish()
+
+    @_locked
+    def release(self, lease_id: str, now: float | None = None, slots: np.ndarray | None = None) -> int:
+        """Spend one use per leased slot: -> READY with uses left, else REFILL. Unknown lease: 0 (idempotent).
+
+        ``slots``: the local slots the lease took here, when the caller knows them (no scan of the shard).
+        """
         self.expire(now)
         got = self.leases.pop(lease_id, None)
         if got is not None:              # a consumer group's lease
@@ -342,7 +355,10 @@ class PoolShard(ShardGroups):
                 g.seen = time.time() if now is None else now
                 self._settle(idx)
         else:
-            idx = self._owned(lease_id, LEASED)
+            if slots is None:
+                idx = self._owned(lease_id, LEASED)
+            else:
+                idx = slots[(self.owner[slots] == lease_key(lease_id)) & (self.state[slots] == LEASED)]
             if len(idx) == 0:
                 return 0
             self.owner[idx] = 0
@@ -385,10 +401,18 @@ class PoolShard(ShardGroups):
         return idx + self.lo, batch
 
     @_locked
-    def _claim_slots(self, m: int, claim_id: str, now: float | None) -> tuple[np.ndarray, float]:
-        now = time.time() if now is None else now
+    def ready_slots(self, state: int, now: float) -> np.ndarray:
+        """The local slots in ``state`` after expiry (a caller holding the lock passes them on to
+        _lease or _claim_slots, so one pass under the lock both counts and takes)."""
         self.expire(now)
-        refill = np.flatnonzero(self.state == REFILL)
+        return np.flatnonzero(self.state == state)
+
+    @_locked
+    def _claim_slots(self, m: int, claim_id: str, now: float | None, refill: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+        now = time.time() if now is None else now
+        if refill is None:
+            self.expire(now)
+            refill = np.flatnonzero(self.state == REFILL)
         m = min(int(m), len(refill))
         idx = np.sort(self.rng.choice(refill, size=m, replace=False)) if m else refill[:0]
         if m:
@@ -413,13 +437,50 @@ class PoolShard(ShardGroups):
             self.c["fill_rejected"] += 1
             return False
         self.check_batch(batch, len(idx))
+        self.write_records(idx, batch)
+        self._commit_fill(idx, batch.t)
+        return True
+
+    def write_records(self, idx: np.ndarray, batch: RecordBatch) -> None:
+        """Copy the tensors and labels of ``batch`` into local slots idx (not t: the commit writes it).
+
+        Outside the lock only while the caller's claim holds these slots with time to spare
+        (fill_begin): nobody else writes or reads a FILLING slot's record then.
+        """
         dt = STORAGE_DTYPES[self.storage_dtype]
         for name in ("x_t", "eps", "logvar"):
             if getattr(self, name) is not None:
                 _np(getattr(self, name))[idx] = _np(getattr(batch, name).detach().to("cpu", dt))
         if self.y is not None:
             self.y.numpy()[idx] = batch.y.detach().to("cpu", torch.int64).numpy()
-        self.t[idx] = batch.t.cpu().numpy()
+
+    @_locked
+    def fill_begin(self, claim_id: str, idx: np.ndarray, now: float, margin_s: float) -> int | None:
+        """Before a fill writes its records outside the lock: -> the memory's generation, or None when
+        the claim no longer holds every slot idx or its deadline is less than ``margin_s`` away (the
+        caller then fills under the lock). The previous records are marked gone (t = EMPTY_T), so a
+        snapshot, or a claim that expires later, never hands on a half-written record."""
+        key = lease_key(claim_id)
+        if not ((self.owner[idx] == key) & (self.state[idx] == FILLING)).all() or (self.deadline[idx] < now + margin_s).any():
+            return None
+        self.t[idx] = EMPTY_T
+        return self.mem.generation
+
+    @_locked
+    def fill_commit(self, claim_id: str, idx: np.ndarray, t: torch.Tensor, generation: int) -> bool:
+        """FILLING -> READY for local slots idx whose records write_records copied in (fill_begin first).
+        False (nothing changes) when the claim lost them or the shard was restored meanwhile."""
+        self.expire()
+        if self.mem.generation != generation or not (
+                (self.owner[idx] == lease_key(claim_id)) & (self.state[idx] == FILLING)).all():
+            self.c["fill_rejected"] += 1
+            return False
+        self._commit_fill(idx, t)
+        return True
+
+    def _commit_fill(self, idx: np.ndarray, t: torch.Tensor) -> None:
+        """The fill's transition once the records are in: t, uses, age, owner cleared, then READY."""
+        self.t[idx] = t.cpu().numpy()
         self.uses[idx] = record_uses(self.k, len(idx), self.rng)
         self.produced_at[idx] = self.c["produced"]
         self.owner[idx] = 0
@@ -435,7 +496,6 @@ class PoolShard(ShardGroups):
             metrics.inc(metrics.POOL_RECORDS_PRODUCED_TOTAL, m, shard=self.shard_id)
             metrics.inc(metrics.POOL_BYTES_TOTAL, m * self.record_bytes, shard=self.shard_id, direction="in")
             self._publish()
-        return True
 
     attach_group = _locked(ShardGroups.attach_group)
     detach_group = _locked(ShardGroups.detach_group)
@@ -493,6 +553,7 @@ class PoolShard(ShardGroups):
         if len(arrays) != self.n or arrays.lo != self.lo:
             raise ValueError(f"shard {self.shard_id}: restore got slots [{arrays.lo}, {arrays.lo + len(arrays)}), owns [{self.lo}, {self.lo + self.n})")
         s = self.storage_dtype
+        self.mem.bump_generation()          # fills copied in before the restore are refused
         self.leases.clear()
         self.owner[:] = 0
         self.deadline[:] = math.inf

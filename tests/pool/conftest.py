@@ -81,13 +81,13 @@ def pool_worker(pool: Pool, role: str, n_ops: int, seed: int, b: int = 4, hold_s
                 stop_path: str | None = None) -> dict:
     """A trainer (draw, check, release) or teacher (claim, fill) loop; ``victim`` draws and claims, then hangs.
 
-    Runs in another process or thread; stops after n_ops operations or once ``stop_path`` exists
-    (a teacher outlives its trainers: give it a large n_ops, a short timeout and a stop file).
+    Runs in another process or thread; stops after n_ops operations or once ``stop_path`` exists and it
+    did at least one (a teacher outlives its trainers: give it a large n_ops, a short timeout and a stop file).
     Returns counts of what it did.
     """
     done = {"draws": 0, "fills": 0, "timeouts": 0}
     for _ in range(n_ops):
-        if stop_path and Path(stop_path).exists():
+        if stop_path and Path(stop_path).exists() and any(done.values()):    # a late starter does one op first
             break
         try:
             if role == "trainer":

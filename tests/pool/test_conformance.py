@@ -392,11 +392,17 @@ def test_half_storage_halves_the_bytes(harness, dtype):
 def test_concurrent_workers_one_killed(harness, tmp_path):
     """Two trainers and a teacher run while a victim holding a lease and a claim is killed."""
     pool = harness.make(num_slots=32, shards=2, lease_timeout_s=1.0, claim_timeout_s=1.0, min_ready_fraction=0.25)
-    signal, stop = tmp_path / "victim", tmp_path / "stop"
-    teacher = harness.start_worker(pool, role="teacher", n_ops=10_000, seed=1, b=4, timeout_s=0.5, stop_path=str(stop))
+    signal, stop, stop_trainers = tmp_path / "victim", tmp_path / "stop", tmp_path / "stop_trainers"
+    # The trainers run until after the kill, so REFILL slots keep appearing for the victim's claim (it
+    # may start after a fixed number of draws is over); the teacher holds each claim 20 ms, so the
+    # victim gets a share of them instead of racing a teacher that takes every REFILL slot at once.
+    teacher = harness.start_worker(pool, role="teacher", n_ops=10_000, seed=1, b=4, hold_s=0.02, timeout_s=0.5,
+                                   stop_path=str(stop))
     workers = [
-        harness.start_worker(pool, role="trainer", n_ops=20, seed=2, b=4, hold_s=0.01, timeout_s=30.0),
-        harness.start_worker(pool, role="trainer", n_ops=20, seed=3, b=4, hold_s=0.01, timeout_s=30.0),
+        harness.start_worker(pool, role="trainer", n_ops=10_000, seed=2, b=4, hold_s=0.01, timeout_s=30.0,
+                             stop_path=str(stop_trainers)),
+        harness.start_worker(pool, role="trainer", n_ops=10_000, seed=3, b=4, hold_s=0.01, timeout_s=30.0,
+                             stop_path=str(stop_trainers)),
     ]
     victim = harness.start_worker(pool, role="victim", n_ops=1, seed=4, b=4, signal_path=str(signal), timeout_s=30.0)
     deadline = time.time() + 120                       # generous: worker processes start slowly on a busy machine
@@ -405,10 +411,16 @@ def test_concurrent_workers_one_killed(harness, tmp_path):
         counts(pool)                                   # the invariant holds while everybody works
         time.sleep(0.05)
     victim.kill()
+    for _ in range(10):                                # the others go on working after the kill
+        counts(pool)
+        time.sleep(0.05)
+    stop_trainers.write_text("stop")
     results = [w.result(timeout=120) for w in workers]
     stop.write_text("stop")
     fills = teacher.result(timeout=30)["fills"]
-    assert [r["draws"] for r in results] == [20, 20] and fills >= 10, (results, fills)
+    # (a worker process may start late: each trainer drew, none timed out, and together they drew a lot)
+    assert all(r["draws"] >= 1 and r["timeouts"] == 0 for r in results), results
+    assert sum(r["draws"] for r in results) >= 20 and fills >= 10, (results, fills)
     time.sleep(1.1)                                    # the victim's lease and claim expire
     st = pool.stats()
     st.check_invariant()
