@@ -56,7 +56,8 @@ from common.pool.base import (
 from common.pool.codec import to_numpy, write_snapshot
 from common.pool.local import load_snapshot_for, merge_stats, snapshot_header, surplus_inserted
 from common.pool.memory import FLAG_GROUPS, SECONDS, ShardMemory, tune_malloc
-from common.pool.shard import FILLING, LEASED, READY, REFILL, SHARD_COUNTERS, OwnerOnly, PoolShard, check_batch, new_batch
+from common.pool.shard import (FILLING, LEASED, READY, REFILL, SHARD_COUNTERS, OwnerOnly, PoolShard, check_batch, new_batch,
+                               out_arrays)
 from common.records import EMPTY_T, RecordBatch
 
 SHARD_NUM_CPUS = 0.05
@@ -451,9 +452,9 @@ class RayPool(Pool):
             for i, idx in leased:
                 views[i].lease_slots(idx, lease_id, now, sample)
             self._flush_time(views[0])
-        off = 0
+        off, dst = 0, out_arrays(out)
         for i, idx in leased:
-            views[i]._records(idx, out.index(slice(off, off + len(idx))))
+            views[i].copy_out(idx, dst, off)
             off += len(idx)
         if time.time() >= now + self.cfg.lease_timeout_s:
             for i, idx in leased:
@@ -487,8 +488,9 @@ class RayPool(Pool):
             batch = self._zero_batch(total)
         else:
             batch, off = self._empty(total), 0
+            dst = out_arrays(batch)
             for i, idx in parts:
-                views[i]._records(idx, batch.index(slice(off, off + len(idx))))
+                views[i].copy_out(idx, dst, off)
                 off += len(idx)
             if time.time() >= deadline:
                 for i, idx in parts:
