@@ -33,13 +33,18 @@ Round trips (pipelined per server; plain redis:// and unix:// URLs go through ou
 client, resp.RespConnection, TLS and Redis Cluster through redis-py):
 
 - draw, one shard: the draw script (it checks the warm-up and READY itself and leases all b or
-  nothing), then one HMGET of the records. Several shards: a counts round (the exact
-  hypergeometric split needs the READY counts), the draw scripts, one HMGET per shard.
+  nothing), then one HMGET of the records. Several shards on one (non-cluster) server: one
+  script over every shard's keys (_DRAW_ALL: READY counts, the exact hypergeometric split,
+  seeded by the client, and the leases), then one HMGET per shard in one round. A cluster or
+  several servers: a counts round (the split needs the READY counts), the draw scripts, one
+  HMGET per shard.
 - release: one script per shard.
-- claim, one shard: the claim script, then one HMGET of the previous records; several shards:
-  counts first.
-- fill: per shard a plain HSET of the records into {tag}:rec and the state script, in one round
-  (while the claim has a margin of time left; else the records go through the script's ARGV).
+- claim, one shard: the claim script; several shards on one server: one script over every shard
+  (_CLAIM_ALL); a cluster or several servers: counts first. Then one HMGET of the previous
+  records of the slots that hold one (the scripts say which): none for a claim of empty slots.
+- fill: per shard plain HSETs of the records into {tag}:rec, _FILL_CHUNK records each, encoded
+  and sent one after the other, and the state script, in one round (while the claim has a
+  margin of time left; else the records go through the script's ARGV).
 Records never pass through Lua on the hot path: Lua copies every payload into a Lua string and
 back (4.7 MB: 15.6 ms returned from a script against 4.7 ms for an HMGET; ~12 ms as ARGV against
 ~6 ms for an HSET, measured on the 2-core development machine).
