@@ -362,3 +362,29 @@ def test_a_shard_lost_under_an_all_shard_script_is_reinitialised_alone(redis_ser
     c = pool.claim_refill(12)
     assert sorted(c.slots.tolist()) == list(range(lo, hi)) and (c.batch.t == -1).all()
     pool.close()
+
+
+def test_resp_connection_sends_the_commands_of_an_iterable_as_they_are_made(redis_server):
+    """The fast fill hands execute a generator (records encoded chunk by chunk): every command is sent in
+    order, one reply each; a generator that fails midway leaves the connection usable for the next call."""
+    from common.pool.resp import RespConnection
+
+    conn = RespConnection(redis_server.url)
+
+    def commands():
+        for i in range(4):
+            yield ["SET", f"k{i}", b"%d" % i * (1500 * i + 1)]
+        yield ["MGET", *(f"k{i}" for i in range(4))]
+
+    replies = conn.execute(commands())
+    assert replies[:4] == [b"OK"] * 4
+    assert [bytes(v) for v in replies[4]] == [b"%d" % i * (1500 * i + 1) for i in range(4)]
+
+    def broken():
+        yield ["SET", "k9", b"1"]
+        raise ValueError("encoding failed")
+
+    with pytest.raises(ValueError):
+        conn.execute(broken())
+    assert conn.execute([["GET", "k0"], ["GET", "k1"]]) == [b"0", b"1" * 1501]
+    conn.close()
