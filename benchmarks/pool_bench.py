@@ -33,6 +33,8 @@ measured in the same run on the same machine:
   clients together: with more clients than cores that is what the cores give. (The previous
   version summed each client's records / its own seconds in copies; with 4 clients on 2
   cores that counted the cores twice for the copies but not for the pool's lock waits.)
+  The rates printed are medians over the rounds, and ``ratio`` the median of the rounds'
+  ratios (each round's pool block over its ceiling block, run back to back).
   ``ceiling_hot_copy_records_s`` also reports ``np.copy`` of one b-record buffer over and
   over in one process (it stays in the CPU's cache, so no pool can meet it: it was the
   ceiling of the first version of this benchmark).
@@ -140,12 +142,16 @@ def _proc_main(pool, phase, b, iters, shape, barrier, seed, warmup, q):
 
 
 def run_clients(backend: str, pool, phase: str, clients: int, b: int, iters: int, shape,
-                ceiling_slots: int = 0, warmup: int = 0, rounds: int = 1) -> tuple[float, float | None]:
-    """Run ``clients`` client processes at once, block by block -> (pool records/s, ceiling records/s or None).
+                ceiling_slots: int = 0, warmup: int = 0, rounds: int = 1) -> tuple[float, float | None, float | None]:
+    """Run ``clients`` client processes at once, block by block
+    -> (pool records/s, ceiling records/s or None, ratio or None).
 
-    Each rate is the records the clients moved in blocks of that kind over the summed wall time of
-    those blocks (from the block's release to the last client's end): the throughput of all clients
-    together, which on a machine with fewer cores than clients is what the cores can give.
+    A block's rate is the records all clients moved in it over its wall time (from its release to
+    the last client's end): the throughput of all clients together, which on a machine with fewer
+    cores than clients is what the cores can give. With a ceiling: the medians over the rounds of
+    the pool's rate, the ceiling's rate and of each round's ratio (its pool block over its ceiling
+    block, run back to back: on a shared machine whose load swings from second to second, the
+    per-round ratio is steadier than a ratio of totals).
     """
     blocks = rounds * (2 if ceiling_slots else 1)
     if clients == 1 and backend == "redis":      # one client: run it here (no process start in --quick)
@@ -175,16 +181,20 @@ def run_clients(backend: str, pool, phase: str, clients: int, b: int, iters: int
         finally:
             shutil.rmtree(barrier, ignore_errors=True)
 
-    def rate(kind: str) -> float:
-        moved = seconds = 0.0
+    def rates(kind: str) -> list[float]:
+        out = []
         for k in range(len(res[0])):
             rows = [r[k] for r in res]
             if rows[0][0] == kind:
-                moved += sum(r[1] for r in rows)
-                seconds += max(r[3] for r in rows) - min(r[2] for r in rows)
-        return moved / seconds
+                out.append(sum(r[1] for r in rows) / (max(r[3] for r in rows) - min(r[2] for r in rows)))
+        return out
 
-    return rate("pool"), (rate("ceiling") if ceiling_slots else None)
+    pool_r = rates("pool")
+    if not ceiling_slots:
+        return pool_r[0], None, None
+    ceil_r = rates("ceiling")
+    # each round's pool block ran right after its ceiling block, under the same load
+    return float(np.median(pool_r)), float(np.median(ceil_r)), float(np.median(np.divide(pool_r, ceil_r)))
 
 
 def _release_barrier(barrier: str, clients: int, block: int, timeout_s: float = 300.0) -> None:
@@ -253,10 +263,10 @@ def run_case(backend, url, port, shards, clients, b, iters, shape, record_bytes,
     copies = num_slots if backend == "ray" else 0
     try:
         # blocks of at least 5 calls per client (fills are limited by the pool's size)
-        fill_rps, ceil_fill = run_clients(backend, pool, "fill", clients, b, iters, shape, copies, warmup,
-                                          max(1, min(rounds, iters // 5)))
-        draw_rps, ceil_draw = run_clients(backend, pool, "draw", clients, b, draw_iters or iters, shape, copies, warmup,
-                                          max(1, min(rounds, (draw_iters or iters) // 5)))
+        fill_rps, ceil_fill, fill_ratio = run_clients(backend, pool, "fill", clients, b, iters, shape, copies, warmup,
+                                                      max(1, min(rounds, iters // 4)))
+        draw_rps, ceil_draw, draw_ratio = run_clients(backend, pool, "draw", clients, b, draw_iters or iters, shape, copies,
+                                                      warmup, max(1, min(rounds, (draw_iters or iters) // 5)))
     finally:
         if backend == "redis":
             pool.destroy()
@@ -274,7 +284,8 @@ def run_case(backend, url, port, shards, clients, b, iters, shape, record_bytes,
         "draw_release_records_s": round(draw_rps, 1), "draw_release_GB_s": round(draw_rps * gb, 4),
         "claim_fill_records_s": round(fill_rps, 1), "claim_fill_GB_s": round(fill_rps * gb, 4),
         "ceiling": how, "ceiling_draw_records_s": round(ceil_draw, 1), "ceiling_fill_records_s": round(ceil_fill, 1),
-        "draw_ratio": round(draw_rps / ceil_draw, 3), "fill_ratio": round(fill_rps / ceil_fill, 3), **extra,
+        "draw_ratio": round(draw_ratio or draw_rps / ceil_draw, 3), "fill_ratio": round(fill_ratio or fill_rps / ceil_fill, 3),
+        **extra,
     }
 
 
@@ -288,7 +299,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20, help="claim+fill batches per client (the pool holds clients * iters * b slots)")
     ap.add_argument("--draw-iters", type=int, default=50, help="draw+release batches per client (the records are reused)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls per client and phase before the clock starts")
-    ap.add_argument("--rounds", type=int, default=5, help="ray: alternating blocks of ceiling copies and pool calls per phase")
+    ap.add_argument("--rounds", type=int, default=10, help="ray: alternating blocks of ceiling copies and pool calls per phase")
     ap.add_argument("--redis-url", default=None, help="an existing server (default: start one in a temp folder)")
     ap.add_argument("--quick", action="store_true", help="a few seconds: redis only, shards 1,2, clients 1, b 32, 3 iters")
     args = ap.parse_args(argv)
