@@ -467,17 +467,22 @@ class RayPool(Pool):
         now = time.time()
         parts, want, empty, gen = [], n, True, {}
         for i in self.rng.permutation(len(views)).tolist():    # shard by shard, each under its own lock
-            with _all_locked([views[i]]):
-                refill = views[i].ready_slots(REFILL, now)
-                m = min(want, len(refill))
-                if m:
-                    idx = views[i]._claim_slots(m, claim_id, now, refill=refill)[0]
-                    parts.append((i, idx))
-                    empty &= bool((views[i].t[idx] == EMPTY_T).all())
-                    gen[i] = views[i].mem.generation
-                    want -= m
-                if i == 0:
-                    self._flush_time(views[0])
+            try:
+                with _all_locked([views[i]]):
+                    refill = views[i].ready_slots(REFILL, now)
+                    m = min(want, len(refill))
+                    if m:
+                        idx = views[i]._claim_slots(m, claim_id, now, refill=refill)[0]
+                        parts.append((i, idx))
+                        empty &= bool((views[i].t[idx] == EMPTY_T).all())
+                        gen[i] = views[i].mem.generation
+                        want -= m
+                    if i == 0:
+                        self._flush_time(views[0])
+            except OwnerOnly:          # a consumer group attached meanwhile: keep what was claimed
+                if not parts:
+                    raise
+                break
             if not want:
                 break
         if not parts:
