@@ -94,6 +94,16 @@ def test_train_step_keeps_slot_count_and_trains(tmp_path):
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_grad_norm_is_reported_only_when_clipping_measures_it(tmp_path, clip):
+    s = build_session(tiny(tmp_path, f"distill.grad_clip={'null' if clip is None else clip}"))
+    s.worker.fill_all(s.pool.num_slots)
+    out = train_step(s)
+    assert ("grad_norm" in out) == (clip is not None)
+    if clip is not None:
+        assert np.isfinite(out["grad_norm"]) and out["grad_norm"] > 0
+
+
 def test_resume_continues_with_the_same_pool_and_state(tmp_path):
     """10 steps in one go == 5 steps, checkpoint, a fresh process-like session resuming for 5 more."""
     a = distill(tiny(tmp_path / "a", "distill.steps=10"))
