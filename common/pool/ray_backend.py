@@ -703,6 +703,17 @@ class RayPool(Pool):
 
     def release(self, lease_id: str) -> None:
         shards = self.leases.pop(lease_id, range(len(self.handles)))   # unknown here: ask every shard (idempotent)
+        if isinstance(shards, dict):       # drawn on the mapped path: {shard: its local slots}, one locked pass
+            views = self._mapped()
+            if views is not None:
+                try:
+                    with _all_locked([views[i] for i in shards]):
+                        now = time.time()
+                        for i, idx in shards.items():
+                            views[i].release_slots(lease_id, idx, now)
+                    return
+                except OwnerOnly:          # consumer groups attached meanwhile: the per-shard calls below
+                    pass
         refs = []
         for i in shards:           # a lease drawn on the mapped path: {shard: its local slots}
             done, _ = self._local(i, "release", lease_id, slots=shards[i]) if isinstance(shards, dict) else \

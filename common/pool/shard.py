@@ -341,10 +341,10 @@ class PoolShard(ShardGroups):
             self.lease_slots(idx, lease_id, now)
         return idx, now + self.lease_timeout_s
 
-    @_locked
     def lease_slots(self, idx: np.ndarray, lease_id: str, now: float, age_sample: int = _AGE_SAMPLE) -> None:
         """READY -> LEASED for local slots idx that the caller, holding the lock, chose among ready_slots().
-        ``age_sample``: how many of their ages go into the age histogram (a draw over S shards: 4 / S each)."""
+        ``age_sample``: how many of their ages go into the age histogram (a draw over S shards: 4 / S each).
+        The caller holds the lock (a whole-pool draw holds every shard's): no lock of its own."""
         self._own(idx, lease_id, now + self.lease_timeout_s, LEASED)
         self._count_draw(idx, age_sample)
 
@@ -421,12 +421,25 @@ class PoolShard(ShardGroups):
             self._check_held(idx, claim_id, FILLING)
         return idx + self.lo, batch
 
-    @_locked
     def ready_slots(self, state: int, now: float) -> np.ndarray:
-        """The local slots in ``state`` after expiry (a caller holding the lock passes them on to
-        _lease or _claim_slots, so one pass under the lock both counts and takes)."""
-        self.expire(now)
+        """The local slots in ``state`` after expiry. The caller holds the lock and passes them on to
+        lease_slots or _claim_slots, so one pass under the lock both counts and takes."""
+        if now >= self.mem.next_deadline or self.leases or self.groups:
+            self.expire(now)
         return np.flatnonzero(self.state == state)
+
+    def release_slots(self, lease_id: str, idx: np.ndarray, now: float) -> int:
+        """release() for a plain lease whose local slots the caller knows, under a lock the caller holds."""
+        if now >= self.mem.next_deadline:
+            self.expire(now)
+        idx = idx[(self.owner[idx] == lease_key(lease_id)) & (self.state[idx] == LEASED)]
+        if len(idx):
+            self.owner[idx] = 0
+            left = self.uses[idx] - 1
+            self.uses[idx] = left
+            self.state[idx] = np.where(left > 0, READY, REFILL).astype(np.uint8)
+            self.c.arr[_CIDX["released"]] += len(idx)
+        return len(idx)
 
     @_locked
     def _claim_slots(self, m: int, claim_id: str, now: float | None, refill: np.ndarray | None = None) -> tuple[np.ndarray, float]:
