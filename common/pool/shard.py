@@ -8,8 +8,10 @@ it for one contiguous range of global slots.
 All of its state lives in a ShardMemory (memory.py): private arrays (LocalPool,
 which serializes calls with its own lock) or a shared file that the shard actor
 and every client on its node map (the Ray backend's fast path). Every public
-method runs under the memory's lock, so several processes may run transitions on
-one shared shard; a process that is not the memory's owner (``view=True``) runs
+transition runs under the memory's lock, so several processes may run transitions on
+one shared shard (the exceptions say so: ready_slots, lease_slots and release_slots
+expect a caller that holds the lock, as a whole-pool draw holds every shard's;
+write_records and copy_out copy records of slots a lease or claim holds, with no lock); a process that is not the memory's owner (``view=True``) runs
 only the plain transitions and raises OwnerOnly while consumer groups are
 attached (their bookkeeping lives in the owner process).
 
