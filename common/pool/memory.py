@@ -55,7 +55,7 @@ FLAG_GROUPS = 1                      # consumer groups attached: only the owner 
 FLAG_CLOSED = 2
 _C_HEARTBEAT, _C_NEXT_DEADLINE = 0, 1
 SECONDS = ("draw_blocked", "fill_blocked", "draw", "fill", "fill_rejected", "reserved")
-_WIRE = {"fp32": np.float32, "fp16": np.float16, "bf16": np.int16}
+WIRE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.int16}   # storage dtype -> numpy (bf16 as its bits)
 
 
 def _align(off: int) -> int:
@@ -90,7 +90,7 @@ def _plan(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label:
               ("deadline", np.float64, (n,))]
     if has_label:
         fields.append(("y", np.int64, (n,)))
-    wire = _WIRE[storage_dtype]
+    wire = WIRE_DTYPES[storage_dtype]
     fields += [("x_t", wire, rec), ("eps", wire, rec)] + ([("logvar", wire, rec)] if has_logvar else [])
     out, off = [], 0
     for name, dt, shape in fields:

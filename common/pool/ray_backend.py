@@ -42,6 +42,7 @@ from common import metrics
 from common.config import PoolConfig
 from common.pool.base import (
     STATE_NAMES,
+    STORAGE_DTYPES,
     Claim,
     Draw,
     Pool,
@@ -56,8 +57,8 @@ from common.pool.base import (
 from common.pool.codec import to_numpy, write_snapshot
 from common.pool.local import load_snapshot_for, merge_stats, snapshot_header, surplus_inserted
 from common.pool.memory import FLAG_GROUPS, SECONDS, ShardMemory, tune_malloc
-from common.pool.shard import (FILLING, LEASED, READY, REFILL, SHARD_COUNTERS, OwnerOnly, PoolShard, check_batch, new_batch,
-                               out_arrays)
+from common.pool.shard import (AGE_SAMPLE, FILLING, LEASED, READY, REFILL, SHARD_COUNTERS, OwnerOnly, PoolShard, check_batch,
+                               new_batch, out_arrays)
 from common.records import EMPTY_T, RecordBatch
 
 SHARD_NUM_CPUS = 0.05
@@ -404,8 +405,7 @@ class RayPool(Pool):
     def _zero_batch(self, n: int) -> RecordBatch:
         """The previous records of n empty slots: read-only zero rows (one row broadcast, no memory) and t = EMPTY_T."""
         if getattr(self, "_zero_row", None) is None:
-            wire = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.storage_dtype]
-            self._zero_row = torch.zeros((1, *self.record_shape), dtype=wire)
+            self._zero_row = torch.zeros((1, *self.record_shape), dtype=STORAGE_DTYPES[self.storage_dtype])
         z = self._zero_row.expand(n, *self.record_shape)
         return RecordBatch(x_t=z, t=torch.full((n,), EMPTY_T, dtype=torch.int64), eps=z,
                            logvar=z if self.has_logvar else None,
@@ -448,7 +448,7 @@ class RayPool(Pool):
             starts = np.concatenate([[0], np.cumsum(have)])
             cuts = np.searchsorted(pos, starts[1:-1])
             leased = [(i, ready[i][p - starts[i]]) for i, p in enumerate(np.split(pos, cuts)) if len(p)]
-            sample = -(-4 // len(leased))
+            sample = -(-AGE_SAMPLE // len(leased))
             for i, idx in leased:
                 views[i].lease_slots(idx, lease_id, now, sample)
             self._flush_time(views[0])
@@ -515,8 +515,11 @@ class RayPool(Pool):
             v, part = views[i], batch.index(slice(off, off + len(idx)))
             off += len(idx)
             now = time.time()
-            gen = info["gen"][i] if info["empty"] and now < info["deadline"] - margin else None
-            if gen is None and now < info["deadline"] - margin:
+            if now >= info["deadline"] - margin:
+                gen = None
+            elif info["empty"]:                   # nothing to mark gone: the claim's generation
+                gen = info["gen"][i]
+            else:
                 gen = v.fill_begin(claim_id, idx, now, margin)
             if gen is None:                       # too close to the deadline, or the claim is gone
                 ok &= v.fill(claim_id, part)
@@ -598,21 +601,11 @@ class RayPool(Pool):
 
     def _poll(self, ok, what: str, side: str, timeout_s: float | None, group: str | None = None) -> tuple[list[dict], float]:
         """Poll counts with backoff until ok(per-shard counts) -> (counts, seconds blocked); PoolTimeout after timeout."""
-        timeout_s = self.cfg.block_timeout_s if timeout_s is None else timeout_s
-        start, sleep = time.monotonic(), 0.001
-        while True:
+        def attempt():
             per = self._counts(group)
-            if ok(per):
-                return per, time.monotonic() - start
-            left = timeout_s - (time.monotonic() - start)
-            if left <= 0:
-                waited = time.monotonic() - start
-                self._add_time(side, waited, waited)
-                counts = {n: sum(c[n] for c in per) for n in STATE_NAMES}
-                inserted = sum(c["inserted"] for c in per)
-                raise PoolTimeout(timeout_message(what, timeout_s, counts, f", inserted={inserted}, min_ready={self.min_ready}"))
-            time.sleep(min(sleep, left))
-            sleep = min(sleep * 2, 0.05)
+            return per if ok(per) else None
+
+        return self._blocked_until(attempt, what, side, timeout_s)
 
     # --- the contract ---------------------------------------------------------------------
 
@@ -715,9 +708,8 @@ class RayPool(Pool):
                 except OwnerOnly:          # consumer groups attached meanwhile: the per-shard calls below
                     pass
         refs = []
-        for i in shards:           # a lease drawn on the mapped path: {shard: its local slots}
-            done, _ = self._local(i, "release", lease_id, slots=shards[i]) if isinstance(shards, dict) else \
-                self._local(i, "release", lease_id)
+        for i in shards:
+            done, _ = self._local(i, "release", lease_id)
             if not done:
                 refs.append(self.handles[i].release.remote(lease_id))
         if refs:

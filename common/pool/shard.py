@@ -46,11 +46,11 @@ from common.pool.base import (
 )
 from common.pool.codec import SlotArrays, from_numpy, to_numpy
 from common.pool.groups import Group, ShardGroups  # noqa: F401 - Group: the type of PoolShard.groups values
-from common.pool.memory import FLAG_GROUPS, SECONDS, ShardMemory, lease_key
+from common.pool.memory import FLAG_GROUPS, SECONDS, WIRE_DTYPES, ShardMemory, lease_key
 from common.records import EMPTY_T, RecordBatch
 
 READY, LEASED, REFILL, FILLING = (int(s) for s in SlotState)
-_AGE_SAMPLE = 4      # records per draw whose age goes into the metric histogram (stats keep the exact mean)
+AGE_SAMPLE = 4       # records per draw whose age goes into the metric histogram (stats keep the exact mean)
 
 SHARD_COUNTERS = (
     "produced", "consumed", "inserted", "released", "bytes_in", "bytes_out", "expired_leases", "expired_claims",
@@ -108,7 +108,7 @@ def out_arrays(batch: RecordBatch) -> dict[str, np.ndarray]:
 def new_batch(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool, zeros: bool = False) -> RecordBatch:
     """Storage for n records: uninitialized, or zeros from calloc (numpy's np.zeros: the pages are
     mapped lazily, so zeros nobody reads cost nothing; torch.zeros would memset them)."""
-    wire = {"fp32": np.float32, "fp16": np.float16, "bf16": np.int16}[storage_dtype]
+    wire = WIRE_DTYPES[storage_dtype]
     new = np.zeros if zeros else np.empty
     shape = (n, *record_shape)
 
@@ -268,11 +268,7 @@ class PoolShard(ShardGroups):
         """
         if out is None:
             out = self.empty_batch(len(idx))
-        for name in ("x_t", "eps", "logvar", "y"):
-            src = getattr(self, name)
-            if src is not None:
-                np.take(_np(src), idx, axis=0, out=_np(getattr(out, name)), mode="clip")
-        _np(out.t)[...] = self.t[idx]
+        self.copy_out(idx, out_arrays(out), 0)
         return out
 
     def copy_out(self, idx: np.ndarray, dst: dict[str, np.ndarray], off: int) -> None:
@@ -285,10 +281,9 @@ class PoolShard(ShardGroups):
 
     @property
     def _src(self) -> dict[str, np.ndarray]:
+        """The record fields (not t) as numpy arrays over the shard's memory, made once."""
         if self._src_arrays is None:
-            self._src_arrays = out_arrays(RecordBatch(x_t=self.x_t, t=torch.from_numpy(self.t), eps=self.eps,
-                                                      logvar=self.logvar, y=self.y))
-            del self._src_arrays["t"]
+            self._src_arrays = {name: _np(v) for name in ("x_t", "eps", "logvar", "y") if (v := getattr(self, name)) is not None}
         return self._src_arrays
 
     def _publish(self) -> None:
@@ -315,10 +310,14 @@ class PoolShard(ShardGroups):
             self._check_held(idx, lease_id, LEASED)
         return idx + self.lo, batch
 
+    def _held(self, idx: np.ndarray, key_id: str, state: int) -> np.ndarray:
+        """[len(idx)] bool: which of the slots idx the lease or claim ``key_id`` holds in ``state``."""
+        return (self.owner[idx] == lease_key(key_id)) & (self.state[idx] == state)
+
     @_locked
     def _check_held(self, idx: np.ndarray, key_id: str, state: int) -> None:
         """PoolError unless the slots are still held by the lease or claim (their copy is then valid)."""
-        if not ((self.owner[idx] == lease_key(key_id)) & (self.state[idx] == state)).all():
+        if not self._held(idx, key_id, state).all():
             raise PoolError(f"lease or claim {key_id} expired while its records were copied; raise pool.lease_timeout_s")
 
     @_locked
@@ -338,12 +337,12 @@ class PoolShard(ShardGroups):
             self._settle(idx)
             prev = self.leases.get(lease_id)
             self.leases[lease_id] = (idx if prev is None else np.concatenate([prev[0], idx]), now + self.lease_timeout_s)
-            self._count_draw(idx, _AGE_SAMPLE)
+            self._count_draw(idx, AGE_SAMPLE)
         elif m:
             self.lease_slots(idx, lease_id, now)
         return idx, now + self.lease_timeout_s
 
-    def lease_slots(self, idx: np.ndarray, lease_id: str, now: float, age_sample: int = _AGE_SAMPLE) -> None:
+    def lease_slots(self, idx: np.ndarray, lease_id: str, now: float, age_sample: int = AGE_SAMPLE) -> None:
         """READY -> LEASED for local slots idx that the caller, holding the lock, chose among ready_slots().
         ``age_sample``: how many of their ages go into the age histogram (a draw over S shards: 4 / S each).
         The caller holds the lock (a whole-pool draw holds every shard's): no lock of its own."""
@@ -363,11 +362,8 @@ class PoolShard(ShardGroups):
             self._publish()
 
     @_locked
-    def release(self, lease_id: str, now: float | None = None, slots: np.ndarray | None = None) -> int:
-        """Spend one use per leased slot: -> READY with uses left, else REFILL. Unknown lease: 0 (idempotent).
-
-        ``slots``: the local slots the lease took here, when the caller knows them (no scan of the shard).
-        """
+    def release(self, lease_id: str, now: float | None = None) -> int:
+        """Spend one use per leased slot: -> READY with uses left, else REFILL. Unknown lease: 0 (idempotent)."""
         self.expire(now)
         got = self.leases.pop(lease_id, None)
         if got is not None:              # a consumer group's lease
@@ -378,18 +374,20 @@ class PoolShard(ShardGroups):
                 g.seen = time.time() if now is None else now
                 self._settle(idx)
         else:
-            if slots is None:
-                idx = self._owned(lease_id, LEASED)
-            else:
-                idx = slots[(self.owner[slots] == lease_key(lease_id)) & (self.state[slots] == LEASED)]
+            idx = self._owned(lease_id, LEASED)
             if len(idx) == 0:
                 return 0
-            self.owner[idx] = 0
-            self.uses[idx] -= 1
-            self.state[idx] = np.where(self.uses[idx] > 0, READY, REFILL).astype(np.uint8)
+            self._spend_uses(idx)
         self.c["released"] += len(idx)
         self._publish()
         return len(idx)
+
+    def _spend_uses(self, idx: np.ndarray) -> None:
+        """A plain lease's slots idx are handed back: one use spent, READY with uses left, else REFILL."""
+        self.owner[idx] = 0
+        left = self.uses[idx] - 1
+        self.uses[idx] = left
+        self.state[idx] = np.where(left > 0, READY, REFILL).astype(np.uint8)
 
     def _own(self, idx: np.ndarray, key_id: str, deadline: float, state: int) -> None:
         """Slots idx now belong to a lease or claim: owner and deadline first, then the state."""
@@ -434,12 +432,9 @@ class PoolShard(ShardGroups):
         """release() for a plain lease whose local slots the caller knows, under a lock the caller holds."""
         if now >= self.mem.next_deadline:
             self.expire(now)
-        idx = idx[(self.owner[idx] == lease_key(lease_id)) & (self.state[idx] == LEASED)]
+        idx = idx[self._held(idx, lease_id, LEASED)]
         if len(idx):
-            self.owner[idx] = 0
-            left = self.uses[idx] - 1
-            self.uses[idx] = left
-            self.state[idx] = np.where(left > 0, READY, REFILL).astype(np.uint8)
+            self._spend_uses(idx)
             self.c.arr[_CIDX["released"]] += len(idx)
         return len(idx)
 
@@ -496,8 +491,7 @@ class PoolShard(ShardGroups):
         the claim no longer holds every slot idx or its deadline is less than ``margin_s`` away (the
         caller then fills under the lock). The previous records are marked gone (t = EMPTY_T), so a
         snapshot, or a claim that expires later, never hands on a half-written record."""
-        key = lease_key(claim_id)
-        if not ((self.owner[idx] == key) & (self.state[idx] == FILLING)).all() or (self.deadline[idx] < now + margin_s).any():
+        if not self._held(idx, claim_id, FILLING).all() or (self.deadline[idx] < now + margin_s).any():
             return None
         self.t[idx] = EMPTY_T
         return self.mem.generation
@@ -507,8 +501,7 @@ class PoolShard(ShardGroups):
         """FILLING -> READY for local slots idx whose records write_records copied in (fill_begin first).
         False (nothing changes) when the claim lost them or the shard was restored meanwhile."""
         self.expire()
-        if self.mem.generation != generation or not (
-                (self.owner[idx] == lease_key(claim_id)) & (self.state[idx] == FILLING)).all():
+        if self.mem.generation != generation or not self._held(idx, claim_id, FILLING).all():
             self.c["fill_rejected"] += 1
             return False
         self._commit_fill(idx, t)
