@@ -37,7 +37,8 @@ LINGER_S = 4                   # the workload keeps its endpoint up this long af
 
 pytestmark = pytest.mark.slow
 
-# The tiny run: analytic mixture teacher, MLP student, a short chain (a few seconds on one CPU thread).
+# The tiny run: analytic mixture teacher, MLP student, a short chain (a few seconds on one CPU thread; long
+# enough that the histograms see two scrapes while it trains: 120 steps once ended before the first scrape).
 WORKLOAD_CONFIG = textwrap.dedent("""\
     run: {name: metrics-smoke, out_dir: "{out_dir}", device: cpu, progress: false, log_every: 50, seed: 0}
     teacher:
@@ -46,7 +47,7 @@ WORKLOAD_CONFIG = textwrap.dedent("""\
       analytic: {num_components: 4, channels: 1, image_size: 4}
     student: {arch: mlp}
     pool: {backend: local, rho: 0.5}
-    distill: {batch_size: 16, steps: 120, lr: 0.001, bf16: false, teacher_microbatch: 64}
+    distill: {batch_size: 16, steps: 600, lr: 0.001, bf16: false, teacher_microbatch: 64}
     sample: {num_samples: 4, batch_size: 4, steps: "10"}
     metrics: {enabled: true, port: 0}
 """)
