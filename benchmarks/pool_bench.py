@@ -17,10 +17,15 @@ client first makes ``warmup`` untimed calls of each phase: a steady state is mea
 Throughput in records/s and GB/s of tensor bytes (1e9 bytes). The raw ceiling is
 measured in the same run on the same machine:
 
-- redis: ``redis-benchmark -t set,get -d <record bytes> -c <clients> -P <b> -r n/4`` against
-  the same server (SET is the ceiling of fill, GET of draw), right after the case; the
-  pool's throughput is records moved / wall seconds from the common start to the last
-  client's end.
+- redis: ``redis-benchmark -t set|get -d <record bytes> -c <clients> -P <b> -r <keys>`` against
+  the same server (SET is the ceiling of fill, GET of draw; every key is set first so each GET
+  moves a value). Each phase runs in ``rounds`` blocks of pool calls, every client in the same
+  block at once (multiprocessing barriers), and before each block a redis-benchmark run of at
+  least 20 pipelines per connection while the clients wait: the ceiling and the pool meet the
+  same load. A block's rate is all clients' records over its wall time; the figures are
+  medians over the rounds and ``ratio`` the median of each pool block over the ceiling run
+  just before it. (The previous version ran redis-benchmark once, after the case: on this
+  shared machine its rate swung 2x between runs.)
 - ray: a plain numpy copy of the same bytes between memory as large as the pool and a
   batch, done by every client process itself: for draw, b records gathered from random
   slots (``x[idx]`` per tensor field: what any draw must copy at least once), the gathered
@@ -72,14 +77,17 @@ def make_batch(n: int, shape: tuple[int, int, int], seed: int) -> RecordBatch:
                        eps=torch.randn(n, *shape, generator=g), logvar=torch.randn(n, *shape, generator=g))
 
 
-def client_loop(pool, phase: str, b: int, iters: int, shape, barrier: str | None, seed: int,
-                ceiling_slots: int = 0, warmup: int = 0, rounds: int = 1) -> list[tuple[str, int, float, float]]:
+def client_loop(pool, phase: str, b: int, iters: int, shape, barrier, seed: int,
+                ceiling_slots: int = 0, warmup: int = 0, rounds: int = 1, before_block=None) -> list[tuple[str, int, float, float]]:
     """One client: ``iters`` claim+fill or draw+release calls of b records, in ``rounds`` blocks
     -> [(kind, records, start, end)] per block, kind "pool" or "ceiling".
 
     ``barrier``: a folder; before each block the client writes ``ready-<seed>-<block>`` and starts when
     the driver writes ``go-<block>`` (the driver releases a block once every client is ready for it,
-    so all clients run the same kind of block at once and a block's wall time is comparable).
+    so all clients run the same kind of block at once and a block's wall time is comparable). Or a
+    pair of multiprocessing barriers (arrive, go) of the clients and the driver, which runs a Redis
+    ceiling block between the two (the clients wait blocked, using no CPU). ``before_block``: called
+    before each block (one client in the driver's process: the Redis ceiling block).
     ``ceiling_slots`` > 0: each round is a block of plain copies of the same bytes between a batch and
     random slots of arrays of that many slots (gather for draw, scatter for fill), then a block of
     pool calls. ``warmup``: untimed calls first (a steady state is measured, not a process's first
@@ -109,10 +117,15 @@ def client_loop(pool, phase: str, b: int, iters: int, shape, barrier: str | None
     out, block = [], 0
     for n in per_round:
         for kind in kinds:
-            if barrier is not None:
+            if isinstance(barrier, tuple):
+                for party in barrier:
+                    party.wait()
+            elif barrier is not None:
                 open(os.path.join(barrier, f"ready-{seed}-{block}"), "w").close()
                 while not os.path.exists(os.path.join(barrier, f"go-{block}")):
                     time.sleep(0.0005)
+            if before_block is not None:
+                before_block()
             block += 1
             t0, moved = time.time(), 0
             for _ in range(n):
@@ -137,12 +150,13 @@ def _one_call(pool, phase: str, b: int, batch):
     return len(d.batch), d.batch
 
 
-def _proc_main(pool, phase, b, iters, shape, barrier, seed, warmup, q):
-    q.put(client_loop(pool, phase, b, iters, shape, barrier, seed, 0, warmup))
+def _proc_main(pool, phase, b, iters, shape, barrier, seed, warmup, rounds, q):
+    q.put(client_loop(pool, phase, b, iters, shape, barrier, seed, 0, warmup, rounds))
 
 
 def run_clients(backend: str, pool, phase: str, clients: int, b: int, iters: int, shape,
-                ceiling_slots: int = 0, warmup: int = 0, rounds: int = 1) -> tuple[float, float | None, float | None]:
+                ceiling_slots: int = 0, warmup: int = 0, rounds: int = 1,
+                redis_ceiling_block=None) -> tuple[float, float | None, float | None]:
     """Run ``clients`` client processes at once, block by block
     -> (pool records/s, ceiling records/s or None, ratio or None).
 
@@ -151,33 +165,41 @@ def run_clients(backend: str, pool, phase: str, clients: int, b: int, iters: int
     cores than clients is what the cores can give. With a ceiling: the medians over the rounds of
     the pool's rate, the ceiling's rate and of each round's ratio (its pool block over its ceiling
     block, run back to back: on a shared machine whose load swings from second to second, the
-    per-round ratio is steadier than a ratio of totals).
+    per-round ratio is steadier than a ratio of totals). Ray: ``ceiling_slots`` > 0, the clients copy.
+    Redis: ``redis_ceiling_block()`` (-> records/s) runs redis-benchmark before each pool block while
+    the clients wait.
     """
     blocks = rounds * (2 if ceiling_slots else 1)
+    ceil_redis: list[float] = []
     if clients == 1 and backend == "redis":      # one client: run it here (no process start in --quick)
-        res = [client_loop(pool, phase, b, iters, shape, None, 0, 0, warmup)]
+        hook = (lambda: ceil_redis.append(redis_ceiling_block())) if redis_ceiling_block else None
+        res = [client_loop(pool, phase, b, iters, shape, None, 0, 0, warmup, rounds, before_block=hook)]
+    elif backend == "redis":
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        sync = (ctx.Barrier(clients + 1), ctx.Barrier(clients + 1))      # (arrive, go) per block
+        procs = [ctx.Process(target=_proc_main, args=(pool, phase, b, iters, shape, sync, i, warmup, rounds, q))
+                 for i in range(clients)]
+        for p in procs:
+            p.start()
+        for _ in range(blocks):
+            sync[0].wait(timeout=600)        # every client finished the previous block and waits
+            if redis_ceiling_block:
+                ceil_redis.append(redis_ceiling_block())
+            sync[1].wait(timeout=600)
+        res = [q.get(timeout=600) for _ in procs]
+        for p in procs:
+            p.join()
     else:
         barrier = tempfile.mkdtemp(prefix="pool_bench_barrier_")
         try:
-            if backend == "ray":
-                import ray
+            import ray
 
-                fn = ray.remote(num_cpus=0)(client_loop)
-                refs = [fn.remote(pool, phase, b, iters, shape, barrier, i, ceiling_slots, warmup, rounds) for i in range(clients)]
-                for k in range(blocks):
-                    _release_barrier(barrier, clients, k)
-                res = ray.get(refs)
-            else:
-                ctx = mp.get_context("spawn")
-                q = ctx.Queue()
-                procs = [ctx.Process(target=_proc_main, args=(pool, phase, b, iters, shape, barrier, i, warmup, q))
-                         for i in range(clients)]
-                for p in procs:
-                    p.start()
-                _release_barrier(barrier, clients, 0)
-                res = [q.get(timeout=600) for _ in procs]
-                for p in procs:
-                    p.join()
+            fn = ray.remote(num_cpus=0)(client_loop)
+            refs = [fn.remote(pool, phase, b, iters, shape, barrier, i, ceiling_slots, warmup, rounds) for i in range(clients)]
+            for k in range(blocks):
+                _release_barrier(barrier, clients, k)
+            res = ray.get(refs)
         finally:
             shutil.rmtree(barrier, ignore_errors=True)
 
@@ -190,9 +212,9 @@ def run_clients(backend: str, pool, phase: str, clients: int, b: int, iters: int
         return out
 
     pool_r = rates("pool")
-    if not ceiling_slots:
-        return pool_r[0], None, None
-    ceil_r = rates("ceiling")
+    ceil_r = ceil_redis or (rates("ceiling") if ceiling_slots else [])
+    if not ceil_r:
+        return float(np.median(pool_r)), None, None
     # each round's pool block ran right after its ceiling block, under the same load
     return float(np.median(pool_r)), float(np.median(ceil_r)), float(np.median(np.divide(pool_r, ceil_r)))
 
@@ -209,20 +231,35 @@ def _release_barrier(barrier: str, clients: int, block: int, timeout_s: float = 
 # --- raw ceilings -----------------------------------------------------------------------------------------
 
 
-def redis_ceiling(port: int, record_bytes: int, clients: int, b: int, n: int) -> dict[str, float]:
-    """requests/s of redis-benchmark SET and GET with values of ``record_bytes`` -> {"set": rps, "get": rps}."""
+def _redis_benchmark() -> str:
     exe = shutil.which("redis-benchmark")
     if exe is None:
         raise SystemExit("redis-benchmark is not on PATH (Debian package redis-tools / redis-server)")
-    out = subprocess.run([exe, "-p", str(port), "-t", "set,get", "-d", str(record_bytes), "-c", str(clients),
-                          "-n", str(n), "-P", str(b), "-r", str(max(n // 4, 1)), "--csv", "-q"],
+    return exe
+
+
+def populate_ceiling_keys(port: int, record_bytes: int, keys: int) -> None:
+    """SET every key redis-benchmark's ``-r keys`` names (``key:%012d``), so each GET moves a value."""
+    import redis
+
+    r = redis.Redis(port=port)
+    value = os.urandom(record_bytes)
+    for lo in range(0, keys, 64):
+        r.mset({f"key:{i:012d}": value for i in range(lo, min(keys, lo + 64))})
+    r.close()
+
+
+def redis_ceiling_rate(port: int, test: str, record_bytes: int, clients: int, b: int, n: int, keys: int) -> float:
+    """records/s of one redis-benchmark run: ``test`` (set or get) of n values of ``record_bytes`` over
+    ``clients`` connections, each pipelining b requests (the pool moves b records per call)."""
+    out = subprocess.run([_redis_benchmark(), "-p", str(port), "-t", test, "-d", str(record_bytes), "-c", str(clients),
+                          "-n", str(n), "-P", str(b), "-r", str(keys), "--csv", "-q"],
                          check=True, capture_output=True, text=True, timeout=600).stdout
-    rps = {}
     for line in out.splitlines():
         cells = [c.strip('"') for c in line.split(",")]
-        if cells and cells[0] in ("SET", "GET"):
-            rps[cells[0].lower()] = float(cells[1])
-    return rps
+        if cells and cells[0] == test.upper():
+            return float(cells[1])
+    raise SystemExit(f"redis-benchmark printed no {test.upper()} rate: {out!r}")
 
 
 def hot_copy_rate(record_bytes: int, b: int, seconds: float) -> float:
@@ -261,19 +298,26 @@ def run_case(backend, url, port, shards, clients, b, iters, shape, record_bytes,
     pool = build_pool(backend, url, shards, num_slots, shape)
     extra = {}
     copies = num_slots if backend == "ray" else 0
+    fill_rounds = max(1, min(rounds, iters // 4))          # blocks of at least 4 fills and 5 draws per client
+    draw_rounds = max(1, min(rounds, (draw_iters or iters) // 5))
+    hooks = {}
+    if backend == "redis":
+        keys = max(num_slots // 4, 256)
+        populate_ceiling_keys(port, record_bytes, keys)
+        for phase, test, n_rounds, n_iters in (("fill", "set", fill_rounds, iters), ("draw", "get", draw_rounds, draw_iters or iters)):
+            n = clients * b * max(20, n_iters // n_rounds)     # at least 20 pipelines per connection (its clock has ms steps)
+            hooks[phase] = (lambda test=test, n=n: redis_ceiling_rate(port, test, record_bytes, clients, b, n, keys))
     try:
-        # blocks of at least 5 calls per client (fills are limited by the pool's size)
         fill_rps, ceil_fill, fill_ratio = run_clients(backend, pool, "fill", clients, b, iters, shape, copies, warmup,
-                                                      max(1, min(rounds, iters // 4)))
+                                                      fill_rounds, hooks.get("fill"))
         draw_rps, ceil_draw, draw_ratio = run_clients(backend, pool, "draw", clients, b, draw_iters or iters, shape, copies,
-                                                      warmup, max(1, min(rounds, (draw_iters or iters) // 5)))
+                                                      warmup, draw_rounds, hooks.get("draw"))
     finally:
         if backend == "redis":
             pool.destroy()
         pool.close()
     if backend == "redis":
-        raw = redis_ceiling(port, record_bytes, clients, b, max(num_slots, 1000))
-        ceil_fill, ceil_draw, how = raw["set"], raw["get"], "redis-benchmark SET/GET"
+        how = "redis-benchmark SET/GET, a block before each block of pool calls"
     else:
         how = "numpy gather/scatter of the same bytes, interleaved in each client"
         extra["ceiling_hot_copy_records_s"] = round(hot_copy_rate(record_bytes, b, 0.5), 1)
@@ -299,7 +343,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20, help="claim+fill batches per client (the pool holds clients * iters * b slots)")
     ap.add_argument("--draw-iters", type=int, default=50, help="draw+release batches per client (the records are reused)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls per client and phase before the clock starts")
-    ap.add_argument("--rounds", type=int, default=10, help="ray: alternating blocks of ceiling copies and pool calls per phase")
+    ap.add_argument("--rounds", type=int, default=10, help="blocks of pool calls per phase, each after a ceiling block (ray: copies, redis: redis-benchmark)")
     ap.add_argument("--redis-url", default=None, help="an existing server (default: start one in a temp folder)")
     ap.add_argument("--quick", action="store_true", help="a few seconds: redis only, shards 1,2, clients 1, b 32, 3 iters")
     args = ap.parse_args(argv)

@@ -124,6 +124,12 @@ local function now_s()
   return tonumber(t[1]) + tonumber(t[2]) / 1e6
 end
 local function chunked(cmd, key, list)
+  if #list <= 2000 then        -- one call: its reply as it is (a table, or {} for a count)
+    if #list == 0 then return {} end
+    local part = redis.call(cmd, key, unpack(list))
+    if type(part) == 'table' then return part end
+    return {}
+  end
   local out = {}
   for i = 1, #list, 2000 do
     local part = redis.call(cmd, key, unpack(list, i, math.min(i + 1999, #list)))
@@ -139,11 +145,12 @@ local function pairs_of(members, v, first)
   end
   return out
 end
--- the members whose owner is id and that are in the zset key (LEASED or FILLING)
-local function owned_by(K, members, id, zkey)
-  local owners, scores, out = chunked('HMGET', K[6], members), chunked('ZMSCORE', zkey, members), {}
+-- the members whose owner is id: LEASED under lease id, or FILLING under claim id (every transition out
+-- of LEASED or FILLING deletes the owner, and lease and claim ids are distinct uuids)
+local function owned_by(K, members, id)
+  local owners, out = chunked('HMGET', K[6], members), {}
   for i, m in ipairs(members) do
-    if owners[i] == id and scores[i] then out[#out + 1] = m end
+    if owners[i] == id then out[#out + 1] = m end
   end
   return out
 end
@@ -287,7 +294,7 @@ return {members, ages, tostring(deadline), rows}
 
 # ARGV: lease_id, refund (1: back to READY, no use spent) -> slots released
 _RELEASE = _PRELUDE + r"""
-local mine = owned_by(KEYS, redis.call('SMEMBERS', KEYS[12]), ARGV[1], KEYS[4])
+local mine = owned_by(KEYS, redis.call('SMEMBERS', KEYS[12]), ARGV[1])
 local n = #mine
 if n > 0 then
   chunked('ZREM', KEYS[4], mine); chunked('HDEL', KEYS[6], mine)
@@ -399,7 +406,7 @@ for i = 5, #ARGV, 3 do
   ts[#ts + 1] = m; ts[#ts + 1] = ARGV[i + 1]
   uses[#uses + 1] = m; uses[#uses + 1] = ARGV[i + 2]
 end
-if #owned_by(KEYS, members, ARGV[1], KEYS[5]) ~= #members then
+if #owned_by(KEYS, members, ARGV[1]) ~= #members then
   local stray = {}
   for _, m in ipairs(members) do
     if redis.call('SISMEMBER', KEYS[3], m) == 1 or redis.call('ZSCORE', KEYS[5], m) then stray[#stray + 1] = m end
