@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import hashlib
 import math
 import mmap
 import os
@@ -313,10 +315,10 @@ def check_memory(size: int, what: str) -> None:
                         f"use fewer slots, more shards on more nodes, or pool.storage_dtype=fp16")
 
 
+@functools.lru_cache(maxsize=4096)
 def lease_key(lease_id: str) -> int:
-    """A lease or claim id -> the nonzero int64 stored as the owner of its slots."""
-    import hashlib
-
+    """A lease or claim id -> the nonzero int64 stored as the owner of its slots (cached: a draw over S
+    shards asks for it 2 S times, lease and release)."""
     k = int.from_bytes(hashlib.blake2b(lease_id.encode(), digest_size=8).digest(), "little", signed=True)
     return k or 1
 

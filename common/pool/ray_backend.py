@@ -446,8 +446,8 @@ class RayPool(Pool):
             # hypergeometric split over shards followed by a uniform draw in each, in one call)
             pos = np.sort(self.rng.choice(int(have.sum()), size=b, replace=False))
             starts = np.concatenate([[0], np.cumsum(have)])
-            cuts = np.searchsorted(pos, starts[1:-1])
-            leased = [(i, ready[i][p - starts[i]]) for i, p in enumerate(np.split(pos, cuts)) if len(p)]
+            bounds = np.searchsorted(pos, starts).tolist()        # pos[bounds[i]:bounds[i + 1]] lie in shard i
+            leased = [(i, ready[i][pos[lo:hi] - starts[i]]) for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])) if hi > lo]
             sample = -(-AGE_SAMPLE // len(leased))
             for i, idx in leased:
                 views[i].lease_slots(idx, lease_id, now, sample)
