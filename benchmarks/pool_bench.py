@@ -12,14 +12,20 @@ client first makes ``warmup`` untimed calls of each phase: a steady state is mea
    until the pool is full (timed from a common start to the last client's end, per block);
 2. draw+release: every client draws b and releases, ``draw_iters`` times (the pool is
    built with samples_per_insert = 1e9 so a release returns the slot to READY and
-   the phase can run without teachers).
+   the phase can run without teachers);
+3. refill (the service's steady state): a second pool of the same size whose every slot was
+   filled, drawn and released once (untimed), so each claim hands over the slots' previous
+   records, as a teacher's claim does after the warm-up; every client claims b and fills,
+   ``iters`` times. Phase 1 is the warm-up: its claims are of empty slots, and on Redis its
+   records go into new hash fields, which cost the server about 3x the HSET time of
+   overwriting (fresh memory) while the SET ceiling overwrites existing keys.
 
 Throughput in records/s and GB/s of tensor bytes (1e9 bytes). The raw ceiling is
 measured in the same run on the same machine:
 
 - redis: ``redis-benchmark -t set|get -d <record bytes> -c <clients> -P <b> -r <keys>`` against
-  the same server (SET is the ceiling of fill, GET of draw; every key is set first so each GET
-  moves a value). Each phase runs in ``rounds`` blocks of pool calls, every client in the same
+  the same server (SET is the ceiling of fill, GET of draw, a GET then a SET of each record,
+  1 / (1 / get + 1 / set), of refill; every key is set first so each GET moves a value). Each phase runs in ``rounds`` blocks of pool calls, every client in the same
   block at once (multiprocessing barriers), and before each block a redis-benchmark run of at
   least 20 pipelines per connection while the clients wait: the ceiling and the pool meet the
   same load. A block's rate is all clients' records over its wall time; the figures are
@@ -31,7 +37,8 @@ measured in the same run on the same machine:
   slots (``x[idx]`` per tensor field: what any draw must copy at least once), the gathered
   batch kept until the client's next call as a drawn batch is (a trainer holds it for its
   step; a batch freed at once would be gathered into the same cache-hot buffer every time);
-  for fill, b records scattered into random slots (``x[idx] = batch``). Each phase runs in
+  for fill, b records scattered into random slots (``x[idx] = batch``); for refill, a gather
+  and a scatter of the same random slots. Each phase runs in
   ``rounds`` alternating blocks, a block of copies then a block of pool calls, every client
   in the same block at once (a file barrier per block), so the ceiling and the pool meet the
   same load on this shared machine. Each rate is records / summed block wall time, all
@@ -106,6 +113,11 @@ def client_loop(pool, phase: str, b: int, iters: int, shape, barrier, seed: int,
 
     def ceiling_copy():
         idx = np.sort(rng.choice(ceiling_slots, b, replace=False))
+        if phase == "refill":     # a steady-state claim hands over the slots' records, its fill writes new ones
+            prev = [a[idx] for a in store]
+            for a, x in zip(store, src):
+                a[idx] = x
+            return prev
         if phase == "fill":
             for a, x in zip(store, src):
                 a[idx] = x
@@ -140,11 +152,12 @@ def client_loop(pool, phase: str, b: int, iters: int, shape, barrier, seed: int,
 
 
 def _one_call(pool, phase: str, b: int, batch):
-    """One claim+fill or draw+release of b records -> (records moved, the drawn batch or None)."""
-    if phase == "fill":
+    """One claim+fill (phase fill or refill) or draw+release of b records -> (records moved, the drawn
+    batch or the claim's previous records)."""
+    if phase in ("fill", "refill"):
         c = pool.claim_refill(b, timeout_s=60)
         pool.fill(c.claim_id, batch.index(slice(0, len(c))))
-        return len(c), None
+        return len(c), c.batch
     d = pool.draw(b, timeout_s=60)
     pool.release(d.lease_id)
     return len(d.batch), d.batch
@@ -282,14 +295,33 @@ def start_redis(tmp: str):
     return RedisServer(os.path.join(tmp, "redis"), persist=False).start()
 
 
-def build_pool(backend: str, url: str | None, shards: int, num_slots: int, shape):
+def build_pool(backend: str, url: str | None, shards: int, num_slots: int, shape, samples_per_insert: float = 1e9):
     from common.pool import make_pool
 
     name = f"bench-{uuid.uuid4().hex[:8]}"
     cfg = PoolConfig(backend=backend, shards=shards, num_slots=num_slots, min_ready_fraction=0.0,
-                     samples_per_insert=1e9, lease_timeout_s=300, claim_timeout_s=300, name=name,
+                     samples_per_insert=samples_per_insert, lease_timeout_s=300, claim_timeout_s=300, name=name,
                      **({"redis_url": url} if url else {}))
     return make_pool(cfg, num_slots, shape, has_logvar=True, has_label=False)
+
+
+def build_refill_pool(backend: str, url: str | None, shards: int, num_slots: int, b: int, shape):
+    """A pool in the service's steady state: every slot was filled once, drawn and released
+    (samples_per_insert = 1), so it is REFILL and still holds its record, which a claim hands over."""
+    pool = build_pool(backend, url, shards, num_slots, shape, samples_per_insert=1)
+    batch = make_batch(b, shape, 1)
+    for _ in range(num_slots // b):
+        c = pool.claim_refill(b, timeout_s=60)
+        pool.fill(c.claim_id, batch.index(slice(0, len(c))))
+    for _ in range(num_slots // b):
+        pool.release(pool.draw(b, timeout_s=60).lease_id)
+    return pool
+
+
+def _close(backend: str, pool) -> None:
+    if backend == "redis":
+        pool.destroy()
+    pool.close()
 
 
 def run_case(backend, url, port, shards, clients, b, iters, shape, record_bytes, draw_iters=None, warmup=0,
@@ -304,20 +336,27 @@ def run_case(backend, url, port, shards, clients, b, iters, shape, record_bytes,
     if backend == "redis":
         keys = max(num_slots // 4, 256)
         populate_ceiling_keys(port, record_bytes, keys)
-        for phase, test, n_rounds, n_iters in (("fill", "set", fill_rounds, iters), ("draw", "get", draw_rounds, draw_iters or iters)):
+        for phase, tests, n_rounds, n_iters in (("fill", ("set",), fill_rounds, iters), ("draw", ("get",), draw_rounds, draw_iters or iters),
+                                                ("refill", ("get", "set"), fill_rounds, iters)):
             n = clients * b * max(20, n_iters // n_rounds)     # at least 20 pipelines per connection (its clock has ms steps)
-            hooks[phase] = (lambda test=test, n=n: redis_ceiling_rate(port, test, record_bytes, clients, b, n, keys))
+            # refill: a GET and a SET of each record, one after the other -> 1 / (1 / get + 1 / set) records/s
+            hooks[phase] = (lambda tests=tests, n=n: 1.0 / sum(1.0 / redis_ceiling_rate(port, t, record_bytes, clients, b, n, keys)
+                                                             for t in tests))
     try:
         fill_rps, ceil_fill, fill_ratio = run_clients(backend, pool, "fill", clients, b, iters, shape, copies, warmup,
                                                       fill_rounds, hooks.get("fill"))
         draw_rps, ceil_draw, draw_ratio = run_clients(backend, pool, "draw", clients, b, draw_iters or iters, shape, copies,
                                                       warmup, draw_rounds, hooks.get("draw"))
     finally:
-        if backend == "redis":
-            pool.destroy()
-        pool.close()
+        _close(backend, pool)
+    pool = build_refill_pool(backend, url, shards, num_slots, b, shape)
+    try:
+        refill_rps, ceil_refill, refill_ratio = run_clients(backend, pool, "refill", clients, b, iters, shape, copies, warmup,
+                                                            fill_rounds, hooks.get("refill"))
+    finally:
+        _close(backend, pool)
     if backend == "redis":
-        how = "redis-benchmark SET/GET, a block before each block of pool calls"
+        how = "redis-benchmark SET/GET (refill: GET then SET), a block before each block of pool calls"
     else:
         how = "numpy gather/scatter of the same bytes, interleaved in each client"
         extra["ceiling_hot_copy_records_s"] = round(hot_copy_rate(record_bytes, b, 0.5), 1)
@@ -329,6 +368,8 @@ def run_case(backend, url, port, shards, clients, b, iters, shape, record_bytes,
         "claim_fill_records_s": round(fill_rps, 1), "claim_fill_GB_s": round(fill_rps * gb, 4),
         "ceiling": how, "ceiling_draw_records_s": round(ceil_draw, 1), "ceiling_fill_records_s": round(ceil_fill, 1),
         "draw_ratio": round(draw_ratio or draw_rps / ceil_draw, 3), "fill_ratio": round(fill_ratio or fill_rps / ceil_fill, 3),
+        "refill_records_s": round(refill_rps, 1), "refill_GB_s": round(refill_rps * gb, 4),
+        "ceiling_refill_records_s": round(ceil_refill, 1), "refill_ratio": round(refill_ratio or refill_rps / ceil_refill, 3),
         **extra,
     }
 

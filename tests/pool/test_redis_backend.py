@@ -251,6 +251,9 @@ def test_pool_bench_quick_prints_one_json_line_per_case(capsys):
         assert r["draw_release_records_s"] > 0 and r["claim_fill_records_s"] > 0
         assert r["draw_ratio"] == pytest.approx(r["draw_release_records_s"] / r["ceiling_draw_records_s"], abs=1e-3)
         assert r["draw_release_GB_s"] == pytest.approx(r["draw_release_records_s"] * r["record_bytes"] / 1e9, abs=1e-4)
+        # the steady-state refill (claims hand over previous records) against a GET then a SET of each record
+        assert r["refill_records_s"] > 0 and r["ceiling_refill_records_s"] > 0
+        assert r["refill_ratio"] == pytest.approx(r["refill_records_s"] / r["ceiling_refill_records_s"], abs=1e-3)
 
 
 def test_fast_fill_of_a_lost_claim_is_refused_and_leaves_no_stray_record(redis_server):
