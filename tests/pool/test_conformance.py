@@ -175,12 +175,12 @@ def test_draws_are_uniform_over_slots_and_shards(harness):
 
 
 def test_lease_expiry_returns_slots_to_ready(harness):
-    pool = harness.make(num_slots=8, shards=2, lease_timeout_s=0.3)
+    pool = harness.make(num_slots=8, shards=2, lease_timeout_s=1.0)     # 1 s: a stalled CI machine keeps the lease
     fill_all(pool)
     d = pool.draw(5)
-    assert d.deadline <= time.time() + 0.3 + 0.5
+    assert d.deadline <= time.time() + 1.0 + 0.5
     expect(pool, LEASED=5)
-    time.sleep(0.45)
+    time.sleep(1.15)
     expect(pool, READY=8, LEASED=0, REFILL=0)
     st = pool.stats()
     assert st.expired_leases_total == 5
@@ -191,10 +191,10 @@ def test_lease_expiry_returns_slots_to_ready(harness):
 
 
 def test_claim_expiry_returns_slots_to_refill(harness):
-    pool = harness.make(num_slots=8, shards=2, claim_timeout_s=0.3)
+    pool = harness.make(num_slots=8, shards=2, claim_timeout_s=1.0)
     c = pool.claim_refill(6)
     expect(pool, FILLING=6, REFILL=2)
-    time.sleep(0.45)
+    time.sleep(1.15)
     expect(pool, FILLING=0, REFILL=8)
     assert pool.stats().expired_claims_total == 6
     assert fill_claim(pool, c, SHAPE) is False, "a fill after the claim expired is refused"

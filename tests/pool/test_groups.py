@@ -106,14 +106,14 @@ def test_attach_and_detach_while_running(groups_harness):
 
 
 def test_dead_group_detached_after_lease_expiry(groups_harness):
-    pool = groups_harness.make(num_slots=8, shards=2, lease_timeout_s=0.5)
+    pool = groups_harness.make(num_slots=8, shards=2, lease_timeout_s=1.0)    # the live group consumes within it
     fill_all(pool)
     pool.attach_group("alive")
     pool.attach_group("dead")
     pool.draw(4, timeout_s=1.0, group="dead")           # ... and never releases nor calls again
     consume(pool, "alive", 8)
     assert pool.stats().counts["REFILL"] == 0
-    end = time.time() + 1.2
+    end = time.time() + 2.2
     while time.time() < end:                            # the live group keeps polling (a blocked draw)
         with pytest.raises(PoolError):
             pool.draw(1, timeout_s=0.1, group="alive")

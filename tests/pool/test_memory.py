@@ -140,11 +140,11 @@ def test_a_killed_client_holding_a_lease_and_a_claim_expires_in_the_owner():
     slots, _ = owner.claim(N, "warm")
     owner.fill("warm", _records(slots - owner.lo, np.zeros(N, dtype=np.int64)))
     view = _shard(ShardMemory.attach(mem.path, uid=mem.uid, **_layout()), view=True)
-    view.lease_timeout_s = view.claim_timeout_s = 0.3
+    view.lease_timeout_s = view.claim_timeout_s = 1.0
     view.draw(10, "lost-lease")
     view.release("never-drawn")                     # idempotent: unknown lease
     assert owner.counts()["LEASED"] == 10
-    time.sleep(0.4)
+    time.sleep(1.1)
     c = owner.counts()
     assert c["LEASED"] == 0 and c["READY"] == N and owner.c["expired_leases"] == 10
     view.release("lost-lease")                      # after expiry: harmless
