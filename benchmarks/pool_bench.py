@@ -310,11 +310,9 @@ def build_refill_pool(backend: str, url: str | None, shards: int, num_slots: int
     (samples_per_insert = 1), so it is REFILL and still holds its record, which a claim hands over."""
     pool = build_pool(backend, url, shards, num_slots, shape, samples_per_insert=1)
     batch = make_batch(b, shape, 1)
-    for _ in range(num_slots // b):
-        c = pool.claim_refill(b, timeout_s=60)
-        pool.fill(c.claim_id, batch.index(slice(0, len(c))))
-    for _ in range(num_slots // b):
-        pool.release(pool.draw(b, timeout_s=60).lease_id)
+    for phase in ("fill", "draw"):
+        for _ in range(num_slots // b):
+            _one_call(pool, phase, b, batch)
     return pool
 
 
@@ -367,9 +365,9 @@ def run_case(backend, url, port, shards, clients, b, iters, shape, record_bytes,
         "draw_release_records_s": round(draw_rps, 1), "draw_release_GB_s": round(draw_rps * gb, 4),
         "claim_fill_records_s": round(fill_rps, 1), "claim_fill_GB_s": round(fill_rps * gb, 4),
         "ceiling": how, "ceiling_draw_records_s": round(ceil_draw, 1), "ceiling_fill_records_s": round(ceil_fill, 1),
-        "draw_ratio": round(draw_ratio or draw_rps / ceil_draw, 3), "fill_ratio": round(fill_ratio or fill_rps / ceil_fill, 3),
+        "draw_ratio": round(draw_ratio, 3), "fill_ratio": round(fill_ratio, 3),
         "refill_records_s": round(refill_rps, 1), "refill_GB_s": round(refill_rps * gb, 4),
-        "ceiling_refill_records_s": round(ceil_refill, 1), "refill_ratio": round(refill_ratio or refill_rps / ceil_refill, 3),
+        "ceiling_refill_records_s": round(ceil_refill, 1), "refill_ratio": round(refill_ratio, 3),
         **extra,
     }
 

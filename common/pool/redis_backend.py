@@ -124,11 +124,10 @@ local function now_s()
   return tonumber(t[1]) + tonumber(t[2]) / 1e6
 end
 local function chunked(cmd, key, list)
+  if #list == 0 then return {} end
   if #list <= 2000 then        -- one call: its reply as it is (a table, or {} for a count)
-    if #list == 0 then return {} end
-    local part = redis.call(cmd, key, unpack(list))
-    if type(part) == 'table' then return part end
-    return {}
+    local reply = redis.call(cmd, key, unpack(list))
+    return type(reply) == 'table' and reply or {}
   end
   local out = {}
   for i = 1, #list, 2000 do

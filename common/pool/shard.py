@@ -100,9 +100,12 @@ def _np(x: torch.Tensor) -> np.ndarray:
     return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()
 
 
-def out_arrays(batch: RecordBatch) -> dict[str, np.ndarray]:
-    """A batch's fields as numpy arrays over its memory (bf16 as int16 bits; absent fields left out)."""
-    return {name: _np(v) for name in ("x_t", "eps", "logvar", "y", "t") if (v := getattr(batch, name)) is not None}
+_RECORD_FIELDS = ("x_t", "eps", "logvar", "y")      # the per-record tensors (t apart: a shard keeps it in numpy)
+
+
+def out_arrays(batch, names=_RECORD_FIELDS + ("t",)) -> dict[str, np.ndarray]:
+    """A batch's (or shard's) fields as numpy arrays over its memory (bf16 as int16 bits; absent fields left out)."""
+    return {name: _np(v) for name in names if (v := getattr(batch, name)) is not None}
 
 
 def new_batch(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool, zeros: bool = False) -> RecordBatch:
@@ -196,7 +199,7 @@ class PoolShard(ShardGroups):
         # records a group has not trained on yet; the group's leases are in ``leases`` with its name.
         self.groups: dict[str, Group] = {}
         self.lease_group: dict[str, str] = {}
-        self._src_arrays = None           # the record fields as numpy arrays (copy_out)
+        self._src = out_arrays(self, _RECORD_FIELDS)     # the record fields as numpy arrays (copy_out)
         self.record_bytes = 2 * self.x_t[0].nbytes + (self.x_t[0].nbytes if has_logvar else 0) + 8 + (8 if has_label else 0)
         self._publish()
 
@@ -278,13 +281,6 @@ class PoolShard(ShardGroups):
         for name, src in self._src.items():
             np.take(src, idx, axis=0, out=dst[name][off:end], mode="clip")
         dst["t"][off:end] = self.t[idx]
-
-    @property
-    def _src(self) -> dict[str, np.ndarray]:
-        """The record fields (not t) as numpy arrays over the shard's memory, made once."""
-        if self._src_arrays is None:
-            self._src_arrays = {name: _np(v) for name in ("x_t", "eps", "logvar", "y") if (v := getattr(self, name)) is not None}
-        return self._src_arrays
 
     def _publish(self) -> None:
         """Slot-state gauges (the owner's job: a shared shard's owner also refreshes them periodically)."""
