@@ -268,7 +268,7 @@ def test_fast_fill_of_a_lost_claim_is_refused_and_leaves_no_stray_record(redis_s
     st = pool.stats()
     assert st.counts == dict(READY=0, LEASED=0, REFILL=8, FILLING=0) and st.produced_total == 0
     client = redis_server.client()
-    assert all(client.hlen(pool.keys(s)[6]) == 0 for s in range(2))
+    assert all(client.hlen(pool.keys(s)[7]) == 0 for s in range(2)), "a slot holds a record (a t entry)"
     c2 = other.claim_refill(8)
     assert (c2.batch.t == -1).all(), "the refused records did not become previous records"
     assert fill_claim(other, c2, SHAPE)
@@ -391,3 +391,49 @@ def test_resp_connection_sends_the_commands_of_an_iterable_as_they_are_made(redi
         conn.execute(broken())
     assert conn.execute([["GET", "k0"], ["GET", "k1"]]) == [b"0", b"1" * 1501]
     conn.close()
+
+
+def test_every_slot_record_is_preallocated_and_empty_means_no_t_entry(redis_server, tmp_path):
+    """Init writes each slot's placeholder (record-sized zero bytes) so fills overwrite; a slot holds a
+    record exactly when it has a t entry: claims, snapshots and restores go by that, not by the field."""
+    pool = make_redis_pool(redis_server, 10, record_shape=SHAPE, shards=2)
+    client = redis_server.client()
+    for s, (lo, hi) in enumerate(pool.ranges):
+        rec, t = pool.keys(s)[6], pool.keys(s)[7]
+        assert client.hlen(rec) == hi - lo and client.hlen(t) == 0
+        assert {client.hstrlen(rec, str(m)) for m in range(lo, hi)} == {pool.fmt.record_bytes}
+    c = pool.claim_refill(10)
+    assert (c.batch.t == -1).all(), "a placeholder was handed over as a previous record"
+    pool.snapshot(str(tmp_path / "empty.snap"))
+    assert fill_claim(pool, c, SHAPE)
+    d = pool.draw(4)
+    check_records(d.slots, d.batch)
+    pool.release(d.lease_id)
+    pool.snapshot(str(tmp_path / "some.snap"))
+    pool.restore(str(tmp_path / "empty.snap"))
+    st = pool.stats()
+    assert st.counts == dict(READY=0, LEASED=0, REFILL=10, FILLING=0)
+    assert sum(client.hlen(pool.keys(s)[6]) for s in range(2)) == 10, "restore rewrites the placeholders"
+    assert (pool.claim_refill(10).batch.t == -1).all()
+    pool.restore(str(tmp_path / "some.snap"))
+    assert pool.stats().counts["REFILL"] == 4 and sum(client.hlen(pool.keys(s)[7]) for s in range(2)) == 10
+    c = pool.claim_refill(10)
+    assert int((c.batch.t != -1).sum()) == 4, "the released slots hand over their previous records"
+    pool.close()
+
+
+def test_a_pool_larger_than_maxmemory_is_refused_before_anything_is_written(redis_server):
+    """Redis checks maxmemory when a script starts, not inside it: the init would overshoot, so the
+    client compares the pool's size with the server's room first and names both."""
+    client = redis_server.client()
+    client.config_set("maxmemory", str(16 << 20))
+    before = client.dbsize()
+    with pytest.raises(PoolError, match=r"needs about \d+ MiB for 1000 slots.*maxmemory is 16 MiB"):
+        make_redis_pool(redis_server, 1000, record_shape=(3, 32, 32), has_logvar=True)
+    assert client.dbsize() == before
+    pool = make_redis_pool(redis_server, 100, record_shape=(3, 32, 32), has_logvar=True)   # ~3.6 MiB fits
+    assert pool.stats().counts["REFILL"] == 100
+    again = make_redis_pool(redis_server, 100, record_shape=(3, 32, 32), has_logvar=True, name=pool.cfg.name)
+    assert again.stats().counts["REFILL"] == 100, "attaching to an existing pool needs no new memory"
+    again.close()
+    pool.close()
