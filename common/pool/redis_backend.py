@@ -841,6 +841,44 @@ class RedisPool(Pool):
                 out[s] = recs
         return out
 
+    def _fetch_into(self, members: dict[int, list], dest: dict, rows: dict[int, np.ndarray]) -> list[str | None]:
+        """{shard: slot ids} -> their records decoded into ``dest`` at rows {shard: rows}, shards in
+        ascending order -> why per record in that order (None: written; else why it is corrupt, as
+        SlotFormat.decode_into answers)."""
+        order = sorted(members)
+        to = np.concatenate([rows[s] for s in order])
+        why, records = self._read_direct(order, members, dest, to)
+        if why is not None:
+            self.local["wire_bytes_out"] += len(to) * self.fmt.record_bytes
+            return why
+        records = self._records(members) if records is None else records
+        payloads = [p for s in order for p in records[s]]
+        self.local["wire_bytes_out"] += sum(len(p) for p in payloads if p is not None)
+        return self.fmt.decode_into(payloads, dest, to, [records[s] for s in order])   # all shards in one pass
+
+    def _read_direct(self, order: list[int], members: dict[int, list], dest: dict, to: np.ndarray):
+        """Shards on one server reached by our own connection: one pipelined round of HMGETs whose replies
+        are read from the socket straight into the batch (RespConnection.execute_into: about 1 ms less per
+        128 records of 36 KiB than reading them into the read buffer and copying them out) -> (why, None).
+        When a reply is not a row of intact records, (None, {shard: replies}) to decode; (None, None) when
+        this path does not apply (several servers, a cluster, TLS, fields padded on the wire)."""
+        servers = {self._server(s) for s in order}
+        server = servers.pop()
+        fast = None if servers else self._fast(server)
+        placed = None if fast is None else self.fmt.placement(dest, to)
+        if placed is None:
+            return None, None
+        targets, hdr, trailer = placed
+        cmds = [["HMGET", self.keys(s)[6], *members[s]] for s in order]
+        counts = [len(members[s]) for s in order]
+        replies = self._with_retry(server, lambda: fast.execute_into(cmds, counts, self.fmt.record_bytes, targets))
+        if replies is None:
+            return self.fmt.check_placed(dest, to, hdr, trailer), None
+        for s, r in zip(order, replies):
+            if isinstance(r, Exception):
+                raise PoolError(f"redis server {self.urls[server]}: HMGET of shard {s}'s records failed: {r}")
+        return None, dict(zip(order, replies))
+
     def _batch(self, a: dict) -> RecordBatch:
         st = self.storage_dtype
         return RecordBatch(
@@ -959,14 +997,14 @@ class RedisPool(Pool):
                 continue
             if wait_from is not None:
                 blocked, wait_from = blocked + time.monotonic() - wait_from, None
-            records = self._records({s: r[0] for s, r in got.items()})
             order = sorted(got)
             members = [int(m) for s in order for m in got[s][0]]
-            payloads = [p for s in order for p in records[s]]
             deadline = min(deadline, time.time() + self.cfg.lease_timeout_s)
-            self.local["wire_bytes_out"] += sum(len(p) for p in payloads if p is not None)
             to = free[filled:filled + len(members)].copy()
-            why = self.fmt.decode_into(payloads, dest, to, [records[s] for s in order])   # all shards in one pass
+            rows_of, i = {}, 0
+            for s in order:
+                rows_of[s], i = to[i:i + len(got[s][0])], i + len(got[s][0])
+            why = self._fetch_into({s: got[s][0] for s in order}, dest, rows_of)
             ok = np.array([w is None for w in why], dtype=bool)
             free[filled:filled + len(members)] = np.concatenate([to[ok], to[~ok]])  # rows of bad ones: for the top-up
             slot_of_row[to[ok]] = np.asarray(members, dtype=np.int64)[ok]
@@ -1038,9 +1076,8 @@ class RedisPool(Pool):
             if held:
                 want[s], rows_of[s] = [members[j] for j in held], np.asarray(held, dtype=np.int64) + i
             i += len(members)
-        records = self._records(want) if want else {}
-        for s in want:
-            self.fmt.decode_into(records[s], dest, rows_of[s])
+        if want:
+            self._fetch_into(want, dest, rows_of)
         slots = torch.tensor([m for _, members in parts for m in members], dtype=torch.int64)
         return Claim(claim_id=claim_id, slots=slots, batch=self._batch(dest),
                      deadline=time.time() + self.cfg.claim_timeout_s)

@@ -183,6 +183,14 @@ class SlotFormat:
             base += len(seg)
         if not cand:
             return why
+        bad = self._verify(cand, dest, rows, hdr, trailer, offsets, lambda j: payloads[j])
+        return [w if b is None else b for w, b in zip(why, bad)]
+
+    def _verify(self, cand: list, dest: dict, rows: np.ndarray, hdr: np.ndarray, trailer: np.ndarray, offsets: list,
+                payload_of) -> list[str | None]:
+        """Check the headers and word sums of records ``cand`` (in place at ``rows``) -> why per record (None
+        where intact or not a candidate); intact ones get their t and y, damaged ones zeroed rows."""
+        why: list[str | None] = [None] * len(rows)
         c = np.asarray(cand)
         rr = rows[c]
         sums = hdr[c].view("<u8").sum(axis=1, dtype=np.uint64)
@@ -194,10 +202,35 @@ class SlotFormat:
         if dest.get("y") is not None:
             dest["y"][good] = hdr[c[ok], 32:40].view("<i8")[:, 0]
         for j in c[~ok].tolist():
-            why[j] = self._reason(payloads[j])
+            why[j] = self._reason(payload_of(j))
             for a, _ in offsets:
                 a[rows[j]] = 0
         return why
+
+    def placement(self, dest: dict, rows: np.ndarray):
+        """Where each record of a batch goes when it is read straight from the socket
+        (``RespConnection.execute_into``) -> (targets, hdr [k, 40], trailer [k]): ``targets[j]`` lists the
+        buffers record j fills in order (its header row, its rows of x_t, eps[, logvar] in ``dest`` at
+        ``rows[j]``, its checksum word), together ``record_bytes`` long. None when the fields are padded on
+        the wire (their pads would need buffers of their own; the caller decodes a reply instead)."""
+        if self.field_bytes % 8:
+            return None
+        k, fb = len(rows), self.field_bytes
+        hdr, trailer = np.empty((k, HEADER_BYTES), dtype=np.uint8), np.empty(k, dtype=np.uint64)
+        hv, tv = memoryview(hdr.reshape(-1)), memoryview(trailer.view(np.uint8))
+        flats = [memoryview(dest[name].reshape(-1).view(np.uint8)) for name in self.fields]
+        targets = []
+        for j, r in enumerate(rows.tolist()):
+            targets.append([hv[j * HEADER_BYTES:(j + 1) * HEADER_BYTES], *(f[r * fb:(r + 1) * fb] for f in flats),
+                            tv[j * 8:(j + 1) * 8]])
+        return targets, hdr, trailer
+
+    def check_placed(self, dest: dict, rows: np.ndarray, hdr: np.ndarray, trailer: np.ndarray) -> list[str | None]:
+        """The records ``placement`` put in place -> per record None (intact: its t and y written) or why it
+        is corrupt (its rows zeroed), as ``decode_into`` answers."""
+        offsets = [(dest[name].reshape(len(dest[name]), -1).view(np.uint8), 0) for name in self.fields]
+        return self._verify(list(range(len(rows))), dest, rows, hdr, trailer, offsets,
+                            lambda j: bytes(hdr[j]) + b"".join(bytes(a[rows[j]]) for a, _ in offsets) + trailer[j:j + 1].tobytes())
 
     def _strided_copy(self, seg, base: int, offsets: list, hdr: np.ndarray, trailer: np.ndarray, rows: np.ndarray) -> bool:
         """decode_into's copy of one reply as a single strided array; False (nothing done) unless it qualifies."""
@@ -325,6 +358,94 @@ class RespConnection:
         big: list = []
         replies = [self._reply(big) for _ in range(n)]
         return _resolve(replies, big, self.buf) if big else replies
+
+    def execute_into(self, commands: list, counts: list[int], body_bytes: int, targets: list) -> list | None:
+        """Pipelined commands whose replies should be arrays of ``counts[i]`` bulk strings of ``body_bytes``
+        each (HMGETs of intact records): their bytes are read from the socket straight into the buffers
+        ``targets[j]`` lists for the j-th string over all replies (no read buffer, no copy) -> None.
+
+        Every array and string header is checked as soon as it has arrived, and a reply of any other shape
+        (a missing, truncated or foreign record, an error) stops the direct reading at once: the bytes read
+        so far and the rest of the stream are then parsed as ``execute`` parses them, and its replies are
+        returned (whatever the targets hold then is to be ignored). A PING follows the commands, so at least
+        7 bytes follow the last reply and a header is always complete before the stream ends: no read waits
+        for bytes the server never sends.
+        """
+        if self.sock is None:
+            self._open()
+        try:
+            return self._roundtrip_into(commands, counts, body_bytes, targets)
+        except BaseException:
+            self.close()
+            raise
+
+    def _roundtrip_into(self, commands: list, counts: list[int], body_bytes: int, targets: list) -> list | None:
+        frame = b"$%d\r\n" % body_bytes
+        heads = [b"*%d\r\n" % k for k in counts]
+        # headers and each string's closing CRLF in scratch, every one in its own place (the fallback
+        # reassembles the stream from all buffers in order)
+        scratch = bytearray(sum(len(h) for h in heads) + sum(counts) * (len(frame) + 2))
+        sv = memoryview(scratch)
+        bufs: list = []
+        checks: list = []           # (stream offset where the header ends, its scratch view, expected bytes)
+        pos = off = j = 0
+        for head, k in zip(heads, counts):
+            for view, want in [(sv[off:off + len(head)], head)] + [(None, frame)] * k:
+                if view is None:
+                    view = sv[off:off + len(frame)]
+                bufs.append(view)
+                off += len(want)
+                pos += len(want)
+                checks.append((pos, view, want))
+                if want is frame:
+                    bufs += targets[j]
+                    bufs.append(sv[off:off + 2])
+                    off += 2
+                    pos += body_bytes + 2
+                    j += 1
+        total = pos
+        self._send([part for cmd in commands + [["PING"]] for part in _encode(cmd)])
+        iov, i, got_all, c = list(bufs), 0, 0, 0
+        while got_all < total:
+            got = self.sock.recvmsg_into(iov[i:i + 1000])[0]
+            if got == 0:
+                raise ConnectionError(f"redis server {self.url} closed the connection")
+            got_all += got
+            while got:
+                nb = iov[i].nbytes
+                if got >= nb:
+                    got -= nb
+                    i += 1
+                else:
+                    iov[i] = iov[i][got:]
+                    got = 0
+            while c < len(checks) and checks[c][0] <= got_all:
+                if checks[c][1] != checks[c][2]:
+                    return self._reparse(bufs, got_all, len(commands))
+                c += 1
+        self.pos = self.end = 0
+        pong = self._reply([])
+        if pong != b"PONG":
+            raise ConnectionError(f"redis server {self.url}: out of step after a direct read (got {pong!r} for PING)")
+        return None
+
+    def _reparse(self, bufs: list, got_all: int, n: int) -> list:
+        """execute_into's fallback: the ``got_all`` bytes read into ``bufs`` (in order) become the start of
+        the read buffer, and the n replies (and the PING's) are parsed from there as ``execute`` does."""
+        raw, left = bytearray(), got_all
+        for b in bufs:
+            if left <= 0:
+                break
+            raw += b[:left]
+            left -= b.nbytes
+        if len(raw) > len(self.buf):
+            self.buf = bytearray(2 * len(raw))
+        self.buf[:len(raw)] = raw
+        self.pos, self.end = 0, len(raw)
+        big: list = []
+        replies = [self._reply(big) for _ in range(n + 1)]
+        replies = _resolve(replies, big, self.buf) if big else replies
+        return replies[:n]
 
     def _send(self, parts: list) -> None:
         """Send the parts in order without joining them (records go out from their own buffers)."""

@@ -172,3 +172,42 @@ def test_an_hmget_of_records_decodes_in_one_strided_pass_and_still_isolates_dama
         assert dest["t"][to[j]] == t[src]
     assert (dest["x_t"][to[7]] == 0).all() and dest["t"][to[7]] == -1
     c.close()
+
+
+def test_records_read_straight_into_the_batch_or_parsed_as_execute_does_when_a_reply_is_off_shape(redis_server):
+    """execute_into: intact records land in their rows with no copy (None back); a missing, truncated,
+    longer or foreign value, or an error reply, anywhere (the last item too) stops the direct read and the
+    replies come back exactly as execute gives them, with no read left waiting and the connection in step."""
+    fmt = SlotFormat((3, 8, 8), "fp32", True, False)
+    fields, t, _ = arrays(fmt, 6, seed=5)
+    blobs = [bytes(r) for r in fmt.encode(fields, t, None)]
+    c = RespConnection(redis_server.url)
+    c.execute([["HSET", "ok", *[x for i, b in enumerate(blobs) for x in (i, b)]],
+               ["HSET", "odd", 0, blobs[0], 1, blobs[1][:-8], 2, blobs[2] + b"!", 3, b"\x93 foreign", 4, blobs[4]],
+               ["SET", "str", "x"]])
+    dest, rows = empty_dest(fmt, 10), np.array([3, 9, 0, 7, 1, 5, 2, 8, 4, 6])
+    targets, hdr, trailer = fmt.placement(dest, rows)
+    cmds = [["HMGET", "ok", 0, 1, 2], ["HMGET", "ok", 3, 4, 5]]
+    assert c.execute_into(cmds, [3, 3], fmt.record_bytes, targets[:6]) is None
+    assert fmt.check_placed(dest, rows[:6], hdr[:6], trailer[:6]) == [None] * 6
+    for j in range(6):
+        np.testing.assert_array_equal(dest["eps"][rows[j]], fields["eps"][j])
+        assert dest["t"][rows[j]] == t[j]
+    hdr[2, 30] ^= 1                                              # damage in place: its own checksum catches it
+    assert fmt.check_placed(dest, rows[:6], hdr[:6], trailer[:6])[2] == "record fails its checksum"
+    assert (dest["x_t"][rows[2]] == 0).all()
+
+    def plain(replies):
+        return [r if isinstance(r, Exception) else [None if v is None else bytes(v) for v in r] for r in replies]
+
+    for cmds, counts in [
+        ([["HMGET", "ok", 0, 1], ["HMGET", "odd", 0, 1, 2, 3, 4, 9]], [2, 6]),    # truncated, longer, foreign, missing
+        ([["HMGET", "ok", 0, 1, 2, 3, 4, 5, 77]], [7]),                           # the last one missing
+        ([["HMGET", "str", 0, 1], ["HMGET", "ok", 5]], [2, 1]),                  # an error reply first
+    ]:
+        expect = plain(c.execute(cmds))
+        got = c.execute_into(cmds, counts, fmt.record_bytes, fmt.placement(empty_dest(fmt, sum(counts)),
+                                                                             np.arange(sum(counts)))[0])
+        assert got is not None and str(plain(got)) == str(expect)
+        assert c.execute([["PING"]]) == [b"PONG"], "the connection is out of step"
+    c.close()
