@@ -219,10 +219,10 @@ class SlotFormat:
         hdr, trailer = np.empty((k, HEADER_BYTES), dtype=np.uint8), np.empty(k, dtype=np.uint64)
         hv, tv = memoryview(hdr.reshape(-1)), memoryview(trailer.view(np.uint8))
         flats = [memoryview(dest[name].reshape(-1).view(np.uint8)) for name in self.fields]
-        targets = []
+        targets, H = [], HEADER_BYTES
         for j, r in enumerate(rows.tolist()):
-            targets.append([hv[j * HEADER_BYTES:(j + 1) * HEADER_BYTES], *(f[r * fb:(r + 1) * fb] for f in flats),
-                            tv[j * 8:(j + 1) * 8]])
+            a = r * fb
+            targets.append([hv[j * H:j * H + H], *[f[a:a + fb] for f in flats], tv[j * 8:j * 8 + 8]])
         return targets, hdr, trailer
 
     def check_placed(self, dest: dict, rows: np.ndarray, hdr: np.ndarray, trailer: np.ndarray) -> list[str | None]:
