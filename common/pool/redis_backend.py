@@ -157,14 +157,20 @@ local function owned_by(K, members, id)
   end
   return out
 end
+-- cmd(key, s, ...) for every slot s in lo..hi-1, per_call slots per call: SADD key s1 s2 ..., or with a
+-- value v, HSET key s1 v s2 v ...
+local function over_slots(cmd, key, lo, hi, per_call, v)
+  local batch = {}
+  for s = lo, hi - 1 do
+    batch[#batch + 1] = s
+    if v then batch[#batch + 1] = v end
+    if #batch >= per_call * (v and 2 or 1) then redis.call(cmd, key, unpack(batch)); batch = {} end
+  end
+  if #batch > 0 then redis.call(cmd, key, unpack(batch)) end
+end
 -- every slot lo..hi-1's record field set to its placeholder: n zero bytes (an empty slot, see the layout)
 local function placeholders(K, lo, hi, n)
-  local z, batch = string.rep('\0', n), {}
-  for s = lo, hi - 1 do
-    batch[#batch + 1] = s; batch[#batch + 1] = z
-    if #batch == 256 then redis.call('HSET', K[7], unpack(batch)); batch = {} end
-  end
-  if #batch > 0 then redis.call('HSET', K[7], unpack(batch)) end
+  over_slots('HSET', K[7], lo, hi, 128, string.rep('\0', n))
 end
 -- LEASED/FILLING count: the zset less its sentinel (see _ZSET_SENTINEL)
 local function zcard(key)
@@ -476,12 +482,7 @@ end
 for i = 1, 11 do redis.call('DEL', KEYS[i]) end
 redis.call('ZADD', KEYS[4], '+inf', '{SENTINEL}'); redis.call('ZADD', KEYS[5], '+inf', '{SENTINEL}')
 local lo, hi = tonumber(ARGV[2]), tonumber(ARGV[3])
-local batch = {}
-for s = lo, hi - 1 do
-  batch[#batch + 1] = s
-  if #batch == 2000 then redis.call('SADD', KEYS[3], unpack(batch)); batch = {} end
-end
-if #batch > 0 then redis.call('SADD', KEYS[3], unpack(batch)) end
+over_slots('SADD', KEYS[3], lo, hi, 2000)
 placeholders(KEYS, lo, hi, tonumber(ARGV[6]))
 redis.call('HSET', KEYS[1], 'layout', ARGV[1], 'pool_id', ARGV[4], 'lo', lo, 'hi', hi)
 redis.call('HSET', KEYS[11], 'produced', 0, 'inserted', 0)
@@ -835,50 +836,50 @@ class RedisPool(Pool):
                     pipe.hmget(self.keys(s)[6], members[s])
                 return pipe.execute()
 
-            for s, recs in zip(shards, self._with_retry(server, fetch)):
-                if isinstance(recs, Exception):
-                    raise PoolError(f"redis server {self.urls[server]}: HMGET of shard {s}'s records failed: {recs}")
-                out[s] = recs
+            out.update(self._hmget_replies(server, shards, self._with_retry(server, fetch)))
         return out
 
-    def _fetch_into(self, members: dict[int, list], dest: dict, rows: dict[int, np.ndarray]) -> list[str | None]:
-        """{shard: slot ids} -> their records decoded into ``dest`` at rows {shard: rows}, shards in
-        ascending order -> why per record in that order (None: written; else why it is corrupt, as
-        SlotFormat.decode_into answers)."""
+    def _hmget_replies(self, server: int, shards: list[int], replies: list) -> dict[int, list]:
+        """The HMGET replies of ``shards`` in order -> {shard: records}; PoolError for an error reply."""
+        for s, r in zip(shards, replies):
+            if isinstance(r, Exception):
+                raise PoolError(f"redis server {self.urls[server]}: HMGET of shard {s}'s records failed: {r}")
+        return dict(zip(shards, replies))
+
+    def _fetch_into(self, members: dict[int, list], dest: dict, to: np.ndarray) -> list[str | None]:
+        """{shard: slot ids} -> their records decoded into ``dest`` at rows ``to`` (the shards' slots one
+        after the other, shards in ascending order) -> why per record in that order (None: written; else
+        why it is corrupt, as SlotFormat.decode_into answers)."""
         order = sorted(members)
-        to = np.concatenate([rows[s] for s in order])
-        why, records = self._read_direct(order, members, dest, to)
-        if why is not None:
-            self.local["wire_bytes_out"] += len(to) * self.fmt.record_bytes
-            return why
-        records = self._records(members) if records is None else records
+        why = self._read_direct(order, members, dest, to)
+        return why if why is not None else self._decode(order, self._records(members), dest, to)
+
+    def _decode(self, order: list[int], records: dict[int, list], dest: dict, to: np.ndarray) -> list[str | None]:
         payloads = [p for s in order for p in records[s]]
         self.local["wire_bytes_out"] += sum(len(p) for p in payloads if p is not None)
         return self.fmt.decode_into(payloads, dest, to, [records[s] for s in order])   # all shards in one pass
 
-    def _read_direct(self, order: list[int], members: dict[int, list], dest: dict, to: np.ndarray):
+    def _read_direct(self, order: list[int], members: dict[int, list], dest: dict, to: np.ndarray) -> list[str | None] | None:
         """Shards on one server reached by our own connection: one pipelined round of HMGETs whose replies
         are read from the socket straight into the batch (RespConnection.execute_into: about 0.5 ms less per
         draw+release of 128 records of 36 KiB than reading them into the read buffer and copying them out,
-        A/B in one process) -> (why, None).
-        When a reply is not a row of intact records, (None, {shard: replies}) to decode; (None, None) when
-        this path does not apply (several servers, a cluster, TLS, fields padded on the wire)."""
+        A/B in one process) -> why per record, as _fetch_into (a reply that is not a row of intact records
+        is decoded from the replies). None when this path does not apply (several servers, a cluster, TLS,
+        fields padded on the wire)."""
         servers = {self._server(s) for s in order}
         server = servers.pop()
         fast = None if servers else self._fast(server)
         placed = None if fast is None else self.fmt.placement(dest, to)
         if placed is None:
-            return None, None
+            return None
         targets, hdr, trailer = placed
         cmds = [["HMGET", self.keys(s)[6], *members[s]] for s in order]
         counts = [len(members[s]) for s in order]
         replies = self._with_retry(server, lambda: fast.execute_into(cmds, counts, self.fmt.record_bytes, targets))
-        if replies is None:
-            return self.fmt.check_placed(dest, to, hdr, trailer), None
-        for s, r in zip(order, replies):
-            if isinstance(r, Exception):
-                raise PoolError(f"redis server {self.urls[server]}: HMGET of shard {s}'s records failed: {r}")
-        return None, dict(zip(order, replies))
+        if replies is not None:
+            return self._decode(order, self._hmget_replies(server, order, replies), dest, to)
+        self.local["wire_bytes_out"] += len(to) * self.fmt.record_bytes
+        return self.fmt.check_placed(dest, to, hdr, trailer)
 
     def _batch(self, a: dict) -> RecordBatch:
         st = self.storage_dtype
@@ -1002,10 +1003,7 @@ class RedisPool(Pool):
             members = [int(m) for s in order for m in got[s][0]]
             deadline = min(deadline, time.time() + self.cfg.lease_timeout_s)
             to = free[filled:filled + len(members)].copy()
-            rows_of, i = {}, 0
-            for s in order:
-                rows_of[s], i = to[i:i + len(got[s][0])], i + len(got[s][0])
-            why = self._fetch_into({s: got[s][0] for s in order}, dest, rows_of)
+            why = self._fetch_into({s: got[s][0] for s in order}, dest, to)
             ok = np.array([w is None for w in why], dtype=bool)
             free[filled:filled + len(members)] = np.concatenate([to[ok], to[~ok]])  # rows of bad ones: for the top-up
             slot_of_row[to[ok]] = np.asarray(members, dtype=np.int64)[ok]
@@ -1078,7 +1076,7 @@ class RedisPool(Pool):
                 want[s], rows_of[s] = [members[j] for j in held], np.asarray(held, dtype=np.int64) + i
             i += len(members)
         if want:
-            self._fetch_into(want, dest, rows_of)
+            self._fetch_into(want, dest, np.concatenate([rows_of[s] for s in sorted(want)]))
         slots = torch.tensor([m for _, members in parts for m in members], dtype=torch.int64)
         return Claim(claim_id=claim_id, slots=slots, batch=self._batch(dest),
                      deadline=time.time() + self.cfg.claim_timeout_s)

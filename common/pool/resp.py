@@ -388,21 +388,18 @@ class RespConnection:
         sv = memoryview(scratch)
         bufs: list = []
         checks: list = []           # (stream offset where the header ends, its scratch view, expected bytes)
-        pos = off = j = 0
+        pos = off = 0
+        records = iter(targets)
         for head, k in zip(heads, counts):
-            for view, want in [(sv[off:off + len(head)], head)] + [(None, frame)] * k:
-                if view is None:
-                    view = sv[off:off + len(frame)]
+            for want in [head] + [frame] * k:
+                view = sv[off:off + len(want)]
                 bufs.append(view)
-                off += len(want)
-                pos += len(want)
+                off, pos = off + len(want), pos + len(want)
                 checks.append((pos, view, want))
-                if want is frame:
-                    bufs += targets[j]
+                if want is frame:          # then the string itself and its CRLF
+                    bufs += next(records)
                     bufs.append(sv[off:off + 2])
-                    off += 2
-                    pos += body_bytes + 2
-                    j += 1
+                    off, pos = off + 2, pos + body_bytes + 2
         total = pos
         self._send([part for cmd in commands + [["PING"]] for part in _encode(cmd)])
         iov, i, got_all, c = list(bufs), 0, 0, 0
