@@ -8,22 +8,24 @@ i mod n when ``redis_url`` lists n servers):
                           without it has lost the pool and the shard is re-initialised)
     {tag}:ready    set    READY global slot ids
     {tag}:refill   set    REFILL slot ids
-    {tag}:leased   zset   LEASED slot ids scored by lease deadline (server clock, seconds)
+    {tag}:leased   zset   lease ids scored by lease deadline (server clock, seconds)
+    {tag}:leases   hash   lease id -> its LEASED slot ids in this shard, "s1,s2,..." (a LEASED slot is
+                          in exactly one; a lease is one field and one zset member, not one per slot)
     {tag}:filling  zset   FILLING slot ids scored by claim deadline
-                          (each also holds one sentinel member scored +inf: see _ZSET_SENTINEL)
-    {tag}:owner    hash   slot -> lease or claim id (a LEASED/FILLING slot has exactly one)
+                          (also holds one sentinel member scored +inf: see _ZSET_SENTINEL)
+    {tag}:owner    hash   slot -> claim id (a FILLING slot has exactly one)
     {tag}:rec      hash   slot -> stored record (resp.SlotFormat: fixed header, raw tensors, word-sum
                           checksum); an empty slot holds a placeholder of as many zero bytes (written
                           at init and restore, so the server allocates the pool's memory up front, as
                           the ray backend's preallocated arrays, and a fill overwrites it) or nothing
     {tag}:t        hash   slot -> chain index t of the stored record; a slot holds a record exactly
                           when it has an entry here (claims read previous records by it; stats' t histogram)
-    {tag}:uses     hash   slot -> uses left (samples_per_insert budget)
+    {tag}:uses     hash   slot -> uses left (samples_per_insert budget; stale for REFILL/FILLING slots)
     {tag}:born     hash   slot -> shard's produced counter at fill (record age)
     {tag}:stats    hash   produced, inserted, consumed, released, bytes_in, bytes_out,
                           expired_leases, expired_claims, corrupt, fill_rejected, draws, fills,
                           age_sum, wire_bytes_in (encoded), draw_blocked_s, fill_blocked_s
-    {tag}:g:<id>   set (lease) / list (claim): the members of one lease or claim in this shard
+    {tag}:g:<id>   list: the members of one claim in this shard
 
 Every script first checks the marker (error ``DKDMNOINIT`` when it is gone:
 the client re-initialises the shard, all slots empty REFILL, and retries) and
@@ -99,9 +101,10 @@ from common.pool.local import load_snapshot_for, snapshot_header, surplus_insert
 from common.pool.resp import RespConnection, SlotFormat, owned
 from common.records import EMPTY_T, RecordBatch
 
-LAYOUT_VERSION = "dkdm-pool-redis/2"   # 2: slot records in resp.SlotFormat (1: msgpack envelopes)
+LAYOUT_VERSION = "dkdm-pool-redis/3"   # 3: leases as fields of {tag}:leases (2: slot records in resp.SlotFormat,
+#   owner entries per leased slot; 1: msgpack envelopes)
 CLUSTER_SCHEME = "redis+cluster://"
-_KEY_SUFFIXES = ("meta", "ready", "refill", "leased", "filling", "owner", "rec", "t", "uses", "born", "stats")
+_KEY_SUFFIXES = ("meta", "ready", "refill", "leased", "filling", "owner", "rec", "t", "uses", "born", "stats", "leases")
 _STAT_FIELDS = (
     "produced", "inserted", "consumed", "released", "bytes_in", "bytes_out", "expired_leases", "expired_claims",
     "corrupt", "fill_rejected", "draws", "fills", "age_sum", "wire_bytes_in",
@@ -113,15 +116,15 @@ _SLOT_OVERHEAD = 256   # bytes per slot besides its record (hash and set entries
 _FILL_CHUNK = 8   # records per HSET of a fast fill (encoded while the server stores the previous chunk; 8 beat
 #   1, 2, 4, 16, 32, 64 and one HSET per shard, interleaved A/B on the 2-core machine: 9.5-15 ms against 13-19 ms)
 
-# The leased and filling zsets each hold one sentinel member, scored +inf (it never expires) and longer
+# The filling zset holds one sentinel member, scored +inf (it never expires) and longer
 # than zset-max-listpack-value, so Redis keeps them as skiplists: a zset of up to 128 members is a
 # listpack, where ZADD/ZREM of a batch of 128 cost O(n^2) score parses (4.4 ms against 1.2 ms per
 # batch measured here), and an emptied zset would be deleted and start as a listpack again.
 _ZSET_SENTINEL = "~dkdm-keeps-this-zset-a-skiplist~" + "~" * 40
 
 # KEYS (one-shard scripts): 1 meta 2 ready 3 refill 4 leased 5 filling 6 owner 7 rec 8 t 9 uses 10 born
-#   11 stats 12 group. The functions take one shard's keys as a table K (the all-shard scripts below
-#   pass each shard's 12 keys in turn).
+#   11 stats 12 leases 13 group. The functions take one shard's keys as a table K (the all-shard scripts
+#   below pass each shard's 13 keys in turn).
 _LIB = r"""
 local function now_s()
   local t = redis.call('TIME')
@@ -148,8 +151,7 @@ local function pairs_of(members, v, first)
   end
   return out
 end
--- the members whose owner is id: LEASED under lease id, or FILLING under claim id (every transition out
--- of LEASED or FILLING deletes the owner, and lease and claim ids are distinct uuids)
+-- the members whose owner is claim id (every transition out of FILLING deletes the owner)
 local function owned_by(K, members, id)
   local owners, out = chunked('HMGET', K[6], members), {}
   for i, m in ipairs(members) do
@@ -172,35 +174,65 @@ end
 local function placeholders(K, lo, hi, n)
   over_slots('HSET', K[7], lo, hi, 128, string.rep('\0', n))
 end
--- LEASED/FILLING count: the zset less its sentinel (see _ZSET_SENTINEL)
+-- FILLING count: the zset less its sentinel (see _ZSET_SENTINEL)
 local function zcard(key)
   return redis.call('ZCARD', key) - (redis.call('ZSCORE', key, '{SENTINEL}') and 1 or 0)
 end
+-- "m1,m2,..." -> {m1, m2, ...}
+local function split_list(s)
+  local out = {}
+  if s then for m in string.gmatch(s, '[^,]+') do out[#out + 1] = m end end
+  return out
+end
+-- the slots lease id holds in this shard, {} when none (released, expired or never leased here)
+local function lease_members(K, id)
+  return split_list(redis.call('HGET', K[12], id))
+end
+-- {every LEASED slot}: the members of every lease (stats and dump; the hot path counts by subtraction)
+local function all_leased(K)
+  local out = {}
+  for _, s in ipairs(redis.call('HVALS', K[12])) do
+    for m in string.gmatch(s, '[^,]+') do out[#out + 1] = m end
+  end
+  return out
+end
 local function expire(K, now)
   local L = redis.call('ZRANGEBYSCORE', K[4], '-inf', now)
-  for _, m in ipairs(L) do
-    redis.call('ZREM', K[4], m); redis.call('HDEL', K[6], m); redis.call('SADD', K[2], m)
+  if #L > 0 then
+    local n = 0
+    for _, id in ipairs(L) do
+      local mine = lease_members(K, id)
+      chunked('SADD', K[2], mine); n = n + #mine
+    end
+    chunked('HDEL', K[12], L); chunked('ZREM', K[4], L)
+    if n > 0 then redis.call('HINCRBY', K[11], 'expired_leases', n) end
   end
-  if #L > 0 then redis.call('HINCRBY', K[11], 'expired_leases', #L) end
   local F = redis.call('ZRANGEBYSCORE', K[5], '-inf', now)
   for _, m in ipairs(F) do
     redis.call('ZREM', K[5], m); redis.call('HDEL', K[6], m); redis.call('SADD', K[3], m)
   end
   if #F > 0 then redis.call('HINCRBY', K[11], 'expired_claims', #F) end
 end
--- {READY, LEASED, REFILL, FILLING, inserted}
+-- {READY, LEASED, REFILL, FILLING, inserted}; LEASED as the shard's slots less the other three (the
+-- stats and dump scripts count the leases' members themselves: that is where the invariant is checked)
 local function counts(K)
-  return {redis.call('SCARD', K[2]), zcard(K[4]), redis.call('SCARD', K[3]),
-          zcard(K[5]), tonumber(redis.call('HGET', K[11], 'inserted') or '0')}
+  local n = tonumber(redis.call('HGET', K[1], 'hi')) - tonumber(redis.call('HGET', K[1], 'lo'))
+  local ready, refill, filling = redis.call('SCARD', K[2]), redis.call('SCARD', K[3]), zcard(K[5])
+  return {ready, n - ready - refill - filling, refill, filling,
+          tonumber(redis.call('HGET', K[11], 'inserted') or '0')}
 end
 -- Lease k READY slots of one shard (all of them READY: the caller checked) -> members, ages (strings
--- "m1,m2,...", "a1,a2,..."); stats counted, draws by count_call.
-local function lease(K, k, lease_id, timeout_s, deadline, count_call, record_bytes)
+-- "m1,m2,...", "a1,a2,..."); stats counted, draws by count_call. The lease is one field of the leases
+-- hash (its members, appended to by a top-up under the same id) and one member of the leased zset,
+-- scored by its first deadline (NX: a top-up's slots expire with the lease's earliest, as the client
+-- reports it in Draw.deadline).
+local function lease(K, k, lease_id, deadline, count_call, record_bytes)
   local members = redis.call('SPOP', K[2], k)
   if #members == 0 then return '', '' end
-  chunked('ZADD', K[4], pairs_of(members, deadline, true)); chunked('HSET', K[6], pairs_of(members, lease_id))
-  chunked('SADD', K[12], members)
-  redis.call('PEXPIRE', K[12], math.floor((timeout_s + 3600) * 1000))
+  local list = table.concat(members, ',')
+  local before = redis.call('HGET', K[12], lease_id)
+  redis.call('HSET', K[12], lease_id, before and (before .. ',' .. list) or list)
+  redis.call('ZADD', K[4], 'NX', deadline, lease_id)
   local born = chunked('HMGET', K[10], members)
   local produced = tonumber(redis.call('HGET', K[11], 'produced') or '0')
   local ages, age_sum = {}, 0
@@ -212,7 +244,7 @@ local function lease(K, k, lease_id, timeout_s, deadline, count_call, record_byt
   redis.call('HINCRBY', K[11], 'bytes_out', #members * record_bytes)
   redis.call('HINCRBY', K[11], 'draws', count_call)
   redis.call('HINCRBY', K[11], 'age_sum', age_sum)
-  return table.concat(members, ','), table.concat(ages, ',')
+  return list, table.concat(ages, ',')
 end
 -- Claim up to k REFILL slots of one shard -> members "m1,m2,...", and per member '1' if its slot holds
 -- a record (the client reads only those: a claim of empty slots needs no HMGET) else '0'
@@ -220,9 +252,9 @@ local function claim(K, k, claim_id, timeout_s, deadline)
   local members = redis.call('SPOP', K[3], k)
   if #members == 0 then return '', '' end
   chunked('ZADD', K[5], pairs_of(members, deadline, true)); chunked('HSET', K[6], pairs_of(members, claim_id))
-  redis.call('DEL', K[12])
-  chunked('RPUSH', K[12], members)
-  redis.call('PEXPIRE', K[12], math.floor((timeout_s + 3600) * 1000))
+  redis.call('DEL', K[13])
+  chunked('RPUSH', K[13], members)
+  redis.call('PEXPIRE', K[13], math.floor((timeout_s + 3600) * 1000))
   local has = {}
   for i, m in ipairs(members) do has[i] = redis.call('HEXISTS', K[8], m) == 1 and '1' or '0' end
   return table.concat(members, ','), table.concat(has)
@@ -248,13 +280,13 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('DKDMNOINIT 
 local now = now_s()
 expire(KEYS, now)
 """
-# All shards of one (non-cluster) server: KEYS holds 12 keys per shard, shard by shard -> KS[j]. A shard
+# All shards of one (non-cluster) server: KEYS holds 13 keys per shard, shard by shard -> KS[j]. A shard
 # without its marker fails the call (DKDMNOINIT: the client re-initialises the shards and retries).
 _PRELUDE_ALL = _LIB + r"""
 local KS = {}
-for j = 1, #KEYS / 12 do
+for j = 1, #KEYS / 13 do
   local K = {}
-  for i = 1, 12 do K[i] = KEYS[12 * (j - 1) + i] end
+  for i = 1, 13 do K[i] = KEYS[13 * (j - 1) + i] end
   if redis.call('EXISTS', K[1]) == 0 then return redis.error_reply('DKDMNOINIT ' .. K[1]) end
   KS[j] = K
 end
@@ -278,7 +310,7 @@ if ARGV[7] == '1' then
   end
 end
 local deadline = now + tonumber(ARGV[3])
-local members, ages = lease(KEYS, k, ARGV[2], tonumber(ARGV[3]), deadline, tonumber(ARGV[4]), tonumber(ARGV[5]))
+local members, ages = lease(KEYS, k, ARGV[2], deadline, tonumber(ARGV[4]), tonumber(ARGV[5]))
 if members == '' then return {'', '', tostring(now), counts(KEYS)} end
 return {members, ages, tostring(deadline), counts(KEYS)}
 """
@@ -303,52 +335,59 @@ local parts = split(ready, need, tonumber(ARGV[7]))
 local deadline, first = now + tonumber(ARGV[3]), tonumber(ARGV[4])
 for j, K in ipairs(KS) do
   if parts[j] > 0 then
-    members[j], ages[j] = lease(K, parts[j], ARGV[2], tonumber(ARGV[3]), deadline, first, tonumber(ARGV[5]))
+    members[j], ages[j] = lease(K, parts[j], ARGV[2], deadline, first, tonumber(ARGV[5]))
     first = 0
   end
 end
 return {members, ages, tostring(deadline), rows}
 """
 
-# ARGV: lease_id, refund (1: back to READY, no use spent) -> slots released
+# ARGV: lease_id, refund (1: back to READY, no use spent) -> slots released. A slot that goes to REFILL
+# keeps its stale uses entry (nothing reads the uses of a REFILL or FILLING slot: a fill writes them
+# anew, the dump writes 0), so the default of one use per record writes no uses at all.
 _RELEASE = _PRELUDE + r"""
-local mine = owned_by(KEYS, redis.call('SMEMBERS', KEYS[12]), ARGV[1])
+local mine = lease_members(KEYS, ARGV[1])
 local n = #mine
 if n > 0 then
-  chunked('ZREM', KEYS[4], mine); chunked('HDEL', KEYS[6], mine)
+  redis.call('HDEL', KEYS[12], ARGV[1]); redis.call('ZREM', KEYS[4], ARGV[1])
   if ARGV[2] == '1' then
     chunked('SADD', KEYS[2], mine)
   else
     local uses, left, ready, refill = chunked('HMGET', KEYS[9], mine), {}, {}, {}
     for i, m in ipairs(mine) do
       local u = tonumber(uses[i] or '0') - 1
-      left[2 * i - 1] = m; left[2 * i] = u
-      if u > 0 then ready[#ready + 1] = m else refill[#refill + 1] = m end
+      if u > 0 then ready[#ready + 1] = m; left[#left + 1] = m; left[#left + 1] = u else refill[#refill + 1] = m end
     end
-    chunked('HSET', KEYS[9], left)
+    if #left > 0 then chunked('HSET', KEYS[9], left) end
     if #ready > 0 then chunked('SADD', KEYS[2], ready) end
     if #refill > 0 then chunked('SADD', KEYS[3], refill) end
+    redis.call('HINCRBY', KEYS[11], 'released', n)
   end
 end
-redis.call('DEL', KEYS[12])
-if ARGV[2] ~= '1' and n > 0 then redis.call('HINCRBY', KEYS[11], 'released', n) end
 return n
 """
 
-# ARGV: lease_id, slot... : corrupt leased records -> empty REFILL slots
+# ARGV: lease_id, slot... : corrupt records still leased under lease_id -> empty REFILL slots
 _CORRUPT = _PRELUDE + r"""
-local n = 0
-for i = 2, #ARGV do
-  local m = ARGV[i]
-  if redis.call('HGET', KEYS[6], m) == ARGV[1] and redis.call('ZSCORE', KEYS[4], m) then
-    redis.call('ZREM', KEYS[4], m); redis.call('HDEL', KEYS[6], m)
+local bad, keep, n = {}, {}, 0
+for i = 2, #ARGV do bad[ARGV[i]] = true end
+for _, m in ipairs(lease_members(KEYS, ARGV[1])) do
+  if bad[m] then
     redis.call('HDEL', KEYS[7], m); redis.call('HDEL', KEYS[8], m); redis.call('HDEL', KEYS[9], m)
-    redis.call('SREM', KEYS[12], m)
     redis.call('SADD', KEYS[3], m)
     n = n + 1
+  else
+    keep[#keep + 1] = m
   end
 end
-if n > 0 then redis.call('HINCRBY', KEYS[11], 'corrupt', n) end
+if n > 0 then
+  if #keep > 0 then
+    redis.call('HSET', KEYS[12], ARGV[1], table.concat(keep, ','))
+  else
+    redis.call('HDEL', KEYS[12], ARGV[1]); redis.call('ZREM', KEYS[4], ARGV[1])
+  end
+  redis.call('HINCRBY', KEYS[11], 'corrupt', n)
+end
 return n
 """
 
@@ -400,7 +439,7 @@ for i = 4, #ARGV, 4 do
   n = n + 1
   bytes = bytes + #ARGV[i + 1]
 end
-redis.call('DEL', KEYS[12])
+redis.call('DEL', KEYS[13])
 redis.call('HINCRBY', KEYS[11], 'produced', n)
 redis.call('HINCRBY', KEYS[11], 'inserted', n)
 redis.call('HINCRBY', KEYS[11], 'bytes_in', n * tonumber(ARGV[3]))
@@ -437,7 +476,7 @@ local produced = tonumber(redis.call('HGET', KEYS[11], 'produced') or '0')
 chunked('ZREM', KEYS[5], members); chunked('HDEL', KEYS[6], members)
 chunked('HSET', KEYS[8], ts); chunked('HSET', KEYS[9], uses); chunked('HSET', KEYS[10], pairs_of(members, produced))
 chunked('SADD', KEYS[2], members)
-redis.call('DEL', KEYS[12])
+redis.call('DEL', KEYS[13])
 redis.call('HINCRBY', KEYS[11], 'produced', n)
 redis.call('HINCRBY', KEYS[11], 'inserted', n)
 redis.call('HINCRBY', KEYS[11], 'bytes_in', n * tonumber(ARGV[3]))
@@ -456,7 +495,7 @@ _STATS = _PRELUDE + r"""
 local ready = redis.call('SMEMBERS', KEYS[2])
 local ts = {}
 if #ready > 0 then ts = chunked('HMGET', KEYS[8], ready) end
-return {{redis.call('SCARD', KEYS[2]), zcard(KEYS[4]), redis.call('SCARD', KEYS[3]),
+return {{redis.call('SCARD', KEYS[2]), #all_leased(KEYS), redis.call('SCARD', KEYS[3]),
          zcard(KEYS[5])}, redis.call('HGETALL', KEYS[11]), ts}
 """
 
@@ -465,7 +504,7 @@ return {{redis.call('SCARD', KEYS[2]), zcard(KEYS[4]), redis.call('SCARD', KEYS[
 #   born (flat), stats (flat)}
 _DUMP = _PRELUDE + r"""
 local held = redis.call('HKEYS', KEYS[8])
-return {redis.call('SMEMBERS', KEYS[2]), redis.call('SMEMBERS', KEYS[3]), redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(+inf'),
+return {redis.call('SMEMBERS', KEYS[2]), redis.call('SMEMBERS', KEYS[3]), all_leased(KEYS),
         redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', '(+inf'), held, chunked('HMGET', KEYS[7], held),
         redis.call('HGETALL', KEYS[9]), redis.call('HGETALL', KEYS[10]), redis.call('HGETALL', KEYS[11])}
 """
@@ -479,8 +518,8 @@ _INIT = _LIB + r"""
 if redis.call('EXISTS', KEYS[1]) == 1 and ARGV[5] ~= '1' then
   return {0, redis.call('HGET', KEYS[1], 'layout')}
 end
-for i = 1, 11 do redis.call('DEL', KEYS[i]) end
-redis.call('ZADD', KEYS[4], '+inf', '{SENTINEL}'); redis.call('ZADD', KEYS[5], '+inf', '{SENTINEL}')
+for i = 1, 12 do redis.call('DEL', KEYS[i]) end
+redis.call('ZADD', KEYS[5], '+inf', '{SENTINEL}')
 local lo, hi = tonumber(ARGV[2]), tonumber(ARGV[3])
 over_slots('SADD', KEYS[3], lo, hi, 2000)
 placeholders(KEYS, lo, hi, tonumber(ARGV[6]))
@@ -492,10 +531,10 @@ return {1, ARGV[1]}
 # Restore, begin: ARGV layout, pool_id, inserted_extra, lo, hi, record_bytes -> the shard is emptied (no slot
 #   in any state yet; every record field holds its placeholder, as after _INIT)
 _RESTORE_BEGIN = _LIB + r"""
-for i = 1, 11 do redis.call('DEL', KEYS[i]) end
-redis.call('ZADD', KEYS[4], '+inf', '{SENTINEL}'); redis.call('ZADD', KEYS[5], '+inf', '{SENTINEL}')
+for i = 1, 12 do redis.call('DEL', KEYS[i]) end
+redis.call('ZADD', KEYS[5], '+inf', '{SENTINEL}')
 placeholders(KEYS, tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
-redis.call('HSET', KEYS[1], 'layout', ARGV[1], 'pool_id', ARGV[2])
+redis.call('HSET', KEYS[1], 'layout', ARGV[1], 'pool_id', ARGV[2], 'lo', ARGV[4], 'hi', ARGV[5])
 redis.call('HSET', KEYS[11], 'produced', 0, 'inserted', tonumber(ARGV[3]))
 return 1
 """
@@ -658,7 +697,7 @@ class RedisPool(Pool):
         return self.shards > 1 and not self.cluster and len(self.urls) == 1
 
     def _call_keys(self, shard: int | None, group: str | None) -> list[str]:
-        """The KEYS of a script call: one shard's 12, or with shard None every shard's, shard by shard."""
+        """The KEYS of a script call: one shard's 13, or with shard None every shard's, shard by shard."""
         if shard is not None:
             return self.keys(shard, group)
         return [k for s in range(self.shards) for k in self.keys(s, group)]
@@ -1088,7 +1127,7 @@ class RedisPool(Pool):
         # A claim made by another client object: read its members (in order) from the shards.
         parts = []
         for s in range(self.shards):
-            key = self.keys(s, claim_id)[11]
+            key = self.keys(s, claim_id)[-1]
             srv = self._server(s)
             members = self._with_retry(srv, lambda: self._clients[srv].lrange(key, 0, -1))
             if members:
@@ -1270,6 +1309,7 @@ class RedisPool(Pool):
             uses[int(k) - lo] = int(v)
         for k, v in zip(born_flat[::2], born_flat[1::2]):
             born[int(k) - lo] = int(v)
+        uses[state == 2] = 0        # left stale by releases (see _RELEASE); 0 as the other backends keep it
         where = np.array([int(k) - lo for k in held], dtype=np.int64)
         why = self.fmt.decode_into(list(recs), a, where)
         for i in where[[j for j, w in enumerate(why) if w is not None]].tolist():
@@ -1334,7 +1374,7 @@ class RedisPool(Pool):
         for s in range(self.shards):
             srv = self._server(s)
             tag = self.keys(s)[0].rsplit(":", 1)[0]
-            keys = self.keys(s)[:11]
+            keys = self.keys(s)[:len(_KEY_SUFFIXES)]
 
             def drop():
                 c = self._clients[srv]

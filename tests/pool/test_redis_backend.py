@@ -278,17 +278,24 @@ def test_fast_fill_of_a_lost_claim_is_refused_and_leaves_no_stray_record(redis_s
     pool.close()
 
 
-def test_leased_and_filling_zsets_stay_skiplists_and_are_counted_without_their_sentinel(redis_server):
+def test_a_lease_is_one_field_and_one_zset_member_and_filling_stays_a_skiplist(redis_server):
     pool = make_redis_pool(redis_server, 6, record_shape=SHAPE, shards=1)
     client = redis_server.client()
-    leased, filling = pool.keys(0)[3], pool.keys(0)[4]
-    assert client.object("encoding", leased) == b"skiplist" and client.object("encoding", filling) == b"skiplist"
+    leased, filling, leases = pool.keys(0)[3], pool.keys(0)[4], pool.keys(0)[11]
+    assert client.object("encoding", filling) == b"skiplist"
     assert pool.stats().counts == dict(READY=0, LEASED=0, REFILL=6, FILLING=0)
     fill_all(pool)
-    d = pool.draw(6)
+    assert client.object("encoding", filling) == b"skiplist", "an emptied zset is not deleted"
+    d = pool.draw(4)
+    held = client.hgetall(leases)
+    assert list(held) == [d.lease_id.encode()]
+    assert sorted(int(m) for m in held[d.lease_id.encode()].split(b",")) == sorted(d.slots.tolist())
+    assert client.zrange(leased, 0, -1) == [d.lease_id.encode()]
+    assert pool.stats().counts == dict(READY=2, LEASED=4, REFILL=0, FILLING=0)
+    assert pool._counts()[0].tolist()[:4] == [2, 4, 0, 0], "the hot path's LEASED (by subtraction) agrees"
     pool.release(d.lease_id)
-    assert client.object("encoding", leased) == b"skiplist", "an emptied zset is not deleted"
-    assert pool.stats().counts == dict(READY=0, LEASED=0, REFILL=6, FILLING=0)
+    assert client.hlen(leases) == 0 and client.zcard(leased) == 0
+    assert pool.stats().counts == dict(READY=2, LEASED=0, REFILL=4, FILLING=0)
     pool.close()
 
 
