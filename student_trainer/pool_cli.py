@@ -117,6 +117,21 @@ def status(cfg: Config, interval_s: float = 1.0) -> dict:
         pool.close()
 
 
+def watch(cfg: Config, interval_s: float, count: int | None = None) -> None:
+    """``status`` every ``interval_s`` seconds as one JSON line each (rates over that interval), through
+    one client of the pool, until ``count`` lines or Ctrl-C."""
+    pool = attach(cfg)
+    try:
+        n = 0
+        while count is None or n < count:
+            print(json.dumps(status_of(pool, cfg.pool.name, interval_s)), flush=True)
+            n += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        pool.close()
+
+
 def drop(cfg: Config) -> dict:
     """Delete the named pool: its actors (ray) or keys (redis)."""
     pool = attach(cfg)
@@ -135,6 +150,10 @@ def cmd_pool(args) -> None:
     cfg = resolve(args)
     if cfg is None:
         return
+    if args.action == "status" and (args.watch or args.count):
+        if args.interval <= 0 or (args.count is not None and args.count < 1):
+            raise ValueError(f"pool status --watch needs --interval > 0 and --count >= 1, got {args.interval} and {args.count}")
+        return watch(cfg, args.interval, args.count)
     if args.action == "create":
         out = create(cfg)
     elif args.action == "status":
@@ -151,4 +170,6 @@ def add_pool_parser(sub) -> None:
     p.add_argument("action", choices=["create", "status", "drop"])
     add_config_args(p)
     p.add_argument("--interval", type=float, default=1.0, help="status: seconds over which rates are measured")
+    p.add_argument("--watch", action="store_true", help="status: a JSON line every --interval seconds until Ctrl-C")
+    p.add_argument("--count", type=int, default=None, help="status --watch: stop after this many lines")
     p.set_defaults(fn=cmd_pool)

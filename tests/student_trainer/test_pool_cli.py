@@ -64,6 +64,13 @@ def test_create_status_drop(redis_url, capsys):
     code, st, err = run(capsys, "pool", "status", *opts, "--interval", "0.1")
     assert code == 0 and st["counts"]["READY"] == n and st["produced_per_s"] == 0 and st["groups"] == {}
 
+    # --watch: one client, a line per interval (here three, then it stops)
+    assert main(["pool", "status", *opts, "--watch", "--interval", "0.05", "--count", "3"]) == 0
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3 and all(ln["counts"]["READY"] == n and ln["consumed_per_s"] == 0 for ln in lines)
+    code, _, err = run(capsys, "pool", "status", *opts, "--watch", "--interval", "0")
+    assert code == 2 and "--interval > 0" in err and err.count("\n") == 1
+
     # another teacher (mixture seed) under the same name: refused, one line, saying what differs
     code, _, err = run(capsys, "pool", "create", *opts, "--set", "teacher.analytic.seed=5")
     assert code == 2 and "different teacher: weights_sha256" in err and err.count("\n") == 1

@@ -75,7 +75,7 @@ def head(tmp_path_factory):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=3)     # `ray start --block` takes over 20 s to stop on SIGTERM: then SIGKILL
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -65,7 +65,7 @@ def head(tmp_path_factory):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=5)
+            proc.wait(timeout=3)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -95,23 +95,27 @@ def test_two_jobs_share_one_named_pool(head, tmp_path):
                                    cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for seed, name in enumerate(("s_a", "s_b"))}
     t0 = time.time()
-    seen: dict[str, dict] = {}          # group -> its latest row in `dkdm pool status` while both jobs run
-    both = False
+    # `dkdm pool status --watch` meanwhile: one client of the pool, a JSON line every 2 s
+    watcher = subprocess.Popen([sys.executable, "-m", "student_trainer.cli", "pool", "status", "--config", str(cfg),
+                                "--watch", "--interval", "2"], cwd=ROOT, env=env,
+                               stdout=open(tmp_path / "watch.jsonl", "w"), stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while any(p.poll() is None for p in jobs.values()):
             assert time.time() < deadline, "the jobs did not finish"
-            st = _pool_cmd(env, cfg, "status", "--interval", "0")
-            seen.update(st["groups"])
-            both = both or set(st["groups"]) == {"s_a", "s_b"}
-            time.sleep(6)       # each status is a process of its own (Ray client start): spare the 2 cores
+            time.sleep(1)
         outs = {name: p.communicate() for name, p in jobs.items()}
     finally:
-        for p in jobs.values():
+        for p in [*jobs.values(), watcher]:
             if p.poll() is None:
                 p.kill()
                 p.wait()
     t_jobs = time.time() - t0
+    rows = [json.loads(ln) for ln in (tmp_path / "watch.jsonl").read_text().splitlines() if ln.startswith("{")]
+    seen: dict[str, dict] = {}          # group -> its latest row in the status lines while both jobs ran
+    for st in rows:
+        seen.update(st["groups"])
+    both = any(set(st["groups"]) == {"s_a", "s_b"} for st in rows)
     for name, (stdout, stderr) in outs.items():
         assert jobs[name].returncode == 0, name + stdout[-2000:] + stderr[-3000:]
     results = {name: _result(stdout) for name, (stdout, _) in outs.items()}
