@@ -259,6 +259,30 @@ local function claim(K, k, claim_id, timeout_s, deadline)
   for i, m in ipairs(members) do has[i] = redis.call('HEXISTS', K[8], m) == 1 and '1' or '0' end
   return table.concat(members, ','), table.concat(has)
 end
+-- Hand back the slots lease id holds in one shard -> how many: refund (a draw that timed out) puts them
+-- back READY as they were; else each spends one use, READY with uses left, else REFILL. A slot that
+-- goes to REFILL keeps its stale uses entry (nothing reads the uses of a REFILL or FILLING slot: a fill
+-- writes them anew, the dump writes 0), so the default of one use per record writes no uses at all.
+local function release(K, id, refund)
+  local mine = lease_members(K, id)
+  local n = #mine
+  if n == 0 then return 0 end
+  redis.call('HDEL', K[12], id); redis.call('ZREM', K[4], id)
+  if refund then
+    chunked('SADD', K[2], mine)
+    return n
+  end
+  local uses, left, ready, refill = chunked('HMGET', K[9], mine), {}, {}, {}
+  for i, m in ipairs(mine) do
+    local u = tonumber(uses[i] or '0') - 1
+    if u > 0 then ready[#ready + 1] = m; left[#left + 1] = m; left[#left + 1] = u else refill[#refill + 1] = m end
+  end
+  if #left > 0 then chunked('HSET', K[9], left) end
+  if #ready > 0 then chunked('SADD', K[2], ready) end
+  if #refill > 0 then chunked('SADD', K[3], refill) end
+  redis.call('HINCRBY', K[11], 'released', n)
+  return n
+end
 -- The exact multivariate hypergeometric split of k draws over the slots counted in avail[1..S]: each
 -- draw picks one of the slots left uniformly (a shard with probability its share of them), as one
 -- uniform draw of k slots over the union does (base.split_draw). Seeded by the client (ARGV).
@@ -342,31 +366,17 @@ end
 return {members, ages, tostring(deadline), rows}
 """
 
-# ARGV: lease_id, refund (1: back to READY, no use spent) -> slots released. A slot that goes to REFILL
-# keeps its stale uses entry (nothing reads the uses of a REFILL or FILLING slot: a fill writes them
-# anew, the dump writes 0), so the default of one use per record writes no uses at all.
+# ARGV: lease_id, refund (1: back to READY, no use spent) -> slots released (see release in _LIB)
 _RELEASE = _PRELUDE + r"""
-local mine = lease_members(KEYS, ARGV[1])
-local n = #mine
-if n > 0 then
-  redis.call('HDEL', KEYS[12], ARGV[1]); redis.call('ZREM', KEYS[4], ARGV[1])
-  if ARGV[2] == '1' then
-    chunked('SADD', KEYS[2], mine)
-  else
-    local uses, left, ready, refill = chunked('HMGET', KEYS[9], mine), {}, {}, {}
-    for i, m in ipairs(mine) do
-      local u = tonumber(uses[i] or '0') - 1
-      if u > 0 then ready[#ready + 1] = m; left[#left + 1] = m; left[#left + 1] = u else refill[#refill + 1] = m end
-    end
-    if #left > 0 then chunked('HSET', KEYS[9], left) end
-    if #ready > 0 then chunked('SADD', KEYS[2], ready) end
-    if #refill > 0 then chunked('SADD', KEYS[3], refill) end
-    redis.call('HINCRBY', KEYS[11], 'released', n)
-  end
-end
-return n
+return release(KEYS, ARGV[1], ARGV[2] == '1')
 """
 
+# The release of a pool whose shards all live on one non-cluster server, in one call. ARGV as _RELEASE
+_RELEASE_ALL = _PRELUDE_ALL + r"""
+local n = 0
+for _, K in ipairs(KS) do n = n + release(K, ARGV[1], ARGV[2] == '1') end
+return n
+"""
 # ARGV: lease_id, slot... : corrupt records still leased under lease_id -> empty REFILL slots
 _CORRUPT = _PRELUDE + r"""
 local bad, keep, n = {}, {}, 0
@@ -556,7 +566,7 @@ return ready
 """
 
 _SCRIPTS = {
-    "draw": _DRAW, "draw_all": _DRAW_ALL, "claim_all": _CLAIM_ALL, "release": _RELEASE, "corrupt": _CORRUPT, "claim": _CLAIM, "fill": _FILL, "fill_written": _FILL_WRITTEN,
+    "draw": _DRAW, "draw_all": _DRAW_ALL, "claim_all": _CLAIM_ALL, "release": _RELEASE, "release_all": _RELEASE_ALL, "corrupt": _CORRUPT, "claim": _CLAIM, "fill": _FILL, "fill_written": _FILL_WRITTEN,
     "counts": _COUNTS, "stats": _STATS, "dump": _DUMP, "init": _INIT,
     "restore_begin": _RESTORE_BEGIN, "restore_add": _RESTORE_ADD,
 }
@@ -1029,7 +1039,7 @@ class RedisPool(Pool):
                     continue              # another client took them between the counts and the draw: recount
                 wait_from = c0 if wait_from is None else wait_from
                 if time.monotonic() - t0 >= timeout_s:
-                    self._run([(s, "release", lease_id, [lease_id, 1]) for s in range(self.shards)])
+                    self._release(lease_id, refund=True)
                     self._add_blocked("draw", blocked + time.monotonic() - wait_from)
                     what = f"{need} READY slots (warm-up needs {self.min_ready} inserted)"
                     raise PoolTimeout(timeout_message(what, timeout_s, self._state_counts(rows),
@@ -1067,7 +1077,14 @@ class RedisPool(Pool):
 
     def release(self, lease_id: str) -> None:
         """Spend one use of each record still leased under ``lease_id``; a no-op otherwise (idempotent)."""
-        self._run([(s, "release", lease_id, [lease_id, 0]) for s in range(self.shards)])
+        self._release(lease_id, refund=False)
+
+    def _release(self, lease_id: str, refund: bool) -> None:
+        """The release script on every shard: one call over all shards when they share one plain server."""
+        if self._one_server:
+            self._run([(None, "release_all", lease_id, [lease_id, int(refund)])])
+        else:
+            self._run([(s, "release", lease_id, [lease_id, int(refund)]) for s in range(self.shards)])
 
     def claim_refill(self, n: int, timeout_s: float | None = None) -> Claim:
         """Claim up to n REFILL slots, spread uniformly over the shards' REFILL slots; previous records returned."""

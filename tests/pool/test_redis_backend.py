@@ -334,7 +334,7 @@ def _calls(client, *commands: str) -> dict[str, int]:
 
 
 def test_shards_of_one_server_draw_and_claim_in_one_script_call(redis_server):
-    """With every shard on one server a draw or a claim is one EVALSHA over all shards (no counts round);
+    """With every shard on one server a draw, a release or a claim is one EVALSHA over all shards (no counts round);
     a claim of empty slots makes no HMGET, a claim of refilled slots reads their previous records."""
     pool = make_redis_pool(redis_server, 24, record_shape=SHAPE, shards=3, samples_per_insert=1.0)
     client = redis_server.client()
@@ -347,7 +347,9 @@ def test_shards_of_one_server_draw_and_claim_in_one_script_call(redis_server):
     d = pool.draw(10)
     check_records(d.slots, d.batch)
     assert _calls(client, "evalsha")["evalsha"] == before["evalsha"] + 1, "no counts round before the draw"
+    before = _calls(client, "evalsha")
     pool.release(d.lease_id)                        # uses spent: the 10 slots are REFILL with their records
+    assert _calls(client, "evalsha")["evalsha"] == before["evalsha"] + 1, "one release script for all shards"
     before = _calls(client, "evalsha", "hmget")
     c = pool.claim_refill(24)
     after = _calls(client, "evalsha", "hmget")
