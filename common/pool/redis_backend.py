@@ -918,17 +918,21 @@ class RedisPool(Pool):
         servers = {self._server(s) for s in order}
         server = servers.pop()
         fast = None if servers else self._fast(server)
-        placed = None if fast is None else self.fmt.placement(dest, to)
-        if placed is None:
+        if fast is None or not self.fmt.placeable:
             return None
-        targets, hdr, trailer = placed
+        placed: list = []
+
+        def targets():        # laid out once the HMGETs are sent, while the server runs them
+            placed[:] = self.fmt.placement(dest, to)
+            return placed[0]
+
         cmds = [["HMGET", self.keys(s)[6], *members[s]] for s in order]
         counts = [len(members[s]) for s in order]
         replies = self._with_retry(server, lambda: fast.execute_into(cmds, counts, self.fmt.record_bytes, targets))
         if replies is not None:
             return self._decode(order, self._hmget_replies(server, order, replies), dest, to)
         self.local["wire_bytes_out"] += len(to) * self.fmt.record_bytes
-        return self.fmt.check_placed(dest, to, hdr, trailer)
+        return self.fmt.check_placed(dest, to, placed[1], placed[2])
 
     def _batch(self, a: dict) -> RecordBatch:
         st = self.storage_dtype

@@ -207,13 +207,18 @@ class SlotFormat:
                 a[rows[j]] = 0
         return why
 
+    @property
+    def placeable(self) -> bool:
+        """Whether records can be read straight into a batch (``placement``): fields not padded on the wire."""
+        return self.field_bytes % 8 == 0
+
     def placement(self, dest: dict, rows: np.ndarray):
         """Where each record of a batch goes when it is read straight from the socket
         (``RespConnection.execute_into``) -> (targets, hdr [k, 40], trailer [k]): ``targets[j]`` lists the
         buffers record j fills in order (its header row, its rows of x_t, eps[, logvar] in ``dest`` at
         ``rows[j]``, its checksum word), together ``record_bytes`` long. None when the fields are padded on
         the wire (their pads would need buffers of their own; the caller decodes a reply instead)."""
-        if self.field_bytes % 8:
+        if not self.placeable:
             return None
         k, fb = len(rows), self.field_bytes
         hdr, trailer = np.empty((k, HEADER_BYTES), dtype=np.uint8), np.empty(k, dtype=np.uint64)
@@ -359,10 +364,12 @@ class RespConnection:
         replies = [self._reply(big) for _ in range(n)]
         return _resolve(replies, big, self.buf) if big else replies
 
-    def execute_into(self, commands: list, counts: list[int], body_bytes: int, targets: list) -> list | None:
+    def execute_into(self, commands: list, counts: list[int], body_bytes: int, targets) -> list | None:
         """Pipelined commands whose replies should be arrays of ``counts[i]`` bulk strings of ``body_bytes``
         each (HMGETs of intact records): their bytes are read from the socket straight into the buffers
-        ``targets[j]`` lists for the j-th string over all replies (no read buffer, no copy) -> None.
+        ``targets()[j]`` lists for the j-th string over all replies (no read buffer, no copy) -> None.
+        ``targets`` is called once the commands are sent: the buffers are laid out while the server works
+        (it runs a whole HMGET of 128 records of 36 KiB, about 1.6 ms, before its first byte comes back).
 
         Every array and string header is checked as soon as it has arrived, and a reply of any other shape
         (a missing, truncated or foreign record, an error) stops the direct reading at once: the bytes read
@@ -379,7 +386,9 @@ class RespConnection:
             self.close()
             raise
 
-    def _roundtrip_into(self, commands: list, counts: list[int], body_bytes: int, targets: list) -> list | None:
+    def _roundtrip_into(self, commands: list, counts: list[int], body_bytes: int, targets) -> list | None:
+        self._send([part for cmd in commands + [["PING"]] for part in _encode(cmd)])
+        targets = targets()
         frame = b"$%d\r\n" % body_bytes
         heads = [b"*%d\r\n" % k for k in counts]
         # headers and each string's closing CRLF in scratch, every one in its own place (the fallback
@@ -401,7 +410,6 @@ class RespConnection:
                     bufs.append(sv[off:off + 2])
                     off, pos = off + 2, pos + body_bytes + 2
         total = pos
-        self._send([part for cmd in commands + [["PING"]] for part in _encode(cmd)])
         iov, i, got_all, c = list(bufs), 0, 0, 0
         while got_all < total:
             got = self.sock.recvmsg_into(iov[i:i + 1000])[0]
@@ -557,9 +565,13 @@ def _resolve(x, big: list, buf: bytearray):
 
 
 def _encode(cmd: list):
-    """One command -> RESP parts (bytes-like), without copying long arguments."""
-    parts = [b"*%d\r\n" % len(cmd)]
+    """One command -> RESP parts (bytes-like): short arguments joined into as few parts as possible,
+    long ones (at least _VIEW_MIN bytes) sent from their own buffers without a copy."""
+    out, run = [], [b"*%d\r\n" % len(cmd)]
     for a in cmd:
+        if type(a) is bytes and len(a) < _VIEW_MIN:       # the common case first: a slot id, a key
+            run.append(b"$%d\r\n%b\r\n" % (len(a), a))
+            continue
         if isinstance(a, (bytes, bytearray, memoryview)):
             b = a
         elif isinstance(a, str):
@@ -571,8 +583,14 @@ def _encode(cmd: list):
         else:
             raise TypeError(f"cannot send a {type(a).__name__} to redis")
         n = b.nbytes if isinstance(b, memoryview) else len(b)
-        parts += (b"$%d\r\n" % n, b, b"\r\n")
-    return parts
+        if n < _VIEW_MIN:
+            run.append(b"$%d\r\n%b\r\n" % (n, b))
+        else:
+            run.append(b"$%d\r\n" % n)
+            out += (b"".join(run), b)
+            run = [b"\r\n"]
+    out.append(b"".join(run))
+    return out
 
 
 def owned(x):

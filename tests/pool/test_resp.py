@@ -188,7 +188,7 @@ def test_records_read_straight_into_the_batch_or_parsed_as_execute_does_when_a_r
     dest, rows = empty_dest(fmt, 10), np.array([3, 9, 0, 7, 1, 5, 2, 8, 4, 6])
     targets, hdr, trailer = fmt.placement(dest, rows)
     cmds = [["HMGET", "ok", 0, 1, 2], ["HMGET", "ok", 3, 4, 5]]
-    assert c.execute_into(cmds, [3, 3], fmt.record_bytes, targets[:6]) is None
+    assert c.execute_into(cmds, [3, 3], fmt.record_bytes, lambda: targets[:6]) is None
     assert fmt.check_placed(dest, rows[:6], hdr[:6], trailer[:6]) == [None] * 6
     for j in range(6):
         np.testing.assert_array_equal(dest["eps"][rows[j]], fields["eps"][j])
@@ -206,8 +206,8 @@ def test_records_read_straight_into_the_batch_or_parsed_as_execute_does_when_a_r
         ([["HMGET", "str", 0, 1], ["HMGET", "ok", 5]], [2, 1]),                  # an error reply first
     ]:
         expect = plain(c.execute(cmds))
-        got = c.execute_into(cmds, counts, fmt.record_bytes, fmt.placement(empty_dest(fmt, sum(counts)),
-                                                                             np.arange(sum(counts)))[0])
+        got = c.execute_into(cmds, counts, fmt.record_bytes, lambda: fmt.placement(empty_dest(fmt, sum(counts)),
+                                                                                     np.arange(sum(counts)))[0])
         assert got is not None and str(plain(got)) == str(expect)
         assert c.execute([["PING"]]) == [b"PONG"], "the connection is out of step"
     c.close()
