@@ -117,10 +117,16 @@ _FILL_CHUNK = 8   # records per HSET of a fast fill (encoded while the server st
 #   1, 2, 4, 16, 32, 64 and one HSET per shard, interleaved A/B on the 2-core machine: 9.5-15 ms against 13-19 ms)
 
 # The filling zset holds one sentinel member, scored +inf (it never expires) and longer
-# than zset-max-listpack-value, so Redis keeps them as skiplists: a zset of up to 128 members is a
+# than zset-max-listpack-value, so Redis keeps it a skiplist: a zset of up to 128 members is a
 # listpack, where ZADD/ZREM of a batch of 128 cost O(n^2) score parses (4.4 ms against 1.2 ms per
 # batch measured here), and an emptied zset would be deleted and start as a listpack again.
 _ZSET_SENTINEL = "~dkdm-keeps-this-zset-a-skiplist~" + "~" * 40
+# Likewise the per-slot hashes (owner, rec, t, uses, born) hold one sentinel field whose value is longer
+# than hash-max-listpack-value: a hash of up to hash-max-listpack-entries fields (512 in Debian's
+# redis-server) is a listpack, where each field of an HMGET or HSET is a linear scan (an HMGET of 128
+# of 512 fields from Lua: 543 us against 19 us for 128 of a 2048-field hashtable, measured here). Every
+# reader of a whole hash leaves it out (hash_all, hash_keys).
+_HASH_SENTINEL = "~dkdm-keeps-this-hash-a-hashtable~"
 
 # KEYS (one-shard scripts): 1 meta 2 ready 3 refill 4 leased 5 filling 6 owner 7 rec 8 t 9 uses 10 born
 #   11 stats 12 leases 13 group. The functions take one shard's keys as a table K (the all-shard scripts
@@ -173,6 +179,25 @@ end
 -- every slot lo..hi-1's record field set to its placeholder: n zero bytes (an empty slot, see the layout)
 local function placeholders(K, lo, hi, n)
   over_slots('HSET', K[7], lo, hi, 128, string.rep('\0', n))
+end
+-- HGETALL / HKEYS of a per-slot hash less its sentinel field (see _HASH_SENTINEL)
+local function hash_all(key)
+  local flat, out = redis.call('HGETALL', key), {}
+  for i = 1, #flat, 2 do
+    if flat[i] ~= '{HSENTINEL}' then out[#out + 1] = flat[i]; out[#out + 1] = flat[i + 1] end
+  end
+  return out
+end
+local function hash_keys(key)
+  local out = {}
+  for _, f in ipairs(redis.call('HKEYS', key)) do if f ~= '{HSENTINEL}' then out[#out + 1] = f end end
+  return out
+end
+-- a new shard's empty structures: the sentinels that keep the filling zset a skiplist and the per-slot
+-- hashes hashtables
+local function sentinels(K)
+  redis.call('ZADD', K[5], '+inf', '{SENTINEL}')
+  for i = 6, 10 do redis.call('HSET', K[i], '{HSENTINEL}', string.rep('~', 80)) end    -- owner rec t uses born
 end
 -- FILLING count: the zset less its sentinel (see _ZSET_SENTINEL)
 local function zcard(key)
@@ -513,10 +538,10 @@ return {{redis.call('SCARD', KEYS[2]), #all_leased(KEYS), redis.call('SCARD', KE
 # -> {READY, REFILL, LEASED, FILLING members, {slots that hold a record}, {their records}, uses (flat),
 #   born (flat), stats (flat)}
 _DUMP = _PRELUDE + r"""
-local held = redis.call('HKEYS', KEYS[8])
+local held = hash_keys(KEYS[8])
 return {redis.call('SMEMBERS', KEYS[2]), redis.call('SMEMBERS', KEYS[3]), all_leased(KEYS),
         redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', '(+inf'), held, chunked('HMGET', KEYS[7], held),
-        redis.call('HGETALL', KEYS[9]), redis.call('HGETALL', KEYS[10]), redis.call('HGETALL', KEYS[11])}
+        hash_all(KEYS[9]), hash_all(KEYS[10]), redis.call('HGETALL', KEYS[11])}
 """
 
 # ARGV: layout, lo, hi, pool_id, force, record_bytes -> {created (0/1), layout now stored}
@@ -529,7 +554,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 and ARGV[5] ~= '1' then
   return {0, redis.call('HGET', KEYS[1], 'layout')}
 end
 for i = 1, 12 do redis.call('DEL', KEYS[i]) end
-redis.call('ZADD', KEYS[5], '+inf', '{SENTINEL}')
+sentinels(KEYS)
 local lo, hi = tonumber(ARGV[2]), tonumber(ARGV[3])
 over_slots('SADD', KEYS[3], lo, hi, 2000)
 placeholders(KEYS, lo, hi, tonumber(ARGV[6]))
@@ -542,7 +567,7 @@ return {1, ARGV[1]}
 #   in any state yet; every record field holds its placeholder, as after _INIT)
 _RESTORE_BEGIN = _LIB + r"""
 for i = 1, 12 do redis.call('DEL', KEYS[i]) end
-redis.call('ZADD', KEYS[5], '+inf', '{SENTINEL}')
+sentinels(KEYS)
 placeholders(KEYS, tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
 redis.call('HSET', KEYS[1], 'layout', ARGV[1], 'pool_id', ARGV[2], 'lo', ARGV[4], 'hi', ARGV[5])
 redis.call('HSET', KEYS[11], 'produced', 0, 'inserted', tonumber(ARGV[3]))
@@ -570,7 +595,8 @@ _SCRIPTS = {
     "counts": _COUNTS, "stats": _STATS, "dump": _DUMP, "init": _INIT,
     "restore_begin": _RESTORE_BEGIN, "restore_add": _RESTORE_ADD,
 }
-_SCRIPTS = {name: src.replace("{SENTINEL}", _ZSET_SENTINEL) for name, src in _SCRIPTS.items()}
+_SCRIPTS = {name: src.replace("{SENTINEL}", _ZSET_SENTINEL).replace("{HSENTINEL}", _HASH_SENTINEL)
+            for name, src in _SCRIPTS.items()}
 
 
 def parse_urls(url: str) -> tuple[list[str], bool]:

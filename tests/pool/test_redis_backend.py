@@ -14,6 +14,7 @@ import time
 import pytest
 
 from common.pool.base import PoolError, PoolTimeout
+from common.pool.redis_backend import _HASH_SENTINEL
 from conftest import check_records, fill_claim
 from redis_fixtures import RedisServer, free_port, make_redis_pool
 
@@ -268,7 +269,7 @@ def test_fast_fill_of_a_lost_claim_is_refused_and_leaves_no_stray_record(redis_s
     st = pool.stats()
     assert st.counts == dict(READY=0, LEASED=0, REFILL=8, FILLING=0) and st.produced_total == 0
     client = redis_server.client()
-    assert all(client.hlen(pool.keys(s)[7]) == 0 for s in range(2)), "a slot holds a record (a t entry)"
+    assert all(client.hkeys(pool.keys(s)[7]) == [_HASH_SENTINEL.encode()] for s in range(2)), "a slot holds a record (a t entry)"
     c2 = other.claim_refill(8)
     assert (c2.batch.t == -1).all(), "the refused records did not become previous records"
     assert fill_claim(other, c2, SHAPE)
@@ -283,6 +284,8 @@ def test_a_lease_is_one_field_and_one_zset_member_and_filling_stays_a_skiplist(r
     client = redis_server.client()
     leased, filling, leases = pool.keys(0)[3], pool.keys(0)[4], pool.keys(0)[11]
     assert client.object("encoding", filling) == b"skiplist"
+    for key in pool.keys(0)[5:10]:             # owner rec t uses born: hashtables however few their fields
+        assert client.object("encoding", key) == b"hashtable", key
     assert pool.stats().counts == dict(READY=0, LEASED=0, REFILL=6, FILLING=0)
     fill_all(pool)
     assert client.object("encoding", filling) == b"skiplist", "an emptied zset is not deleted"
@@ -409,8 +412,9 @@ def test_every_slot_record_is_preallocated_and_empty_means_no_t_entry(redis_serv
     client = redis_server.client()
     for s, (lo, hi) in enumerate(pool.ranges):
         rec, t = pool.keys(s)[6], pool.keys(s)[7]
-        assert client.hlen(rec) == hi - lo and client.hlen(t) == 0
+        assert client.hlen(rec) == hi - lo + 1 and client.hlen(t) == 1       # and each hash's sentinel
         assert {client.hstrlen(rec, str(m)) for m in range(lo, hi)} == {pool.fmt.record_bytes}
+        assert client.hkeys(t) == [_HASH_SENTINEL.encode()]
     c = pool.claim_refill(10)
     assert (c.batch.t == -1).all(), "a placeholder was handed over as a previous record"
     pool.snapshot(str(tmp_path / "empty.snap"))
@@ -422,10 +426,10 @@ def test_every_slot_record_is_preallocated_and_empty_means_no_t_entry(redis_serv
     pool.restore(str(tmp_path / "empty.snap"))
     st = pool.stats()
     assert st.counts == dict(READY=0, LEASED=0, REFILL=10, FILLING=0)
-    assert sum(client.hlen(pool.keys(s)[6]) for s in range(2)) == 10, "restore rewrites the placeholders"
+    assert sum(client.hlen(pool.keys(s)[6]) for s in range(2)) == 10 + 2, "restore rewrites the placeholders"
     assert (pool.claim_refill(10).batch.t == -1).all()
     pool.restore(str(tmp_path / "some.snap"))
-    assert pool.stats().counts["REFILL"] == 4 and sum(client.hlen(pool.keys(s)[7]) for s in range(2)) == 10
+    assert pool.stats().counts["REFILL"] == 4 and sum(client.hlen(pool.keys(s)[7]) for s in range(2)) == 10 + 2
     c = pool.claim_refill(10)
     assert int((c.batch.t != -1).sum()) == 4, "the released slots hand over their previous records"
     pool.close()
