@@ -176,10 +176,6 @@ local function over_slots(cmd, key, lo, hi, per_call, v)
   end
   if #batch > 0 then redis.call(cmd, key, unpack(batch)) end
 end
--- every slot lo..hi-1's record field set to its placeholder: n zero bytes (an empty slot, see the layout)
-local function placeholders(K, lo, hi, n)
-  over_slots('HSET', K[7], lo, hi, 128, string.rep('\0', n))
-end
 -- HGETALL / HKEYS of a per-slot hash less its sentinel field (see _HASH_SENTINEL)
 local function hash_all(key)
   local flat, out = redis.call('HGETALL', key), {}
@@ -193,11 +189,16 @@ local function hash_keys(key)
   for _, f in ipairs(redis.call('HKEYS', key)) do if f ~= '{HSENTINEL}' then out[#out + 1] = f end end
   return out
 end
--- a new shard's empty structures: the sentinels that keep the filling zset a skiplist and the per-slot
--- hashes hashtables
-local function sentinels(K)
+-- The shard of slots lo..hi-1 emptied (init, restore): no slot in any state yet; the sentinels that keep
+-- the filling zset a skiplist and the per-slot hashes hashtables; every record field holding its
+-- placeholder, record_bytes zero bytes (an empty slot, see the layout); the marker and the counters.
+local function fresh_shard(K, layout, pool_id, lo, hi, record_bytes, inserted)
+  for i = 1, 12 do redis.call('DEL', K[i]) end
   redis.call('ZADD', K[5], '+inf', '{SENTINEL}')
   for i = 6, 10 do redis.call('HSET', K[i], '{HSENTINEL}', string.rep('~', 80)) end    -- owner rec t uses born
+  over_slots('HSET', K[7], lo, hi, 128, string.rep('\0', record_bytes))
+  redis.call('HSET', K[1], 'layout', layout, 'pool_id', pool_id, 'lo', lo, 'hi', hi)
+  redis.call('HSET', K[11], 'produced', 0, 'inserted', inserted)
 end
 -- FILLING count: the zset less its sentinel (see _ZSET_SENTINEL)
 local function zcard(key)
@@ -215,11 +216,7 @@ local function lease_members(K, id)
 end
 -- {every LEASED slot}: the members of every lease (stats and dump; the hot path counts by subtraction)
 local function all_leased(K)
-  local out = {}
-  for _, s in ipairs(redis.call('HVALS', K[12])) do
-    for m in string.gmatch(s, '[^,]+') do out[#out + 1] = m end
-  end
-  return out
+  return split_list(table.concat(redis.call('HVALS', K[12]), ','))
 end
 local function expire(K, now)
   local L = redis.call('ZRANGEBYSCORE', K[4], '-inf', now)
@@ -553,24 +550,16 @@ _INIT = _LIB + r"""
 if redis.call('EXISTS', KEYS[1]) == 1 and ARGV[5] ~= '1' then
   return {0, redis.call('HGET', KEYS[1], 'layout')}
 end
-for i = 1, 12 do redis.call('DEL', KEYS[i]) end
-sentinels(KEYS)
 local lo, hi = tonumber(ARGV[2]), tonumber(ARGV[3])
+fresh_shard(KEYS, ARGV[1], ARGV[4], lo, hi, tonumber(ARGV[6]), 0)
 over_slots('SADD', KEYS[3], lo, hi, 2000)
-placeholders(KEYS, lo, hi, tonumber(ARGV[6]))
-redis.call('HSET', KEYS[1], 'layout', ARGV[1], 'pool_id', ARGV[4], 'lo', lo, 'hi', hi)
-redis.call('HSET', KEYS[11], 'produced', 0, 'inserted', 0)
 return {1, ARGV[1]}
 """
 
 # Restore, begin: ARGV layout, pool_id, inserted_extra, lo, hi, record_bytes -> the shard is emptied (no slot
 #   in any state yet; every record field holds its placeholder, as after _INIT)
 _RESTORE_BEGIN = _LIB + r"""
-for i = 1, 12 do redis.call('DEL', KEYS[i]) end
-sentinels(KEYS)
-placeholders(KEYS, tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
-redis.call('HSET', KEYS[1], 'layout', ARGV[1], 'pool_id', ARGV[2], 'lo', ARGV[4], 'hi', ARGV[5])
-redis.call('HSET', KEYS[11], 'produced', 0, 'inserted', tonumber(ARGV[3]))
+fresh_shard(KEYS, ARGV[1], ARGV[2], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[3]))
 return 1
 """
 

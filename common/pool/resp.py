@@ -569,28 +569,28 @@ def _encode(cmd: list):
     long ones (at least _VIEW_MIN bytes) sent from their own buffers without a copy."""
     out, run = [], [b"*%d\r\n" % len(cmd)]
     for a in cmd:
-        if type(a) is bytes and len(a) < _VIEW_MIN:       # the common case first: a slot id, a key
-            run.append(b"$%d\r\n%b\r\n" % (len(a), a))
-            continue
-        if isinstance(a, (bytes, bytearray, memoryview)):
-            b = a
-        elif isinstance(a, str):
-            b = a.encode()
-        elif isinstance(a, (int, np.integer)):
-            b = b"%d" % int(a)
-        elif isinstance(a, float):
-            b = repr(a).encode()
+        b = a if type(a) is bytes else _as_bytes(a)    # bytes first: slot ids and keys are the common case
+        if type(b) is bytes and len(b) < _VIEW_MIN:
+            run.append(b"$%d\r\n%b\r\n" % (len(b), b))
         else:
-            raise TypeError(f"cannot send a {type(a).__name__} to redis")
-        n = b.nbytes if isinstance(b, memoryview) else len(b)
-        if n < _VIEW_MIN:
-            run.append(b"$%d\r\n%b\r\n" % (n, b))
-        else:
-            run.append(b"$%d\r\n" % n)
+            run.append(b"$%d\r\n" % memoryview(b).nbytes)
             out += (b"".join(run), b)
             run = [b"\r\n"]
     out.append(b"".join(run))
     return out
+
+
+def _as_bytes(a):
+    """A command argument other than bytes -> bytes, or a buffer of at least _VIEW_MIN bytes as it is."""
+    if isinstance(a, (bytearray, memoryview)):
+        return a if memoryview(a).nbytes >= _VIEW_MIN else bytes(a)
+    if isinstance(a, str):
+        return a.encode()
+    if isinstance(a, (int, np.integer)):
+        return b"%d" % int(a)
+    if isinstance(a, float):
+        return repr(a).encode()
+    raise TypeError(f"cannot send a {type(a).__name__} to redis")
 
 
 def owned(x):
