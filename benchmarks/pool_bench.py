@@ -403,7 +403,8 @@ def main(argv=None) -> int:
                 except ImportError as err:
                     print(json.dumps({"backend": "ray", "skipped": f"not importable: {err}"}), flush=True)
                     continue
-                if not ray.is_initialized():
+                started_ray = not ray.is_initialized()
+                if started_ray:
                     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
                     ray.init(address="local", num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
             elif backend == "redis":
@@ -418,6 +419,11 @@ def main(argv=None) -> int:
                     row = run_case(backend, url, port, shards, clients, args.b, args.iters, shape, record_bytes, args.draw_iters,
                                    args.warmup, args.rounds)
                     print(json.dumps(row), flush=True)
+            if backend == "ray" and started_ray:
+                # the next backend's cases do not share the cores with Ray's processes (in runs 13-16, with
+                # Ray left running, Redis's GET ceiling was 18-22k/s for the three cases right after the
+                # Ray cases and 25-33k/s for the later ones)
+                ray.shutdown()
     finally:
         if server is not None:
             server.kill()

@@ -36,6 +36,7 @@ from common.pool.base import (
     timeout_message,
 )
 from common.pool.codec import read_snapshot, write_snapshot
+from common.pool.memory import tune_malloc
 from common.pool.shard import SHARD_COUNTERS, PoolShard
 from common.records import RecordBatch
 
@@ -178,6 +179,7 @@ class LocalPool(Pool):
         self.min_ready = min_ready_slots(cfg.min_ready_fraction, self.num_slots)
         self.rng = np.random.default_rng(seed + 7919)
         self.cond = threading.Condition()
+        tune_malloc()        # each draw's batch reuses freed pages instead of faulting them in
         self.claims: dict[str, list[tuple[int, int]]] = {}      # claim id -> [(shard, count)] in slot order
         self.blocked = {"draw": 0.0, "fill": 0.0}
         self.seconds = {"draw": 0.0, "fill": 0.0}

@@ -315,6 +315,7 @@ class RayPool(Pool):
         self.claims: dict[str, dict] = {}
         self._views: list[PoolShard | None] | None = None     # mapped shards, probed at first use
         self._pending = np.zeros(len(SECONDS))     # call seconds not yet added to shard 0 (_add_time)
+        tune_malloc()        # each draw's batch reuses freed pages instead of faulting them in (memory.tune_malloc)
 
     # --- the shared-memory fast path --------------------------------------------------------
 
@@ -340,8 +341,6 @@ class RayPool(Pool):
                         claim_timeout_s=self.cfg.claim_timeout_s, samples_per_insert=self.cfg.samples_per_insert,
                         num_timesteps=self.meta["num_timesteps"], t_buckets=self.t_buckets,
                         seed=int.from_bytes(os.urandom(4), "little"), memory=mem, view=True)
-            if any(v is not None for v in views):
-                tune_malloc()          # drawn batches reuse freed pages instead of faulting them in
             self._views = views
         return self._views
 

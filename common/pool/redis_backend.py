@@ -98,6 +98,7 @@ from common.pool.base import (
 )
 from common.pool.codec import SlotArrays, from_numpy, to_numpy, write_snapshot
 from common.pool.local import load_snapshot_for, snapshot_header, surplus_inserted
+from common.pool.memory import tune_malloc
 from common.pool.resp import RespConnection, SlotFormat, owned
 from common.records import EMPTY_T, RecordBatch
 
@@ -649,6 +650,7 @@ class RedisPool(Pool):
         self.local = {"draw_blocked_s": 0.0, "fill_blocked_s": 0.0, "draw_s": 0.0, "fill_s": 0.0,
                       "reinitialised_shards": 0, "retries": 0, "wire_bytes_out": 0}
         self._init_shards(force=False)
+        tune_malloc()        # each draw's batch reuses freed pages instead of faulting them in (memory.tune_malloc)
 
     def __reduce__(self):
         # A pool travels to other processes (Ray actors, workers) as its arguments; the copy reconnects.

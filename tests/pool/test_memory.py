@@ -197,6 +197,13 @@ def test_tune_malloc_once_and_never_over_the_users_settings():
     env["MALLOC_TRIM_THRESHOLD_"] = "1000000"
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+    # a local pool's client tunes it when the pool is built (each draw's batch reuses freed pages)
+    code = ("from common.config import PoolConfig; from common.pool import make_pool; from common.pool.memory import tune_malloc; "
+            "make_pool(PoolConfig(backend='local', num_slots=8), 8, (1, 4, 4), has_logvar=False, has_label=False); "
+            "print(tune_malloc())")
+    env.pop("MALLOC_TRIM_THRESHOLD_")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False"]
 
 
 def test_helpers():
