@@ -211,3 +211,46 @@ def test_records_read_straight_into_the_batch_or_parsed_as_execute_does_when_a_r
         assert got is not None and str(plain(got)) == str(expect)
         assert c.execute([["PING"]]) == [b"PONG"], "the connection is out of step"
     c.close()
+
+
+def test_a_large_direct_read_waits_for_whole_chunks_and_never_for_bytes_that_do_not_come(redis_server):
+    """MB-sized replies over TCP are read in chunks of at least _READ_LOWAT bytes (SO_RCVLOWAT); a reply
+    shorter than expected (a record missing in the middle or at the end) still comes back as execute gives
+    it, at once or after one _LOWAT_WAIT_S at most, never after the socket timeout, and the mark is reset."""
+    import socket
+    import time
+
+    from common.pool import resp
+
+    fmt = SlotFormat((3, 32, 32), "fp32", True, False)             # 36 KiB records: 40 of them 1.5 MB
+    fields, t, _ = arrays(fmt, 40, seed=7)
+    blobs = [bytes(r) for r in fmt.encode(fields, t, None)]
+    c = RespConnection(redis_server.url, socket_timeout_s=30.0)
+    c.execute([["HSET", "big", *[x for i, b in enumerate(blobs) for x in (i, b)]]])
+    assert 40 * fmt.record_bytes > 4 * resp._READ_LOWAT
+    rows = np.random.default_rng(1).permutation(40)
+    dest = empty_dest(fmt, 40)
+    targets, hdr, trailer = fmt.placement(dest, rows)
+    assert c.execute_into([["HMGET", "big", *range(40)]], [40], fmt.record_bytes, lambda: targets) is None
+    assert fmt.check_placed(dest, rows, hdr, trailer) == [None] * 40
+    np.testing.assert_array_equal(dest["logvar"][rows], fields["logvar"])
+    assert c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+    reparse, marks = c._reparse, []
+
+    def spy(*a):                        # the rest of the stream is parsed with the mark dropped
+        marks.append(c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT))
+        return reparse(*a)
+
+    c._reparse = spy
+    for ids in ([*range(30), 99, *range(30, 39)], [*range(39), 99]):   # missing in the middle, at the end
+        expect = [bytes(v) if v is not None else None for v in c.execute([["HMGET", "big", *ids]])[0]]
+        t0 = time.monotonic()
+        got = c.execute_into([["HMGET", "big", *ids]], [40], fmt.record_bytes,
+                             lambda: fmt.placement(empty_dest(fmt, 40), np.arange(40))[0])
+        assert time.monotonic() - t0 < resp._LOWAT_WAIT_S + 2.0
+        assert [bytes(v) if v is not None else None for v in got[0]] == expect
+        assert c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+        assert c.sock.gettimeout() == 30.0
+        assert c.execute([["PING"]]) == [b"PONG"]
+    assert marks == [1, 1]
+    c.close()
