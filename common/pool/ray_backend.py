@@ -42,7 +42,6 @@ from common import metrics
 from common.config import PoolConfig
 from common.pool.base import (
     STATE_NAMES,
-    STORAGE_DTYPES,
     Claim,
     Draw,
     Pool,
@@ -58,7 +57,7 @@ from common.pool.codec import to_numpy, write_snapshot
 from common.pool.local import load_snapshot_for, merge_stats, snapshot_header, surplus_inserted
 from common.pool.memory import FLAG_GROUPS, SECONDS, ShardMemory, tune_malloc
 from common.pool.shard import (AGE_SAMPLE, FILLING, LEASED, READY, REFILL, SHARD_COUNTERS, OwnerOnly, PoolShard, check_batch,
-                               new_batch, out_arrays)
+                               new_batch, out_arrays, zero_batch)
 from common.records import EMPTY_T, RecordBatch
 
 SHARD_NUM_CPUS = 0.05
@@ -401,15 +400,6 @@ class RayPool(Pool):
 
     # --- the whole pool mapped: one pass under every shard's lock ------------------------------
 
-    def _zero_batch(self, n: int) -> RecordBatch:
-        """The previous records of n empty slots: read-only zero rows (one row broadcast, no memory) and t = EMPTY_T."""
-        if getattr(self, "_zero_row", None) is None:
-            self._zero_row = torch.zeros((1, *self.record_shape), dtype=STORAGE_DTYPES[self.storage_dtype])
-        z = self._zero_row.expand(n, *self.record_shape)
-        return RecordBatch(x_t=z, t=torch.full((n,), EMPTY_T, dtype=torch.int64), eps=z,
-                           logvar=z if self.has_logvar else None,
-                           y=torch.zeros(n, dtype=torch.int64) if self.has_label else None)
-
     def _blocked_until(self, attempt, what: str, side: str, timeout_s: float | None):
         """Call ``attempt()`` until it returns something other than None, sleeping 1 ms doubling to 50 ms
         between tries -> (its result, seconds blocked); PoolTimeout (one line) after ``timeout_s``."""
@@ -489,7 +479,7 @@ class RayPool(Pool):
         deadline = now + self.cfg.claim_timeout_s
         total = sum(len(idx) for _, idx in parts)
         if empty:              # the warm-up: nothing to hand over but t
-            batch = self._zero_batch(total)
+            batch = zero_batch(total, self.record_shape, self.storage_dtype, self.has_logvar, self.has_label)
         else:
             batch, off = self._empty(total), 0
             dst = out_arrays(batch)

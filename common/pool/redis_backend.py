@@ -100,6 +100,7 @@ from common.pool.codec import SlotArrays, from_numpy, to_numpy, write_snapshot
 from common.pool.local import load_snapshot_for, snapshot_header, surplus_inserted
 from common.pool.memory import tune_malloc
 from common.pool.resp import RespConnection, SlotFormat, owned
+from common.pool.shard import zero_batch
 from common.records import EMPTY_T, RecordBatch
 
 LAYOUT_VERSION = "dkdm-pool-redis/3"   # 3: leases as fields of {tag}:leases (2: slot records in resp.SlotFormat,
@@ -1145,7 +1146,7 @@ class RedisPool(Pool):
         # Previous records (empty slots: zeros, t = EMPTY_T; damaged ones are left empty too, the
         # teacher rebuilds the slot from scratch). Only slots that hold a record are read (the script's
         # has flags): a claim of empty slots makes no HMGET.
-        dest, i = self._arrays(sum(len(m) for _, m in parts), fill_empty=True), 0
+        total, i = sum(len(m) for _, m in parts), 0
         want, rows_of = {}, {}
         for s, members in parts:
             held = [j for j, f in enumerate(bytes(res[s][1])) if f == ord("1")]
@@ -1153,10 +1154,13 @@ class RedisPool(Pool):
                 want[s], rows_of[s] = [members[j] for j in held], np.asarray(held, dtype=np.int64) + i
             i += len(members)
         if want:
+            dest = self._arrays(total, fill_empty=True)
             self._fetch_into(want, dest, np.concatenate([rows_of[s] for s in sorted(want)]))
+            batch = self._batch(dest)
+        else:           # the warm-up: one zero row broadcast, no memory to zero
+            batch = zero_batch(total, self.record_shape, self.storage_dtype, self.has_logvar, self.has_label)
         slots = torch.tensor([m for _, members in parts for m in members], dtype=torch.int64)
-        return Claim(claim_id=claim_id, slots=slots, batch=self._batch(dest),
-                     deadline=time.time() + self.cfg.claim_timeout_s)
+        return Claim(claim_id=claim_id, slots=slots, batch=batch, deadline=time.time() + self.cfg.claim_timeout_s)
 
     def _claim_parts(self, claim_id: str) -> list[tuple[int, list[int]]]:
         parts = self._claims.get(claim_id)

@@ -609,14 +609,24 @@ def _encode(cmd: list):
     """One command -> RESP parts (bytes-like): short arguments joined into as few parts as possible,
     long ones (at least _VIEW_MIN bytes) sent from their own buffers without a copy."""
     out, run = [], [b"*%d\r\n" % len(cmd)]
+    add = run.append
     for a in cmd:
-        b = a if type(a) is bytes else _as_bytes(a)    # bytes first: slot ids and keys are the common case
-        if type(b) is bytes and len(b) < _VIEW_MIN:
-            run.append(b"$%d\r\n%b\r\n" % (len(b), b))
+        t = type(a)
+        if t is int:                  # slot ids, timesteps, uses: the common case (no call per argument)
+            b = b"%d" % a
+        elif t is bytes:
+            b = a
+        elif t is memoryview:         # a record: sent from its own buffer
+            b = a if a.nbytes >= _VIEW_MIN else bytes(a)
         else:
-            run.append(b"$%d\r\n" % memoryview(b).nbytes)
+            b = _as_bytes(a)
+        if type(b) is bytes and len(b) < _VIEW_MIN:
+            add(b"$%d\r\n%b\r\n" % (len(b), b))
+        else:
+            add(b"$%d\r\n" % memoryview(b).nbytes)
             out += (b"".join(run), b)
             run = [b"\r\n"]
+            add = run.append
     out.append(b"".join(run))
     return out
 

@@ -124,6 +124,14 @@ def new_batch(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_la
                        y=torch.from_numpy(new(n, dtype=np.int64)) if has_label else None)
 
 
+def zero_batch(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool) -> RecordBatch:
+    """The previous records of n empty slots (a claim during the warm-up): zero rows that are one row
+    broadcast (no memory, nothing to zero; read-only: an in-place write raises), t = EMPTY_T."""
+    z = torch.zeros((1, *record_shape), dtype=STORAGE_DTYPES[storage_dtype]).expand(n, *record_shape)
+    return RecordBatch(x_t=z, t=torch.full((n,), EMPTY_T, dtype=torch.int64), eps=z, logvar=z if has_logvar else None,
+                       y=torch.zeros(n, dtype=torch.int64) if has_label else None)
+
+
 def check_batch(batch: RecordBatch, n: int, record_shape, has_logvar: bool, has_label: bool, num_timesteps: int) -> None:
     """Raise ValueError (one line) unless ``batch`` is n records of the pool's layout."""
     if len(batch) != n:
@@ -409,7 +417,7 @@ class PoolShard(ShardGroups):
         m = len(idx)
         if m and (self.t[idx] == EMPTY_T).all():          # the warm-up: nothing to hand over but t
             if out is None or len(out) != m:
-                out = self.empty_batch(m, zeros=True)
+                return idx + self.lo, zero_batch(m, self.record_shape, self.storage_dtype, self.has_logvar, self.has_label)
             out.t.fill_(EMPTY_T)
             return idx + self.lo, out
         batch = self._records(idx, out if out is not None and len(out) == m else None)
