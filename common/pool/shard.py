@@ -125,8 +125,9 @@ def new_batch(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_la
 
 
 def zero_batch(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool) -> RecordBatch:
-    """The previous records of n empty slots (a claim during the warm-up): zero rows that are one row
-    broadcast (no memory, nothing to zero; read-only: an in-place write raises), t = EMPTY_T."""
+    """The previous records of n empty slots (a claim during the warm-up): zero rows that are one fresh
+    row broadcast (no memory, nothing to zero; to be read only: an in-place write to a whole field
+    raises), t = EMPTY_T."""
     z = torch.zeros((1, *record_shape), dtype=STORAGE_DTYPES[storage_dtype]).expand(n, *record_shape)
     return RecordBatch(x_t=z, t=torch.full((n,), EMPTY_T, dtype=torch.int64), eps=z, logvar=z if has_logvar else None,
                        y=torch.zeros(n, dtype=torch.int64) if has_label else None)
