@@ -47,6 +47,7 @@ def test_state_machine(harness):
     c = pool.claim_refill(5)
     assert len(c) == 5 and len(set(c.slots.tolist())) == 5
     assert (c.batch.t == -1).all(), "a fresh slot has no record (t = EMPTY_T)"
+    assert tuple(c.batch.x_t.shape) == (5, *SHAPE) and not c.batch.x_t.any() and not c.batch.eps.any()
     expect(pool, REFILL=7, FILLING=5)
     assert fill_claim(pool, c, SHAPE)
     expect(pool, READY=5, REFILL=7, FILLING=0)
