@@ -237,7 +237,8 @@ class LocalPool(Pool):
             parts, off = [], 0
             for i, m in enumerate(take.tolist()):
                 if m:
-                    parts.append(self.shards[i].draw(m, lease_id, now, out=out.index(slice(off, off + m)), group=group))
+                    parts.append(self.shards[i].draw(m, lease_id, now, out=out.index(slice(off, off + m)), group=group,
+                                                     count_call=not parts))      # one draw call, counted once
                     off += m
             deadline = now + self.cfg.lease_timeout_s
         slots = torch.from_numpy(np.concatenate([p[0] for p in parts]))
@@ -293,7 +294,7 @@ class LocalPool(Pool):
             self.shards[layout[0][0]].check_batch(batch, total)   # every shard has the same layout
             off = 0
             for i, m in layout:
-                self.shards[i].fill(claim_id, batch.index(slice(off, off + m)), now)
+                self.shards[i].fill(claim_id, batch.index(slice(off, off + m)), now, count_call=off == 0)
                 off += m
             del self.claims[claim_id]
             self.cond.notify_all()

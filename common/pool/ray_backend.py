@@ -181,8 +181,8 @@ class ShardServer:
     def counts(self, group: str | None = None) -> dict:
         return self.shard.counts(group=group)
 
-    def draw(self, m: int, lease_id: str, group: str | None = None) -> tuple[np.ndarray, dict, dict]:
-        slots, batch = self.shard.draw(m, lease_id, group=group)
+    def draw(self, m: int, lease_id: str, group: str | None = None, count_call: bool = True) -> tuple[np.ndarray, dict, dict]:
+        slots, batch = self.shard.draw(m, lease_id, group=group, count_call=count_call)
         return slots, _to_wire(batch, self.shard.storage_dtype), self.shard.counts(group=group)
 
     def attach_group(self, group: str, policy: str, max_lag: int | None) -> None:
@@ -205,8 +205,8 @@ class ShardServer:
     def claim_size(self, claim_id: str) -> int:
         return self.shard.claim_size(claim_id)
 
-    def fill(self, claim_id: str, w: dict) -> bool:
-        return self.shard.fill(claim_id, _view_wire(w, self.shard.storage_dtype))
+    def fill(self, claim_id: str, w: dict, count_call: bool = True) -> bool:
+        return self.shard.fill(claim_id, _view_wire(w, self.shard.storage_dtype), count_call=count_call)
 
     def add_time(self, side: str, blocked_s: float, call_s: float, rejected: int = 0) -> None:
         self.shard.add_time(side, blocked_s, call_s, rejected)
@@ -438,8 +438,8 @@ class RayPool(Pool):
             bounds = np.searchsorted(pos, starts).tolist()        # pos[bounds[i]:bounds[i + 1]] lie in shard i
             leased = [(i, ready[i][pos[lo:hi] - starts[i]]) for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])) if hi > lo]
             sample = -(-AGE_SAMPLE // len(leased))
-            for i, idx in leased:
-                views[i].lease_slots(idx, lease_id, now, sample)
+            for j, (i, idx) in enumerate(leased):
+                views[i].lease_slots(idx, lease_id, now, sample, count_call=j == 0)     # one call, counted once
             self._flush_time(views[0])
         off, dst = 0, out_arrays(out)
         for i, idx in leased:
@@ -501,7 +501,7 @@ class RayPool(Pool):
         margin = fill_margin(self.cfg.claim_timeout_s)
         ok, off = True, 0
         for i, idx in info["parts"]:
-            v, part = views[i], batch.index(slice(off, off + len(idx)))
+            v, part, first = views[i], batch.index(slice(off, off + len(idx))), off == 0     # one call, counted once
             off += len(idx)
             now = time.time()
             if now >= info["deadline"] - margin:
@@ -511,10 +511,10 @@ class RayPool(Pool):
             else:
                 gen = v.fill_begin(claim_id, idx, now, margin)
             if gen is None:                       # too close to the deadline, or the claim is gone
-                ok &= v.fill(claim_id, part)
+                ok &= v.fill(claim_id, part, count_call=first)
                 continue
             v.write_records(idx, part)
-            ok &= v.fill_commit(claim_id, idx, part.t, gen)
+            ok &= v.fill_commit(claim_id, idx, part.t, gen, count_call=first)
         return ok
 
     @classmethod
@@ -602,15 +602,17 @@ class RayPool(Pool):
         return new_batch(n, self.record_shape, self.storage_dtype, self.has_logvar, self.has_label, zeros)
 
     def _take(self, asked: list[tuple[int, int]], method: str, key: str, out: RecordBatch, off: int, *extra,
-              local: bool = True):
+              local: bool = True, count_call: bool = False):
         """Draw or claim ``m`` slots from each shard (mapped ones here unless ``local`` is False, the others
         by parallel RPCs), their records written into ``out`` from row ``off`` on (one copy per byte)
-        -> (global slot arrays in row order, the next free row, fresh counts of shards that fell short)."""
+        -> (global slot arrays in row order, the next free row, fresh counts of shards that fell short).
+        ``count_call`` (draws): the first shard asked counts the draw call (a call is counted once)."""
         slots, counts, refs = [], {}, []
-        for i, m in asked:
-            done, res = self._local(i, method, m, key, out=out.index(slice(off, off + m))) if local else (False, None)
+        for k, (i, m) in enumerate(asked):
+            kw = {"count_call": count_call and k == 0} if method == "draw" else {}
+            done, res = self._local(i, method, m, key, out=out.index(slice(off, off + m)), **kw) if local else (False, None)
             if not done:
-                refs.append((i, getattr(self.handles[i], method).remote(m, key, *extra)))
+                refs.append((i, getattr(self.handles[i], method).remote(m, key, *extra, **kw)))
                 continue
             got, rec = res
             if len(got) and len(got) != m:        # fewer than asked: they came in their own storage
@@ -671,7 +673,7 @@ class RayPool(Pool):
             take = split_draw(ready, want, self.rng)
             asked = [(i, int(m)) for i, m in enumerate(take) if m > 0]
             # a consumer group's draw goes to the actors, where the groups live
-            slots, off, fresh = self._take(asked, "draw", lease_id, out, off, group, local=group is None)
+            slots, off, fresh = self._take(asked, "draw", lease_id, out, off, group, local=group is None, count_call=off == 0)
             per = list(per)
             for i, c in fresh.items():
                 per[i] = c
@@ -781,12 +783,13 @@ class RayPool(Pool):
         wire = None
         for i, m in layout:
             part = batch.index(slice(off, off + m))
-            done, ok = self._local(i, "fill", claim_id, part)
+            done, ok = self._local(i, "fill", claim_id, part, count_call=off == 0)     # one call, counted once
             if done:
                 oks.append(ok)
             else:
                 wire = wire or _to_wire(batch, self.storage_dtype)
-                refs.append(self.handles[i].fill.remote(claim_id, {k: (None if v is None else v[off:off + m]) for k, v in wire.items()}))
+                refs.append(self.handles[i].fill.remote(claim_id, {k: (None if v is None else v[off:off + m]) for k, v in wire.items()},
+                                                        count_call=off == 0))
             off += m
         remote = self._get(refs, "fill slots") if refs else []
         ok = all(oks) and all(remote)

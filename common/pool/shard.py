@@ -301,15 +301,16 @@ class PoolShard(ShardGroups):
     # --- transitions ------------------------------------------------------------------
 
     def draw(self, m: int, lease_id: str, now: float | None = None, out: RecordBatch | None = None,
-             group: str | None = None) -> tuple[np.ndarray, RecordBatch]:
+             group: str | None = None, count_call: bool = True) -> tuple[np.ndarray, RecordBatch]:
         """Lease min(m, READY) slots chosen uniformly without replacement -> (global slots [m'], records).
 
         ``out``: m records of storage to write into (only used when exactly m slots are READY).
         ``group``: lease among the records that consumer group has not trained on yet.
+        ``count_call``: count a draw call (False for the other shards of a pool's draw: one call, one count).
         The records are copied after the lock is released: a leased slot's record cannot change
         while the lease holds, so several processes copy at once.
         """
-        idx, deadline = self._lease(m, lease_id, now, group)
+        idx, deadline = self._lease(m, lease_id, now, group, count_call)
         batch = self._records(idx, out if out is not None and len(out) == len(idx) else None)
         if len(idx) and group is None and time.time() >= deadline:
             self._check_held(idx, lease_id, LEASED)
@@ -326,7 +327,8 @@ class PoolShard(ShardGroups):
             raise PoolError(f"lease or claim {key_id} expired while its records were copied; raise pool.lease_timeout_s")
 
     @_locked
-    def _lease(self, m: int, lease_id: str, now: float | None, group: str | None) -> tuple[np.ndarray, float]:
+    def _lease(self, m: int, lease_id: str, now: float | None, group: str | None,
+               count_call: bool = True) -> tuple[np.ndarray, float]:
         """The draw's transition: READY -> LEASED (or a group's pending -> leased) -> (local slots, deadline)."""
         now = time.time() if now is None else now
         self.expire(now)
@@ -342,23 +344,25 @@ class PoolShard(ShardGroups):
             self._settle(idx)
             prev = self.leases.get(lease_id)
             self.leases[lease_id] = (idx if prev is None else np.concatenate([prev[0], idx]), now + self.lease_timeout_s)
-            self._count_draw(idx, AGE_SAMPLE)
+            self._count_draw(idx, AGE_SAMPLE, count_call)
         elif m:
-            self.lease_slots(idx, lease_id, now)
+            self.lease_slots(idx, lease_id, now, count_call=count_call)
         return idx, now + self.lease_timeout_s
 
-    def lease_slots(self, idx: np.ndarray, lease_id: str, now: float, age_sample: int = AGE_SAMPLE) -> None:
+    def lease_slots(self, idx: np.ndarray, lease_id: str, now: float, age_sample: int = AGE_SAMPLE,
+                    count_call: bool = True) -> None:
         """READY -> LEASED for local slots idx that the caller, holding the lock, chose among ready_slots().
         ``age_sample``: how many of their ages go into the age histogram (a draw over S shards: 4 / S each).
+        ``count_call``: as in draw.
         The caller holds the lock (a whole-pool draw holds every shard's): no lock of its own."""
         self._own(idx, lease_id, now + self.lease_timeout_s, LEASED)
-        self._count_draw(idx, age_sample)
+        self._count_draw(idx, age_sample, count_call)
 
-    def _count_draw(self, idx: np.ndarray, age_sample: int) -> None:
+    def _count_draw(self, idx: np.ndarray, age_sample: int, count_call: bool = True) -> None:
         m = len(idx)
         arr = self.c.arr
         ages = arr[_CIDX["produced"]] - self.produced_at[idx]
-        arr[_DRAW_CIDX] += (m, 1, int(ages.sum()), m * self.record_bytes)
+        arr[_DRAW_CIDX] += (m, int(count_call), int(ages.sum()), m * self.record_bytes)
         if self.record_metrics:
             metrics.inc(metrics.POOL_RECORDS_CONSUMED_TOTAL, m, shard=self.shard_id)
             metrics.inc(metrics.POOL_BYTES_TOTAL, m * self.record_bytes, shard=self.shard_id, direction="out")
@@ -465,8 +469,9 @@ class PoolShard(ShardGroups):
         check_batch(batch, n, self.record_shape, self.has_logvar, self.has_label, self.num_timesteps)
 
     @_locked
-    def fill(self, claim_id: str, batch: RecordBatch, now: float | None = None) -> bool:
-        """FILLING -> READY with ``batch`` (claim slot order). Unknown or expired claim: False, nothing changes."""
+    def fill(self, claim_id: str, batch: RecordBatch, now: float | None = None, count_call: bool = True) -> bool:
+        """FILLING -> READY with ``batch`` (claim slot order). Unknown or expired claim: False, nothing changes.
+        ``count_call``: count a fill call (False for the other shards of a pool's fill)."""
         self.expire(now)
         idx = self._owned(claim_id, FILLING)
         if len(idx) == 0:
@@ -474,7 +479,7 @@ class PoolShard(ShardGroups):
             return False
         self.check_batch(batch, len(idx))
         self.write_records(idx, batch)
-        self._commit_fill(idx, batch.t)
+        self._commit_fill(idx, batch.t, count_call)
         return True
 
     def write_records(self, idx: np.ndarray, batch: RecordBatch) -> None:
@@ -502,17 +507,17 @@ class PoolShard(ShardGroups):
         return self.mem.generation
 
     @_locked
-    def fill_commit(self, claim_id: str, idx: np.ndarray, t: torch.Tensor, generation: int) -> bool:
+    def fill_commit(self, claim_id: str, idx: np.ndarray, t: torch.Tensor, generation: int, count_call: bool = True) -> bool:
         """FILLING -> READY for local slots idx whose records write_records copied in (fill_begin first).
         False (nothing changes) when the claim lost them or the shard was restored meanwhile."""
         self.expire()
         if self.mem.generation != generation or not self._held(idx, claim_id, FILLING).all():
             self.c["fill_rejected"] += 1
             return False
-        self._commit_fill(idx, t)
+        self._commit_fill(idx, t, count_call)
         return True
 
-    def _commit_fill(self, idx: np.ndarray, t: torch.Tensor) -> None:
+    def _commit_fill(self, idx: np.ndarray, t: torch.Tensor, count_call: bool = True) -> None:
         """The fill's transition once the records are in: t, uses, age, owner cleared, then READY."""
         self.t[idx] = t.cpu().numpy()
         self.uses[idx] = record_uses(self.k, len(idx), self.rng)
@@ -524,7 +529,7 @@ class PoolShard(ShardGroups):
         m = len(idx)
         for k in ("produced", "inserted"):
             self.c[k] += m
-        self.c["fills"] += 1
+        self.c["fills"] += int(count_call)
         self.c["bytes_in"] += m * self.record_bytes
         if self.record_metrics:
             metrics.inc(metrics.POOL_RECORDS_PRODUCED_TOTAL, m, shard=self.shard_id)
