@@ -426,8 +426,9 @@ class RespConnection:
         ends = list(itertools.accumulate(v.nbytes for v in bufs))       # stream offset where each buffer ends
         iov, i, got_all, c = list(bufs), 0, 0, 0
         lowat = 1 if self.sock.family != socket.AF_UNIX else 0      # the mark now set; 0: reads take what is there
+        in_step = True
         try:
-            while got_all < total:
+            while in_step and got_all < total:
                 j = min(bisect.bisect_left(ends, got_all + _READ_WINDOW), i + 1000)     # at most 1,000 (IOV_MAX 1024)
                 if lowat:
                     want = max(1, min(total - got_all, _READ_LOWAT))
@@ -454,16 +455,14 @@ class RespConnection:
                     else:
                         iov[i] = iov[i][got:]
                         got = 0
-                while c < len(checks) and checks[c][0] <= got_all:
-                    if checks[c][1] != checks[c][2]:
-                        if lowat > 1:
-                            self._drop_lowat()
-                            lowat = 0
-                        return self._reparse(bufs, got_all, len(commands))
+                while in_step and c < len(checks) and checks[c][0] <= got_all:
+                    in_step = checks[c][1] == checks[c][2]
                     c += 1
         finally:
             if lowat > 1:
                 self._drop_lowat()
+        if not in_step:                    # off shape: the rest is parsed with the mark dropped
+            return self._reparse(bufs, got_all, len(commands))
         self.pos = self.end = 0
         pong = self._reply([])
         if pong != b"PONG":
@@ -609,24 +608,16 @@ def _encode(cmd: list):
     """One command -> RESP parts (bytes-like): short arguments joined into as few parts as possible,
     long ones (at least _VIEW_MIN bytes) sent from their own buffers without a copy."""
     out, run = [], [b"*%d\r\n" % len(cmd)]
-    add = run.append
     for a in cmd:
         t = type(a)
-        if t is int:                  # slot ids, timesteps, uses: the common case (no call per argument)
-            b = b"%d" % a
-        elif t is bytes:
-            b = a
-        elif t is memoryview:         # a record: sent from its own buffer
-            b = a if a.nbytes >= _VIEW_MIN else bytes(a)
-        else:
-            b = _as_bytes(a)
+        # ints (slot ids, timesteps, uses) and bytes are the common case: no call per argument
+        b = b"%d" % a if t is int else a if t is bytes else _as_bytes(a)
         if type(b) is bytes and len(b) < _VIEW_MIN:
-            add(b"$%d\r\n%b\r\n" % (len(b), b))
-        else:
-            add(b"$%d\r\n" % memoryview(b).nbytes)
+            run.append(b"$%d\r\n%b\r\n" % (len(b), b))
+        else:                         # a record: sent from its own buffer
+            run.append(b"$%d\r\n" % memoryview(b).nbytes)
             out += (b"".join(run), b)
             run = [b"\r\n"]
-            add = run.append
     out.append(b"".join(run))
     return out
 
