@@ -87,7 +87,7 @@ def make_batch(n: int, shape: tuple[int, int, int], seed: int) -> RecordBatch:
 def client_loop(pool, phase: str, b: int, iters: int, shape, barrier, seed: int,
                 ceiling_slots: int = 0, warmup: int = 0, rounds: int = 1, before_block=None) -> list[tuple[str, int, float, float]]:
     """One client: ``iters`` claim+fill or draw+release calls of b records, in ``rounds`` blocks
-    -> [(kind, records, start, end)] per block, kind "pool" or "ceiling".
+    -> [(kind, records, start, end)] per block, kind "pool", "ceiling" or "heap".
 
     ``barrier``: a folder; before each block the client writes ``ready-<seed>-<block>`` and starts when
     the driver writes ``go-<block>`` (the driver releases a block once every client is ready for it,
@@ -96,8 +96,9 @@ def client_loop(pool, phase: str, b: int, iters: int, shape, barrier, seed: int,
     ceiling block between the two (the clients wait blocked, using no CPU). ``before_block``: called
     before each block (one client in the driver's process: the Redis ceiling block).
     ``ceiling_slots`` > 0: each round is a block of plain copies of the same bytes between a batch and
-    random slots of arrays of that many slots (gather for draw, scatter for fill), then a block of
-    pool calls. ``warmup``: untimed calls first (a steady state is measured, not a process's first
+    random slots of arrays of that many slots (gather for draw, scatter for fill) in private memory
+    ("heap"), the same copies in shared memory allocated as the pool's shards are ("ceiling"), then a
+    block of pool calls. ``warmup``: untimed calls first (a steady state is measured, not a process's first
     page faults).
     """
     torch.set_num_threads(1)
@@ -105,13 +106,14 @@ def client_loop(pool, phase: str, b: int, iters: int, shape, barrier, seed: int,
     rng = np.random.default_rng(seed)
     fields = [f for f in (batch.x_t, batch.eps, batch.logvar) if f is not None]
     getattr(pool, "_shard_views", lambda: None)()      # Ray: map co-located shards before the clock starts
-    store = [rng.standard_normal((ceiling_slots, *shape), dtype=np.float32) for _ in fields] if ceiling_slots else []
+    heap = [rng.standard_normal((ceiling_slots, *shape), dtype=np.float32) for _ in fields] if ceiling_slots else []
+    shared = shared_store(ceiling_slots, shape, heap) if ceiling_slots else None
     src = [f.numpy() for f in fields]
     for _ in range(warmup):                             # untimed: a process's first calls pay for page faults
         _one_call(pool, phase, b, batch)
     held = None
 
-    def ceiling_copy():
+    def ceiling_copy(store):
         idx = np.sort(rng.choice(ceiling_slots, b, replace=False))
         if phase == "refill":     # a steady-state claim hands over the slots' records, its fill writes new ones
             prev = [a[idx] for a in store]
@@ -125,7 +127,7 @@ def client_loop(pool, phase: str, b: int, iters: int, shape, barrier, seed: int,
         return [a[idx] for a in store]     # into a fresh batch the client keeps until its next call, as a draw's
 
     per_round = [iters // rounds + (r < iters % rounds) for r in range(rounds)]
-    kinds = ("ceiling", "pool") if store else ("pool",)
+    kinds = ("heap", "ceiling", "pool") if heap else ("pool",)
     out, block = [], 0
     for n in per_round:
         for kind in kinds:
@@ -141,14 +143,27 @@ def client_loop(pool, phase: str, b: int, iters: int, shape, barrier, seed: int,
             block += 1
             t0, moved = time.time(), 0
             for _ in range(n):
-                if kind == "ceiling":
-                    held = ceiling_copy()  # noqa: F841 - held on purpose
+                if kind != "pool":
+                    held = ceiling_copy(heap if kind == "heap" else shared.store)  # noqa: F841 - held on purpose
                     moved += b
                 else:
                     k, held = _one_call(pool, phase, b, batch)  # noqa: F841 - a drawn batch is held like a copy's
                     moved += k
             out.append((kind, moved, t0, time.time()))
     return out
+
+
+class shared_store:
+    """The ceiling's arrays in shared memory allocated as a Ray pool shard's is (memory.ShardMemory.create:
+    a memfd, every page reserved and mapped up front), holding the values of ``like``, one array per field."""
+
+    def __init__(self, slots: int, shape, like: list[np.ndarray]):
+        from common.pool.memory import ShardMemory
+
+        self.mem = ShardMemory.create("bench-ceiling", slots, shape, "fp32", True, False, 1)
+        self.store = [self.mem.a[name] for name in ("x_t", "eps", "logvar")][:len(like)]
+        for a, x in zip(self.store, like):
+            a[...] = x
 
 
 def _one_call(pool, phase: str, b: int, batch):
@@ -169,20 +184,21 @@ def _proc_main(pool, phase, b, iters, shape, barrier, seed, warmup, rounds, q):
 
 def run_clients(backend: str, pool, phase: str, clients: int, b: int, iters: int, shape,
                 ceiling_slots: int = 0, warmup: int = 0, rounds: int = 1,
-                redis_ceiling_block=None) -> tuple[float, float | None, float | None]:
+                redis_ceiling_block=None) -> tuple[float, float | None, float | None, float | None, float | None]:
     """Run ``clients`` client processes at once, block by block
-    -> (pool records/s, ceiling records/s or None, ratio or None).
+    -> (pool records/s, ceiling records/s, ratio, heap ceiling records/s, heap ratio); None where not measured.
 
     A block's rate is the records all clients moved in it over its wall time (from its release to
     the last client's end): the throughput of all clients together, which on a machine with fewer
     cores than clients is what the cores can give. With a ceiling: the medians over the rounds of
     the pool's rate, the ceiling's rate and of each round's ratio (its pool block over its ceiling
     block, run back to back: on a shared machine whose load swings from second to second, the
-    per-round ratio is steadier than a ratio of totals). Ray: ``ceiling_slots`` > 0, the clients copy.
+    per-round ratio is steadier than a ratio of totals). Ray: ``ceiling_slots`` > 0, the clients copy
+    (the ceiling in shared memory as the pool's, and the heap ceiling in private memory).
     Redis: ``redis_ceiling_block()`` (-> records/s) runs redis-benchmark before each pool block while
     the clients wait.
     """
-    blocks = rounds * (2 if ceiling_slots else 1)
+    blocks = rounds * (3 if ceiling_slots else 1)
     ceil_redis: list[float] = []
     if clients == 1 and backend == "redis":      # one client: run it here (no process start in --quick)
         hook = (lambda: ceil_redis.append(redis_ceiling_block())) if redis_ceiling_block else None
@@ -227,9 +243,11 @@ def run_clients(backend: str, pool, phase: str, clients: int, b: int, iters: int
     pool_r = rates("pool")
     ceil_r = ceil_redis or (rates("ceiling") if ceiling_slots else [])
     if not ceil_r:
-        return float(np.median(pool_r)), None, None
-    # each round's pool block ran right after its ceiling block, under the same load
-    return float(np.median(pool_r)), float(np.median(ceil_r)), float(np.median(np.divide(pool_r, ceil_r)))
+        return float(np.median(pool_r)), None, None, None, None
+    # each round's pool block ran right after its ceiling blocks, under the same load
+    out = [float(np.median(pool_r)), float(np.median(ceil_r)), float(np.median(np.divide(pool_r, ceil_r)))]
+    heap_r = rates("heap") if ceiling_slots else []
+    return (*out, *((float(np.median(heap_r)), float(np.median(np.divide(pool_r, heap_r)))) if heap_r else (None, None)))
 
 
 def _release_barrier(barrier: str, clients: int, block: int, timeout_s: float = 300.0) -> None:
@@ -340,36 +358,35 @@ def run_case(backend, url, port, shards, clients, b, iters, shape, record_bytes,
             # refill: a GET and a SET of each record, one after the other -> 1 / (1 / get + 1 / set) records/s
             hooks[phase] = (lambda tests=tests, n=n: 1.0 / sum(1.0 / redis_ceiling_rate(port, t, record_bytes, clients, b, n, keys)
                                                              for t in tests))
+    res = {}
     try:
-        fill_rps, ceil_fill, fill_ratio = run_clients(backend, pool, "fill", clients, b, iters, shape, copies, warmup,
-                                                      fill_rounds, hooks.get("fill"))
-        draw_rps, ceil_draw, draw_ratio = run_clients(backend, pool, "draw", clients, b, draw_iters or iters, shape, copies,
-                                                      warmup, draw_rounds, hooks.get("draw"))
+        res["fill"] = run_clients(backend, pool, "fill", clients, b, iters, shape, copies, warmup, fill_rounds, hooks.get("fill"))
+        res["draw"] = run_clients(backend, pool, "draw", clients, b, draw_iters or iters, shape, copies, warmup, draw_rounds,
+                                  hooks.get("draw"))
     finally:
         _close(backend, pool)
     pool = build_refill_pool(backend, url, shards, num_slots, b, shape)
     try:
-        refill_rps, ceil_refill, refill_ratio = run_clients(backend, pool, "refill", clients, b, iters, shape, copies, warmup,
-                                                            fill_rounds, hooks.get("refill"))
+        res["refill"] = run_clients(backend, pool, "refill", clients, b, iters, shape, copies, warmup, fill_rounds,
+                                    hooks.get("refill"))
     finally:
         _close(backend, pool)
     if backend == "redis":
         how = "redis-benchmark SET/GET (refill: GET then SET), a block before each block of pool calls"
     else:
-        how = "numpy gather/scatter of the same bytes, interleaved in each client"
+        how = ("numpy gather/scatter of the same bytes in shared memory allocated as the pool's shards "
+               "(heap_*: in private memory), interleaved in each client")
         extra["ceiling_hot_copy_records_s"] = round(hot_copy_rate(record_bytes, b, 0.5), 1)
     gb = record_bytes / 1e9
-    return {
-        "backend": backend, "shards": shards, "clients": clients, "b": b, "record_shape": list(shape),
-        "record_bytes": record_bytes,
-        "draw_release_records_s": round(draw_rps, 1), "draw_release_GB_s": round(draw_rps * gb, 4),
-        "claim_fill_records_s": round(fill_rps, 1), "claim_fill_GB_s": round(fill_rps * gb, 4),
-        "ceiling": how, "ceiling_draw_records_s": round(ceil_draw, 1), "ceiling_fill_records_s": round(ceil_fill, 1),
-        "draw_ratio": round(draw_ratio, 3), "fill_ratio": round(fill_ratio, 3),
-        "refill_records_s": round(refill_rps, 1), "refill_GB_s": round(refill_rps * gb, 4),
-        "ceiling_refill_records_s": round(ceil_refill, 1), "refill_ratio": round(refill_ratio, 3),
-        **extra,
-    }
+    row = {"backend": backend, "shards": shards, "clients": clients, "b": b, "record_shape": list(shape),
+           "record_bytes": record_bytes, "ceiling": how}
+    for phase, name in (("draw", "draw_release"), ("fill", "claim_fill"), ("refill", "refill")):
+        rps, ceil, ratio, heap, heap_ratio = res[phase]
+        row.update({f"{name}_records_s": round(rps, 1), f"{name}_GB_s": round(rps * gb, 4),
+                    f"ceiling_{phase}_records_s": round(ceil, 1), f"{phase}_ratio": round(ratio, 3)})
+        if heap is not None:
+            row.update({f"heap_ceiling_{phase}_records_s": round(heap, 1), f"heap_{phase}_ratio": round(heap_ratio, 3)})
+    return {**row, **extra}
 
 
 def main(argv=None) -> int:

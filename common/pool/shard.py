@@ -58,6 +58,7 @@ SHARD_COUNTERS = (
 )
 _CIDX = {k: i for i, k in enumerate(SHARD_COUNTERS)}
 _DRAW_CIDX = np.array([_CIDX[k] for k in ("consumed", "draws", "age_sum", "bytes_out")])
+_FILL_CIDX = np.array([_CIDX[k] for k in ("produced", "inserted", "fills", "bytes_in")])
 _SIDX = {k: i for i, k in enumerate(SECONDS)}
 
 
@@ -124,13 +125,19 @@ def new_batch(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_la
                        y=torch.from_numpy(new(n, dtype=np.int64)) if has_label else None)
 
 
+@functools.lru_cache(maxsize=16)
+def _zero_rows(record_shape: tuple, storage_dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One zero record row, one EMPTY_T and one zero label, shared by every zero_batch of this layout."""
+    return (torch.zeros((1, *record_shape), dtype=STORAGE_DTYPES[storage_dtype]), torch.full((1,), EMPTY_T, dtype=torch.int64),
+            torch.zeros(1, dtype=torch.int64))
+
+
 def zero_batch(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool) -> RecordBatch:
-    """The previous records of n empty slots (a claim during the warm-up): zero rows that are one fresh
-    row broadcast (no memory, nothing to zero; to be read only: an in-place write to a whole field
-    raises), t = EMPTY_T."""
-    z = torch.zeros((1, *record_shape), dtype=STORAGE_DTYPES[storage_dtype]).expand(n, *record_shape)
-    return RecordBatch(x_t=z, t=torch.full((n,), EMPTY_T, dtype=torch.int64), eps=z, logvar=z if has_logvar else None,
-                       y=torch.zeros(n, dtype=torch.int64) if has_label else None)
+    """The previous records of n empty slots (a claim during the warm-up): every field is one shared
+    row broadcast to n (no memory, nothing to zero; read only: an in-place write raises), t = EMPTY_T."""
+    z, t, y = _zero_rows(tuple(record_shape), storage_dtype)
+    z = z.expand(n, *record_shape)
+    return RecordBatch(x_t=z, t=t.expand(n), eps=z, logvar=z if has_logvar else None, y=y.expand(n) if has_label else None)
 
 
 def check_batch(batch: RecordBatch, n: int, record_shape, has_logvar: bool, has_label: bool, num_timesteps: int) -> None:
@@ -146,9 +153,10 @@ def check_batch(batch: RecordBatch, n: int, record_shape, has_logvar: bool, has_
         raise ValueError("fill: records carry logvar but the pool was built without has_logvar")
     if has_label != (batch.y is not None):
         raise ValueError(f"fill: records {'lack' if has_label else 'carry'} labels y but the pool has has_label={has_label}")
-    t = batch.t
-    if n and (int(t.min()) < 0 or int(t.max()) >= num_timesteps):
-        raise ValueError(f"fill: t must lie in [0, {num_timesteps}), got [{int(t.min())}, {int(t.max())}]")
+    if n:
+        lo, hi = (int(v) for v in torch.aminmax(batch.t))
+        if lo < 0 or hi >= num_timesteps:
+            raise ValueError(f"fill: t must lie in [0, {num_timesteps}), got [{lo}, {hi}]")
 
 
 class PoolShard(ShardGroups):
@@ -433,9 +441,13 @@ class PoolShard(ShardGroups):
     def ready_slots(self, state: int, now: float) -> np.ndarray:
         """The local slots in ``state`` after expiry. The caller holds the lock and passes them on to
         lease_slots or _claim_slots, so one pass under the lock both counts and takes."""
+        self._expire_due(now)
+        return np.flatnonzero(self.state == state)
+
+    def _expire_due(self, now: float) -> None:
+        """expire(now) when something may be overdue (a deadline passed, or group leases to check)."""
         if now >= self.mem.next_deadline or self.leases or self.groups:
             self.expire(now)
-        return np.flatnonzero(self.state == state)
 
     def release_slots(self, lease_id: str, idx: np.ndarray, now: float) -> int:
         """release() for a plain lease whose local slots the caller knows, under a lock the caller holds."""
@@ -489,11 +501,8 @@ class PoolShard(ShardGroups):
         (fill_begin): nobody else writes or reads a FILLING slot's record then.
         """
         dt = STORAGE_DTYPES[self.storage_dtype]
-        for name in ("x_t", "eps", "logvar"):
-            if getattr(self, name) is not None:
-                _np(getattr(self, name))[idx] = _np(getattr(batch, name).detach().to("cpu", dt))
-        if self.y is not None:
-            self.y.numpy()[idx] = batch.y.detach().to("cpu", torch.int64).numpy()
+        for name, dst in self._src.items():       # this shard's record fields as numpy (y: int64)
+            dst[idx] = _np(getattr(batch, name).detach().to("cpu", torch.int64 if name == "y" else dt))
 
     @_locked
     def fill_begin(self, claim_id: str, idx: np.ndarray, now: float, margin_s: float) -> int | None:
@@ -510,7 +519,7 @@ class PoolShard(ShardGroups):
     def fill_commit(self, claim_id: str, idx: np.ndarray, t: torch.Tensor, generation: int, count_call: bool = True) -> bool:
         """FILLING -> READY for local slots idx whose records write_records copied in (fill_begin first).
         False (nothing changes) when the claim lost them or the shard was restored meanwhile."""
-        self.expire()
+        self._expire_due(time.time())
         if self.mem.generation != generation or not self._held(idx, claim_id, FILLING).all():
             self.c["fill_rejected"] += 1
             return False
@@ -519,18 +528,15 @@ class PoolShard(ShardGroups):
 
     def _commit_fill(self, idx: np.ndarray, t: torch.Tensor, count_call: bool = True) -> None:
         """The fill's transition once the records are in: t, uses, age, owner cleared, then READY."""
+        m, arr = len(idx), self.c.arr
         self.t[idx] = t.cpu().numpy()
-        self.uses[idx] = record_uses(self.k, len(idx), self.rng)
-        self.produced_at[idx] = self.c["produced"]
+        self.uses[idx] = record_uses(self.k, m, self.rng)
+        self.produced_at[idx] = arr[_CIDX["produced"]]
         self.owner[idx] = 0
         self.state[idx] = READY
         for g in self.groups.values():
             g.pending[idx] = True
-        m = len(idx)
-        for k in ("produced", "inserted"):
-            self.c[k] += m
-        self.c["fills"] += int(count_call)
-        self.c["bytes_in"] += m * self.record_bytes
+        arr[_FILL_CIDX] += (m, m, int(count_call), m * self.record_bytes)
         if self.record_metrics:
             metrics.inc(metrics.POOL_RECORDS_PRODUCED_TOTAL, m, shard=self.shard_id)
             metrics.inc(metrics.POOL_BYTES_TOTAL, m * self.record_bytes, shard=self.shard_id, direction="in")

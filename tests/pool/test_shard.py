@@ -21,7 +21,8 @@ from common.pool.base import (
 )
 from common.pool.codec import read_snapshot, write_snapshot
 from common.pool.local import LocalPool
-from common.pool.shard import PoolShard
+from common.pool.shard import PoolShard, zero_batch
+from common.records import EMPTY_T
 from pool_conftest import check_records, make_records
 
 SHAPE = (2, 4, 4)
@@ -85,6 +86,15 @@ def test_uses_and_samples_per_insert():
         s.draw(8, f"L{k}", 0.0)
         s.release(f"L{k}", 0.0)
     assert s.counts(0.0)["REFILL"] == 8 and s.c["consumed"] == 24
+
+
+def test_zero_batch_is_shared_read_only_rows():
+    a, b = zero_batch(5, (3, 4, 4), "fp32", True, True), zero_batch(7, (3, 4, 4), "fp32", True, True)
+    assert a.x_t.shape == (5, 3, 4, 4) and not a.x_t.any() and (a.t == EMPTY_T).all() and not a.y.any()
+    assert a.x_t.data_ptr() == b.x_t.data_ptr() and a.t.data_ptr() == b.t.data_ptr()     # one row, no memory per claim
+    for field in (a.x_t, a.t, a.y):
+        with pytest.raises(RuntimeError):
+            field.add_(1)          # a write would change every claim's rows: refused
 
 
 def test_record_uses_mean_is_k():
