@@ -107,7 +107,7 @@ def client_loop(pool, phase: str, b: int, iters: int, shape, barrier, seed: int,
     fields = [f for f in (batch.x_t, batch.eps, batch.logvar) if f is not None]
     getattr(pool, "_shard_views", lambda: None)()      # Ray: map co-located shards before the clock starts
     heap = [rng.standard_normal((ceiling_slots, *shape), dtype=np.float32) for _ in fields] if ceiling_slots else []
-    shared = shared_store(ceiling_slots, shape, heap) if ceiling_slots else None
+    shared = SharedStore(ceiling_slots, shape, heap) if ceiling_slots else None
     src = [f.numpy() for f in fields]
     for _ in range(warmup):                             # untimed: a process's first calls pay for page faults
         _one_call(pool, phase, b, batch)
@@ -150,12 +150,15 @@ def client_loop(pool, phase: str, b: int, iters: int, shape, barrier, seed: int,
                     k, held = _one_call(pool, phase, b, batch)  # noqa: F841 - a drawn batch is held like a copy's
                     moved += k
             out.append((kind, moved, t0, time.time()))
+    if shared is not None:
+        shared.close()          # its memory would outlive the call: a Ray worker runs later cases' clients too
     return out
 
 
-class shared_store:
+class SharedStore:
     """The ceiling's arrays in shared memory allocated as a Ray pool shard's is (memory.ShardMemory.create:
-    a memfd, every page reserved and mapped up front), holding the values of ``like``, one array per field."""
+    a memfd, every page reserved and mapped up front), holding the values of ``like``, one array per field.
+    ``close()`` frees it (a Ray worker that runs the next case's client outlives this one)."""
 
     def __init__(self, slots: int, shape, like: list[np.ndarray]):
         from common.pool.memory import ShardMemory
@@ -164,6 +167,10 @@ class shared_store:
         self.store = [self.mem.a[name] for name in ("x_t", "eps", "logvar")][:len(like)]
         for a, x in zip(self.store, like):
             a[...] = x
+
+    def close(self) -> None:
+        self.store = []
+        self.mem.close()
 
 
 def _one_call(pool, phase: str, b: int, batch):
@@ -245,9 +252,9 @@ def run_clients(backend: str, pool, phase: str, clients: int, b: int, iters: int
     if not ceil_r:
         return float(np.median(pool_r)), None, None, None, None
     # each round's pool block ran right after its ceiling blocks, under the same load
-    out = [float(np.median(pool_r)), float(np.median(ceil_r)), float(np.median(np.divide(pool_r, ceil_r)))]
     heap_r = rates("heap") if ceiling_slots else []
-    return (*out, *((float(np.median(heap_r)), float(np.median(np.divide(pool_r, heap_r)))) if heap_r else (None, None)))
+    heap, heap_ratio = (float(np.median(heap_r)), float(np.median(np.divide(pool_r, heap_r)))) if heap_r else (None, None)
+    return float(np.median(pool_r)), float(np.median(ceil_r)), float(np.median(np.divide(pool_r, ceil_r))), heap, heap_ratio
 
 
 def _release_barrier(barrier: str, clients: int, block: int, timeout_s: float = 300.0) -> None:

@@ -88,32 +88,15 @@ def _view_wire(w: dict, storage: str) -> RecordBatch:
                            logvar=view(w["logvar"]), y=view(None if w["y"] is None else np.asarray(w["y"], dtype=np.int64), False))
 
 
-class _all_locked:
-    """Hold the locks of every shard, taken in shard order (so two clients never deadlock); OwnerOnly
-    while consumer groups are attached."""
-
-    def __init__(self, views: list[PoolShard]):
-        self.locks = [v.mem.lock for v in views]
-        self.views = views
-
-    def __enter__(self):
-        held = 0
-        try:
-            for lock in self.locks:
-                lock.__enter__()
-                held += 1
-            if any(v.mem.flags & FLAG_GROUPS for v in self.views):
-                raise OwnerOnly("consumer groups attached")
-        except BaseException:
-            self._release(held)
-            raise
-
-    def __exit__(self, *exc):
-        self._release(len(self.locks))
-
-    def _release(self, held: int) -> None:
-        for lock in reversed(self.locks[:held]):
-            lock.__exit__(None, None, None)
+@contextlib.contextmanager
+def _all_locked(views: list[PoolShard]):
+    """Hold the locks of every shard, taken in shard order (so two clients never deadlock)."""
+    with contextlib.ExitStack() as stack:
+        for v in views:
+            stack.enter_context(v.mem.lock)
+        if any(v.mem.flags & FLAG_GROUPS for v in views):
+            raise OwnerOnly("consumer groups attached")
+        yield
 
 
 def fill_margin(claim_timeout_s: float) -> float:
@@ -472,7 +455,7 @@ class RayPool(Pool):
         claimed -> (Claim, its fill info), or None while no slot is in REFILL."""
         now = time.time()
         parts, want, empty, gen = [], n, True, {}
-        for i in self.rng.permutation(len(views)).tolist() if len(views) > 1 else (0,):   # shard by shard, each under its own lock
+        for i in self.rng.permutation(len(views)).tolist():    # shard by shard, each under its own lock
             try:
                 with _all_locked([views[i]]):
                     refill = views[i].ready_slots(REFILL, now)

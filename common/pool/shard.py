@@ -451,8 +451,7 @@ class PoolShard(ShardGroups):
 
     def release_slots(self, lease_id: str, idx: np.ndarray, now: float) -> int:
         """release() for a plain lease whose local slots the caller knows, under a lock the caller holds."""
-        if now >= self.mem.next_deadline:
-            self.expire(now)
+        self._expire_due(now)
         idx = idx[self._held(idx, lease_id, LEASED)]
         if len(idx):
             self._spend_uses(idx)

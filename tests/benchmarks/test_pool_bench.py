@@ -21,11 +21,11 @@ SHAPE = (3, 4, 4)
 
 def test_shared_store_holds_the_values_in_pool_shard_memory():
     like = [np.random.default_rng(i).standard_normal((16, *SHAPE), dtype=np.float32) for i in range(3)]
-    s = pool_bench.shared_store(16, SHAPE, like)
+    s = pool_bench.SharedStore(16, SHAPE, like)
     assert s.mem.path is not None and s.mem.path.startswith("/proc/")       # a memfd, as a Ray shard's
     for a, x, name in zip(s.store, like, ("x_t", "eps", "logvar")):
         assert np.array_equal(a, x) and np.shares_memory(a, s.mem.a[name])
-    s.mem.close()
+    s.close()
 
 
 def test_client_loop_runs_heap_ceiling_and_pool_blocks_in_each_round():
