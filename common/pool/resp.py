@@ -316,13 +316,46 @@ class RespConnection:
         self.sock: socket.socket | None = None
         self.buf = bytearray(1 << 20)
         self.pos = self.end = 0
+        self.posted: list = []      # done(reply) of each posted command whose reply is still unread
+        self.scripts_on = None      # for the caller: the socket on which it loaded its scripts
 
     def close(self) -> None:
+        """Close the socket; the replies of posted commands still unread are lost (their callbacks get a
+        ConnectionError: such a command may or may not have run). ``drain`` first to read them."""
+        lost, self.posted = self.posted, []
         if self.sock is not None:
             try:
                 self.sock.close()
             finally:
                 self.sock = None
+        for done in lost:
+            done(ConnectionError(f"redis server {self.url}: connection closed before the reply was read"))
+
+    def post(self, command: list, done) -> None:
+        """Send ``command`` now and read its reply later, before the replies of the next ``execute`` or
+        ``execute_into`` on this connection, or in ``drain``: ``done(reply)`` is called then, with an
+        exception instance for an error reply or for a connection lost before the reply came (the command
+        may or may not have run). The caller goes on while the server runs it (a pool's release)."""
+        if self.sock is None:
+            self._open()
+        try:
+            self._send(_encode(command))
+        except BaseException:
+            self.close()
+            raise
+        self.posted.append(done)
+
+    def drain(self) -> None:
+        """Read the replies of the posted commands now (their callbacks are called)."""
+        if self.posted:
+            self.execute([])
+
+    def _read_posted(self) -> None:
+        """Read the posted commands' replies, which come first in the stream (pos..end as _reply reads)."""
+        while self.posted:
+            big: list = []
+            r = self._reply(big)
+            self.posted.pop(0)(owned(_resolve(r, big, self.buf)) if big else r)
 
     def _open(self) -> None:
         o = self.opts
@@ -373,6 +406,7 @@ class RespConnection:
                 self._send(_encode(cmd))
                 n += 1
         self.pos = self.end = 0
+        self._read_posted()         # sent before these commands: their replies come first
         big: list = []
         replies = [self._reply(big) for _ in range(n)]
         return _resolve(replies, big, self.buf) if big else replies
@@ -400,6 +434,9 @@ class RespConnection:
             raise
 
     def _roundtrip_into(self, commands: list, counts: list[int], body_bytes: int, targets) -> list | None:
+        if self.posted:             # their replies first: the direct read below starts at a reply of its own
+            self.pos = self.end = 0
+            self._read_posted()
         self._send([part for cmd in commands + [["PING"]] for part in _encode(cmd)])
         targets = targets()
         frame = b"$%d\r\n" % body_bytes

@@ -209,6 +209,7 @@ def test_pool_survives_pickling(redis_server):
     check_records(d.slots, d.batch)
     assert pool.stats().counts["LEASED"] == 3
     pool.release(d.lease_id)                       # a lease is the pool's, not the client's
+    pool._fast(0).drain()                          # posted: another client sees it once it has run
     assert copy.stats().counts["REFILL"] == 3
     copy.close()
     pool.close()
@@ -297,6 +298,7 @@ def test_a_lease_is_one_field_and_one_zset_member_and_filling_stays_a_skiplist(r
     assert pool.stats().counts == dict(READY=2, LEASED=4, REFILL=0, FILLING=0)
     assert pool._counts()[0].tolist()[:4] == [2, 4, 0, 0], "the hot path's LEASED (by subtraction) agrees"
     pool.release(d.lease_id)
+    pool._fast(0).drain()                          # the posted release has run
     assert client.hlen(leases) == 0 and client.zcard(leased) == 0
     assert pool.stats().counts == dict(READY=2, LEASED=0, REFILL=4, FILLING=0)
     pool.close()
@@ -336,15 +338,48 @@ def _calls(client, *commands: str) -> dict[str, int]:
             for c in commands}
 
 
+def test_a_release_is_posted_and_the_same_client_sees_it_at_once(redis_server):
+    """release() sends its script and returns without waiting for the reply, which the next call on the
+    connection reads first, so the same client's next call already sees the slots released. A release whose
+    reply is an error (the server's scripts flushed under the pool) or lost with its connection runs again
+    (release is idempotent: every slot is released once)."""
+    pool = make_redis_pool(redis_server, 8, record_shape=SHAPE, shards=2)
+    fill_all(pool)
+    client = redis_server.client()
+    d = pool.draw(3)
+    pool.release(d.lease_id)
+    assert len(pool._fast(0).posted) == 1, "sent, its reply not read yet"
+    st = pool.stats()
+    assert st.counts == dict(READY=5, LEASED=0, REFILL=3, FILLING=0) and not pool._fast(0).posted
+    d = pool.draw(2)
+    client.script_flush()
+    pool.release(d.lease_id)                       # NOSCRIPT: read by the next call, then run again
+    pool.stats()
+    assert pool.stats().counts == dict(READY=3, LEASED=0, REFILL=5, FILLING=0)
+    d = pool.draw(2)
+    pool.release(d.lease_id)
+    client.client_kill_filter(_type="normal", skipme=True)     # the pool's connections: the reply is lost
+    pool.stats()
+    st = pool.stats()
+    assert st.counts == dict(READY=1, LEASED=0, REFILL=7, FILLING=0) and st.released_total == 7
+    assert pool.local["retries"] >= 1
+    d = pool.draw(1)
+    pool.release(d.lease_id)
+    pool.close()                                   # reads the last reply before it closes
+    assert redis_server.client().hlen(pool.keys(0)[11]) + redis_server.client().hlen(pool.keys(1)[11]) == 0, \
+        "no lease left"
+
+
 def test_shards_of_one_server_draw_and_claim_in_one_script_call(redis_server):
     """With every shard on one server a draw, a release or a claim is one EVALSHA over all shards (no counts round);
-    a claim of empty slots makes no HMGET, a claim of refilled slots reads their previous records."""
+    a claim of empty slots reads no records (its script's one HMGET per shard of the t hash finds none), a claim
+    of refilled slots reads their previous records."""
     pool = make_redis_pool(redis_server, 24, record_shape=SHAPE, shards=3, samples_per_insert=1.0)
     client = redis_server.client()
     before = _calls(client, "evalsha", "hmget")
     c = pool.claim_refill(24)
     assert len(c) == 24 and (c.batch.t == -1).all()
-    assert _calls(client, "evalsha", "hmget") == {"evalsha": before["evalsha"] + 1, "hmget": before["hmget"]}
+    assert _calls(client, "evalsha", "hmget") == {"evalsha": before["evalsha"] + 1, "hmget": before["hmget"] + 3}
     assert fill_claim(pool, c, SHAPE)
     before = _calls(client, "evalsha", "hmget")
     d = pool.draw(10)
@@ -352,11 +387,12 @@ def test_shards_of_one_server_draw_and_claim_in_one_script_call(redis_server):
     assert _calls(client, "evalsha")["evalsha"] == before["evalsha"] + 1, "no counts round before the draw"
     before = _calls(client, "evalsha")
     pool.release(d.lease_id)                        # uses spent: the 10 slots are REFILL with their records
+    pool._fast(0).drain()                           # the posted release's reply: it has run
     assert _calls(client, "evalsha")["evalsha"] == before["evalsha"] + 1, "one release script for all shards"
     before = _calls(client, "evalsha", "hmget")
     c = pool.claim_refill(24)
     after = _calls(client, "evalsha", "hmget")
-    assert after["evalsha"] == before["evalsha"] + 1 and after["hmget"] > before["hmget"]
+    assert after["evalsha"] == before["evalsha"] + 1 and after["hmget"] > before["hmget"] + 3
     assert sorted(c.slots.tolist()) == sorted(d.slots.tolist())
     check_records(c.slots, c.batch)                  # the previous records come back with the claim
     assert (c.batch.t >= 0).all()

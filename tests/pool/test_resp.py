@@ -174,6 +174,35 @@ def test_an_hmget_of_records_decodes_in_one_strided_pass_and_still_isolates_dama
     c.close()
 
 
+def test_a_posted_command_is_answered_before_the_next_calls_replies(redis_server):
+    """post sends a command and leaves its reply unread: the next execute or execute_into reads it first and
+    hands it to the callback (an error reply as an exception), drain reads it at once, and a close before it
+    is read tells the callback the reply is lost."""
+    c = RespConnection(redis_server.url)
+    got: list = []
+    c.post(["INCRBY", "n", 2], got.append)
+    c.post(["LPUSH", "n", "x"], got.append)                    # WRONGTYPE: an error reply
+    assert got == [] and len(c.posted) == 2                    # sent, not read
+    assert c.execute([["GET", "n"]]) == [b"2"]                 # it ran before the command sent after it
+    assert got[0] == 2 and isinstance(got[1], redis.ResponseError) and not c.posted
+    c.post(["INCRBY", "n", 1], got.append)
+    c.drain()
+    assert got[2] == 3 and not c.posted
+    fmt = SlotFormat(SHAPE, "fp32", True, False)               # before a direct read of records, too
+    fields, t, _ = arrays(fmt, 3, seed=2)
+    c.execute([["HSET", "recs", *[x for i, r in enumerate(fmt.encode(fields, t, None)) for x in (i, bytes(r))]]])
+    c.post(["INCRBY", "n", 1], got.append)
+    dest, rows = empty_dest(fmt, 3), np.array([2, 0, 1])
+    targets, hdr, trailer = fmt.placement(dest, rows)
+    assert c.execute_into([["HMGET", "recs", 0, 1, 2]], [3], fmt.record_bytes, lambda: targets) is None
+    assert got[3] == 4 and fmt.check_placed(dest, rows, hdr, trailer) == [None] * 3
+    np.testing.assert_array_equal(dest["x_t"][rows], fields["x_t"])
+    c.post(["INCRBY", "n", 1], got.append)
+    c.close()                                                  # unread: the callback learns the reply is lost
+    assert isinstance(got[4], ConnectionError) and not c.posted
+    assert c.execute([["PING"]]) == [b"PONG"]                  # and the next call reconnects
+
+
 def test_records_read_straight_into_the_batch_or_parsed_as_execute_does_when_a_reply_is_off_shape(redis_server):
     """execute_into: intact records land in their rows with no copy (None back); a missing, truncated,
     longer or foreign value, or an error reply, anywhere (the last item too) stops the direct read and the
