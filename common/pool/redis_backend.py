@@ -70,6 +70,7 @@ the server leaves a lease or claim nobody holds; it expires like any other.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -1165,12 +1166,17 @@ class RedisPool(Pool):
                     # would run the release again after them (a server restart opens a new connection)
                     fast.execute([["SCRIPT", "LOAD", _SCRIPTS[n]] for n in ("release", "release_all")])
                     fast.scripts_on = fast.sock
-                fast.post(["EVALSHA", self._shas[name], len(keys), *keys, *argv],
-                          lambda r, call=call: isinstance(r, Exception) and self._redo.append(call))
+                fast.post(["EVALSHA", self._shas[name], len(keys), *keys, *argv], functools.partial(self._posted, call))
             except _CONN_ERRORS:
                 now.append(call)
         if now:
             self._run(now)
+
+    def _posted(self, call: tuple, reply) -> None:
+        """A posted call's reply, read by a later call on its connection: an error (or a lost reply) -> run
+        it again at the end of the next _run."""
+        if isinstance(reply, Exception):
+            self._redo.append(call)
 
     def claim_refill(self, n: int, timeout_s: float | None = None) -> Claim:
         """Claim up to n REFILL slots, spread uniformly over the shards' REFILL slots; previous records returned."""
