@@ -72,6 +72,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import math
 import threading
@@ -731,10 +732,14 @@ class RedisPool(Pool):
     def _client(self, server: int):
         """The redis-py client of ``server``, once the replies of releases posted to it are read: they have
         run, so this client's own calls on another connection see them."""
+        self._drain(server)
+        return self._clients[server]
+
+    def _drain(self, server: int) -> None:
+        """Read the replies of the releases this thread posted to ``server`` (they have run then)."""
         fast = self._fast(server)
         if fast is not None and fast.posted:
             self._with_retry(server, fast.drain)
-        return self._clients[server]
 
     def _server(self, shard: int | None) -> int:
         return 0 if self.cluster or shard is None else shard % len(self._clients)
@@ -818,12 +823,7 @@ class RedisPool(Pool):
         todo = list(range(len(calls)))
         for attempt in range(2):
             if fast is not None:
-                cmds = []
-                for i in todo:
-                    shard, name, grp, argv = calls[i]
-                    keys = self._call_keys(shard, grp)
-                    cmds.append(["EVALSHA", self._shas[name], len(keys), *keys, *argv])
-                got = fast.execute(cmds)
+                got = fast.execute([self._evalsha(calls[i]) for i in todo])
             elif self.cluster:
                 got = []
                 for i in todo:
@@ -852,6 +852,12 @@ class RedisPool(Pool):
                 client.script_load(_SCRIPTS[name])   # a cluster sends SCRIPT LOAD to every primary
             todo = missing
         return replies
+
+    def _evalsha(self, call: tuple) -> list:
+        """A (shard, script, group, argv) call -> its EVALSHA command for our own RESP connection."""
+        shard, name, grp, argv = call
+        keys = self._call_keys(shard, grp)
+        return ["EVALSHA", self._shas[name], len(keys), *keys, *argv]
 
     def _check_memory(self, server: int, shards: list[int]) -> None:
         """Refuse to create shards that the server's maxmemory cannot hold: their slots' placeholders are
@@ -1101,18 +1107,17 @@ class RedisPool(Pool):
             order = sorted(got)
             members = [int(m) for s in order for m in got[s][0]]
             deadline = min(deadline, time.time() + self.cfg.lease_timeout_s)
-            to = free[filled:filled + len(members)].copy()
+            start = filled
+            to = free[start:start + len(members)].copy()
             why = self._fetch_into({s: got[s][0] for s in order}, dest, to)
-            if why.count(None) == len(why):      # every record intact (the usual case)
-                slot_of_row[to] = members
-                filled += len(members)
-                ages += [int(a) for a in got[order[0]][1][:4 - len(ages)]]
-                continue
             ok = np.array([w is None for w in why], dtype=bool)
-            free[filled:filled + len(members)] = np.concatenate([to[ok], to[~ok]])  # rows of bad ones: for the top-up
+            good = int(ok.sum())
             slot_of_row[to[ok]] = np.asarray(members, dtype=np.int64)[ok]
-            ages += [int(a) for a, g in zip((a for s in order for a in got[s][1]), ok) if g][:4 - len(ages)]
-            filled += int(ok.sum())
+            ages += itertools.islice((int(a) for a, g in zip((a for s in order for a in got[s][1]), ok) if g), 4 - len(ages))
+            filled += good
+            if good == len(why):
+                continue
+            free[start:start + len(members)] = np.concatenate([to[ok], to[~ok]])  # rows of bad ones: for the top-up
             j = 0
             for s in order:
                 k = len(got[s][0])
@@ -1154,19 +1159,17 @@ class RedisPool(Pool):
         a send that fails)."""
         now = []
         for call in calls:
-            shard, name, grp, argv = call
-            fast = self._fast(self._server(shard))
+            fast = self._fast(self._server(call[0]))
             if fast is None:
                 now.append(call)
                 continue
-            keys = self._call_keys(shard, grp)
             try:
                 if fast.sock is None or fast.scripts_on is not fast.sock:
                     # loaded on this connection first: a NOSCRIPT reply, read after later calls ran,
                     # would run the release again after them (a server restart opens a new connection)
                     fast.execute([["SCRIPT", "LOAD", _SCRIPTS[n]] for n in ("release", "release_all")])
                     fast.scripts_on = fast.sock
-                fast.post(["EVALSHA", self._shas[name], len(keys), *keys, *argv], functools.partial(self._posted, call))
+                fast.post(self._evalsha(call), functools.partial(self._posted, call))
             except _CONN_ERRORS:
                 now.append(call)
         if now:
@@ -1303,7 +1306,8 @@ class RedisPool(Pool):
             by_server.setdefault(self._server(c[0]), []).append(c)
         for server, group in by_server.items():
             def commands(group=group):
-                for s, name, grp, argv in group:
+                for call in group:
+                    s = call[0]
                     i0, members = hsets[s]
                     for c0 in range(0, len(members), _FILL_CHUNK):
                         rows = encode(i0 + c0, i0 + min(c0 + _FILL_CHUNK, len(members)))
@@ -1311,8 +1315,7 @@ class RedisPool(Pool):
                         for m, row in zip(members[c0:c0 + _FILL_CHUNK], rows):
                             fields += [m, memoryview(row)]
                         yield ["HSET", self.keys(s)[6], *fields]
-                    keys = self.keys(s, grp)
-                    yield ["EVALSHA", self._shas[name], len(keys), *keys, *argv]
+                    yield self._evalsha(call)
 
             replies = self._with_retry(server, lambda: self._fast(server).execute(commands()))
             scripts, j = [], -1
@@ -1484,7 +1487,7 @@ class RedisPool(Pool):
     def destroy(self) -> None:
         """Delete every key of this pool (benchmarks and tests clean up with it)."""
         for srv in range(len(self._clients)):
-            self._client(srv)       # posted releases run before the keys go, not after (DKDMNOINIT)
+            self._drain(srv)        # posted releases run before the keys go, not after (DKDMNOINIT)
         self._redo.clear()          # and one that failed is moot (run again it would re-create a shard)
         for s in range(self.shards):
             srv = self._server(s)
@@ -1492,7 +1495,7 @@ class RedisPool(Pool):
             keys = self.keys(s)[:len(_KEY_SUFFIXES)]
 
             def drop():
-                c = self._client(srv)
+                c = self._clients[srv]
                 groups = list(c.scan_iter(match=f"{tag}:g:*", count=1000))
                 c.delete(*keys, *groups)
 
