@@ -28,6 +28,7 @@ timeout passes. A dead shard actor surfaces as PoolError naming the shard.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 import time
@@ -56,8 +57,8 @@ from common.pool.base import (
 from common.pool.codec import to_numpy, write_snapshot
 from common.pool.local import load_snapshot_for, merge_stats, snapshot_header, surplus_inserted
 from common.pool.memory import FLAG_GROUPS, SECONDS, ShardMemory, tune_malloc
-from common.pool.shard import (AGE_SAMPLE, FILLING, LEASED, READY, REFILL, SHARD_COUNTERS, OwnerOnly, PoolShard, check_batch,
-                               new_batch, out_arrays, zero_batch)
+from common.pool.shard import (AGE_SAMPLE, FILLING, LEASED, READY, REFILL, SHARD_COUNTERS, OwnerOnly, PoolShard, batch_over,
+                               check_batch, new_arrays, new_batch, zero_batch)
 from common.records import EMPTY_T, RecordBatch
 
 SHARD_NUM_CPUS = 0.05
@@ -88,15 +89,33 @@ def _view_wire(w: dict, storage: str) -> RecordBatch:
                            logvar=view(w["logvar"]), y=view(None if w["y"] is None else np.asarray(w["y"], dtype=np.int64), False))
 
 
-@contextlib.contextmanager
-def _all_locked(views: list[PoolShard]):
-    """Hold the locks of every shard, taken in shard order (so two clients never deadlock)."""
-    with contextlib.ExitStack() as stack:
-        for v in views:
-            stack.enter_context(v.mem.lock)
-        if any(v.mem.flags & FLAG_GROUPS for v in views):
-            raise OwnerOnly("consumer groups attached")
-        yield
+class _AllLocked:
+    """Hold the locks of every shard, taken in shard order (so two clients never deadlock); OwnerOnly
+    (nothing held) when consumer groups are attached to one of them."""
+
+    __slots__ = ("views", "held")
+
+    def __init__(self, views: list[PoolShard]):
+        self.views, self.held = views, 0
+
+    def __enter__(self):
+        try:
+            for v in self.views:
+                v.mem.lock.__enter__()
+                self.held += 1
+            if any(v.mem.flags & FLAG_GROUPS for v in self.views):
+                raise OwnerOnly("consumer groups attached")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        views, self.held = self.views[:self.held], 0
+        for v in reversed(views):
+            v.mem.lock.__exit__()
+
+
 
 
 def fill_margin(claim_timeout_s: float) -> float:
@@ -313,6 +332,7 @@ class RayPool(Pool):
         # path "parts": [(shard, local slots)], "deadline", "empty" (every slot was empty), "gen"}
         self.claims: dict[str, dict] = {}
         self._views: list[PoolShard | None] | None = None     # mapped shards, probed at first use
+        self._whole: list[PoolShard] | None = None             # _views when every shard is mapped here
         self._pending = np.zeros(len(SECONDS))     # call seconds not yet added to shard 0 (_add_time)
         tune_malloc()        # each draw's batch reuses freed pages instead of faulting them in (memory.tune_malloc)
 
@@ -341,14 +361,18 @@ class RayPool(Pool):
                         num_timesteps=self.meta["num_timesteps"], t_buckets=self.t_buckets,
                         seed=int.from_bytes(os.urandom(4), "little"), memory=mem, view=True)
             self._views = views
+            self._whole = views if all(v is not None for v in views) else None
         return self._views
 
     def _view(self, i: int) -> PoolShard | None:
         """Shard i's view, or None; PoolError when its actor is gone (a dead shard, as over RPC)."""
         v = self._shard_views()[i]
         if v is not None and not v.mem.owner_alive():
-            raise PoolError(f"pool {self.cfg.name!r}: a shard actor died or its pool was dropped (shard {i}'s shared slots are closed)")
+            self._dead(i)
         return v
+
+    def _dead(self, i: int):
+        raise PoolError(f"pool {self.cfg.name!r}: a shard actor died or its pool was dropped (shard {i}'s shared slots are closed)")
 
     def _local(self, i: int, method: str, *args, **kw):
         """Run a shard transition in this process -> (True, result), or (False, None) when it needs an RPC."""
@@ -362,17 +386,19 @@ class RayPool(Pool):
 
     def _mapped(self) -> list[PoolShard] | None:
         """Every shard's view when all of them are mapped here (the whole-pool fast path), else None."""
-        views = self._shard_views()
-        if any(v is None for v in views):
-            return None
-        for i in range(len(views)):
-            self._view(i)          # PoolError for a dead shard
+        if self._views is None:
+            self._shard_views()
+        views = self._whole
+        if views is not None:
+            for i, v in enumerate(views):
+                if not v.mem.owner_alive():
+                    self._dead(i)
         return views
 
     def _add_time(self, side: str, blocked_s: float, call_s: float, rejected: int = 0) -> None:
         """Add a call's seconds to the pool-wide totals on shard 0. A mapped client keeps them until
         its next call that holds shard 0's lock anyway (or stats()), instead of locking it once more."""
-        if self._views is not None and all(v is not None for v in self._views):
+        if self._whole is not None:
             p = self._pending
             p[_SIDX[f"{side}_blocked"]] += blocked_s
             p[_SIDX[side]] += call_s
@@ -421,27 +447,27 @@ class RayPool(Pool):
             time.sleep(min(sleep, left))
             sleep = min(sleep * 2, 0.05)
 
-    def _draw_mapped(self, views: list[PoolShard], b: int, lease_id: str, out: RecordBatch):
+    def _draw_mapped(self, views: list[PoolShard], b: int, lease_id: str, dst: dict[str, np.ndarray]):
         """Lease b READY slots over every shard in one pass under their locks (counts, the split and
-        the leases together: no race between them), then copy the records into ``out`` with no lock
-        held -> [(shard, local slots)] in row order, or None while the pool is cold or short."""
+        the leases together: no race between them), then copy the records into ``dst`` (new_arrays)
+        with no lock held -> [(shard, local slots)] in row order, or None while the pool is cold or short."""
         now = time.time()
-        with _all_locked(views):
+        with _AllLocked(views):
             ready = [v.ready_slots(READY, now) for v in views]
-            have = np.array([len(r) for r in ready])
-            if sum(v.c["inserted"] for v in views) < self.min_ready or have.sum() < b:
+            starts = [0, *itertools.accumulate(len(r) for r in ready)]
+            if starts[-1] < b or sum(v.c["inserted"] for v in views) < self.min_ready:
                 return None
             # b of the READY slots of every shard taken together, uniformly without replacement (as the
-            # hypergeometric split over shards followed by a uniform draw in each, in one call)
-            pos = np.sort(self.rng.choice(int(have.sum()), size=b, replace=False))
-            starts = np.concatenate([[0], np.cumsum(have)])
+            # hypergeometric split over shards followed by a uniform draw in each, in one call; sorted,
+            # so the order choice would shuffle them into is not needed)
+            pos = np.sort(self.rng.choice(starts[-1], size=b, replace=False, shuffle=False))
             bounds = np.searchsorted(pos, starts).tolist()        # pos[bounds[i]:bounds[i + 1]] lie in shard i
             leased = [(i, ready[i][pos[lo:hi] - starts[i]]) for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])) if hi > lo]
             sample = -(-AGE_SAMPLE // len(leased))
             for j, (i, idx) in enumerate(leased):
                 views[i].lease_slots(idx, lease_id, now, sample, count_call=j == 0)     # one call, counted once
             self._flush_time(views[0])
-        off, dst = 0, out_arrays(out)
+        off = 0
         for i, idx in leased:
             views[i].copy_out(idx, dst, off)
             off += len(idx)
@@ -457,7 +483,7 @@ class RayPool(Pool):
         parts, want, empty, gen = [], n, True, {}
         for i in self.rng.permutation(len(views)).tolist():    # shard by shard, each under its own lock
             try:
-                with _all_locked([views[i]]):
+                with _AllLocked([views[i]]):
                     refill = views[i].ready_slots(REFILL, now)
                     m = min(want, len(refill))
                     if m:
@@ -481,8 +507,8 @@ class RayPool(Pool):
         if empty:              # the warm-up: nothing to hand over but t
             batch = zero_batch(total, self.record_shape, self.storage_dtype, self.has_logvar, self.has_label)
         else:
-            batch, off = self._empty(total), 0
-            dst = out_arrays(batch)
+            dst, off = self._arrays(total), 0
+            batch = batch_over(dst, self.storage_dtype)
             for i, idx in parts:
                 views[i].copy_out(idx, dst, off)
                 off += len(idx)
@@ -602,6 +628,9 @@ class RayPool(Pool):
     def _empty(self, n: int, zeros: bool = False) -> RecordBatch:
         return new_batch(n, self.record_shape, self.storage_dtype, self.has_logvar, self.has_label, zeros)
 
+    def _arrays(self, n: int) -> dict[str, np.ndarray]:
+        return new_arrays(n, self.record_shape, self.storage_dtype, self.has_logvar, self.has_label)
+
     def _take(self, asked: list[tuple[int, int]], method: str, key: str, out: RecordBatch, off: int, *extra,
               local: bool = True, count_call: bool = False):
         """Draw or claim ``m`` slots from each shard (mapped ones here unless ``local`` is False, the others
@@ -638,10 +667,10 @@ class RayPool(Pool):
         t0 = time.perf_counter()
         views = self._mapped() if group is None else None
         if views is not None:
-            lease_id, out = uuid.uuid4().hex, self._empty(b)
+            lease_id, dst = uuid.uuid4().hex, self._arrays(b)
             what = f"{b} READY slots (warm-up needs {self.min_ready} inserted)"
             try:
-                leased, blocked = self._blocked_until(lambda: self._draw_mapped(views, b, lease_id, out), what, "draw", timeout_s)
+                leased, blocked = self._blocked_until(lambda: self._draw_mapped(views, b, lease_id, dst), what, "draw", timeout_s)
             except OwnerOnly:             # consumer groups attached meanwhile: the path below
                 pass
             else:
@@ -650,7 +679,8 @@ class RayPool(Pool):
                 dt = time.perf_counter() - t0
                 self._add_time("draw", blocked, dt)
                 metrics.observe(metrics.POOL_DRAW_SECONDS, dt)
-                return Draw(lease_id=lease_id, slots=slots, batch=out, deadline=time.time() + self.cfg.lease_timeout_s - dt)
+                return Draw(lease_id=lease_id, slots=slots, batch=batch_over(dst, self.storage_dtype),
+                            deadline=time.time() + self.cfg.lease_timeout_s - dt)
         col = "READY" if group is None else "available"      # a group draws among the records new to it
         ok = lambda per: sum(c["inserted"] for c in per) >= self.min_ready and sum(c[col] for c in per) >= b  # noqa: E731
         what = f"{b} READY slots (warm-up needs {self.min_ready} inserted)"
@@ -692,7 +722,7 @@ class RayPool(Pool):
             views = self._mapped()
             if views is not None:
                 try:
-                    with _all_locked([views[i] for i in shards]):
+                    with _AllLocked([views[i] for i in shards]):
                         now = time.time()
                         for i, idx in shards.items():
                             views[i].release_slots(lease_id, idx, now)

@@ -50,6 +50,7 @@ from common.pool.memory import FLAG_GROUPS, SECONDS, WIRE_DTYPES, ShardMemory, l
 from common.records import EMPTY_T, RecordBatch
 
 READY, LEASED, REFILL, FILLING = (int(s) for s in SlotState)
+_READY8, _REFILL8 = np.uint8(READY), np.uint8(REFILL)
 AGE_SAMPLE = 4       # records per draw whose age goes into the metric histogram (stats keep the exact mean)
 
 SHARD_COUNTERS = (
@@ -57,8 +58,12 @@ SHARD_COUNTERS = (
     "corrupt", "fill_rejected", "draws", "fills", "age_sum",
 )
 _CIDX = {k: i for i, k in enumerate(SHARD_COUNTERS)}
-_DRAW_CIDX = np.array([_CIDX[k] for k in ("consumed", "draws", "age_sum", "bytes_out")])
-_FILL_CIDX = np.array([_CIDX[k] for k in ("produced", "inserted", "fills", "bytes_in")])
+_C_PRODUCED, _C_CONSUMED, _C_INSERTED, _C_RELEASED, _C_BYTES_IN, _C_BYTES_OUT, _C_DRAWS, _C_FILLS, _C_AGE_SUM = (
+    _CIDX[k] for k in ("produced", "consumed", "inserted", "released", "bytes_in", "bytes_out", "draws", "fills", "age_sum"))
+# counters the shard's owner exports as Prometheus counters (metric, extra labels): a process that maps a
+# shared shard only adds to the shared counters, and the owner exports every process's transitions at once
+_EXPORTED = ((_C_PRODUCED, metrics.POOL_RECORDS_PRODUCED_TOTAL, {}), (_C_CONSUMED, metrics.POOL_RECORDS_CONSUMED_TOTAL, {}),
+             (_C_BYTES_IN, metrics.POOL_BYTES_TOTAL, {"direction": "in"}), (_C_BYTES_OUT, metrics.POOL_BYTES_TOTAL, {"direction": "out"}))
 _SIDX = {k: i for i, k in enumerate(SECONDS)}
 
 
@@ -109,20 +114,36 @@ def out_arrays(batch, names=_RECORD_FIELDS + ("t",)) -> dict[str, np.ndarray]:
     return {name: _np(v) for name in names if (v := getattr(batch, name)) is not None}
 
 
-def new_batch(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool, zeros: bool = False) -> RecordBatch:
-    """Storage for n records: uninitialized, or zeros from calloc (numpy's np.zeros: the pages are
-    mapped lazily, so zeros nobody reads cost nothing; torch.zeros would memset them)."""
+def new_arrays(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool, zeros: bool = False) -> dict[str, np.ndarray]:
+    """Storage for n records as numpy arrays (out_arrays' names and dtypes): uninitialized, or zeros
+    from calloc (numpy's np.zeros: the pages are mapped lazily, so zeros nobody reads cost nothing;
+    torch.zeros would memset them)."""
     wire = WIRE_DTYPES[storage_dtype]
     new = np.zeros if zeros else np.empty
     shape = (n, *record_shape)
+    out = {"x_t": new(shape, dtype=wire), "eps": new(shape, dtype=wire)}
+    if has_logvar:
+        out["logvar"] = new(shape, dtype=wire)
+    if has_label:
+        out["y"] = new(n, dtype=np.int64)
+    out["t"] = new(n, dtype=np.int64)
+    return out
 
-    def floats():
-        t = torch.from_numpy(new(shape, dtype=wire))
+
+def batch_over(arrays: dict[str, np.ndarray], storage_dtype: str) -> RecordBatch:
+    """A RecordBatch of tensors over ``arrays`` (new_arrays or out_arrays: no copy)."""
+    def floats(name):
+        t = torch.from_numpy(arrays[name])
         return t.view(torch.bfloat16) if storage_dtype == "bf16" else t
 
-    return RecordBatch(x_t=floats(), t=torch.from_numpy(new(n, dtype=np.int64)), eps=floats(),
-                       logvar=floats() if has_logvar else None,
-                       y=torch.from_numpy(new(n, dtype=np.int64)) if has_label else None)
+    return RecordBatch(x_t=floats("x_t"), t=torch.from_numpy(arrays["t"]), eps=floats("eps"),
+                       logvar=floats("logvar") if "logvar" in arrays else None,
+                       y=torch.from_numpy(arrays["y"]) if "y" in arrays else None)
+
+
+def new_batch(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool, zeros: bool = False) -> RecordBatch:
+    """Storage for n records (new_arrays as tensors)."""
+    return batch_over(new_arrays(n, record_shape, storage_dtype, has_logvar, has_label, zeros), storage_dtype)
 
 
 @functools.lru_cache(maxsize=16)
@@ -218,6 +239,7 @@ class PoolShard(ShardGroups):
         self.lease_group: dict[str, str] = {}
         self._src = out_arrays(self, _RECORD_FIELDS)     # the record fields as numpy arrays (copy_out)
         self.record_bytes = 2 * self.x_t[0].nbytes + (self.x_t[0].nbytes if has_logvar else 0) + 8 + (8 if has_label else 0)
+        self._exported = [0] * len(SHARD_COUNTERS)      # counter values already exported (_publish)
         self._publish()
 
     # --- bookkeeping ----------------------------------------------------------------
@@ -300,11 +322,18 @@ class PoolShard(ShardGroups):
         dst["t"][off:end] = self.t[idx]
 
     def _publish(self) -> None:
-        """Slot-state gauges (the owner's job: a shared shard's owner also refreshes them periodically)."""
+        """Slot-state gauges, and the growth of the exported counters since the last call (the owner's
+        job: a shared shard's owner also calls it every second, for the transitions other processes ran)."""
         if not self.record_metrics or self.view:
             return
         for name, v in zip(STATE_NAMES, np.bincount(self.state, minlength=4).tolist()):
             metrics.set(metrics.POOL_SLOTS, v, shard=self.shard_id, state=name)
+        arr, done = self.c.arr, self._exported
+        for i, name, labels in _EXPORTED:
+            v = int(arr[i])
+            if v > done[i]:
+                metrics.inc(name, v - done[i], shard=self.shard_id, **labels)
+                done[i] = v
 
     # --- transitions ------------------------------------------------------------------
 
@@ -343,7 +372,7 @@ class PoolShard(ShardGroups):
         g = self._group_for_draw(group, now)
         ready = np.flatnonzero(self.state == READY) if g is None else np.flatnonzero(g.pending)
         m = min(int(m), len(ready))
-        idx = np.sort(self.rng.choice(ready, size=m, replace=False)) if m else ready[:0]
+        idx = np.sort(self.rng.choice(ready, size=m, replace=False, shuffle=False)) if m else ready[:0]
         if m and g is not None:
             g.pending[idx] = False
             g.leased[idx] = True
@@ -369,11 +398,12 @@ class PoolShard(ShardGroups):
     def _count_draw(self, idx: np.ndarray, age_sample: int, count_call: bool = True) -> None:
         m = len(idx)
         arr = self.c.arr
-        ages = arr[_CIDX["produced"]] - self.produced_at[idx]
-        arr[_DRAW_CIDX] += (m, int(count_call), int(ages.sum()), m * self.record_bytes)
+        ages = arr[_C_PRODUCED] - self.produced_at[idx]
+        arr[_C_CONSUMED] += m
+        arr[_C_DRAWS] += count_call
+        arr[_C_AGE_SUM] += ages.sum()
+        arr[_C_BYTES_OUT] += m * self.record_bytes
         if self.record_metrics:
-            metrics.inc(metrics.POOL_RECORDS_CONSUMED_TOTAL, m, shard=self.shard_id)
-            metrics.inc(metrics.POOL_BYTES_TOTAL, m * self.record_bytes, shard=self.shard_id, direction="out")
             for a in ages[:age_sample].tolist():   # the slots are random: a sample of the batch suffices
                 metrics.observe(metrics.POOL_RECORD_AGE_STEPS, a)
             self._publish()
@@ -404,7 +434,7 @@ class PoolShard(ShardGroups):
         self.owner[idx] = 0
         left = self.uses[idx] - 1
         self.uses[idx] = left
-        self.state[idx] = np.where(left > 0, READY, REFILL).astype(np.uint8)
+        self.state[idx] = np.where(left > 0, _READY8, _REFILL8)
 
     def _own(self, idx: np.ndarray, key_id: str, deadline: float, state: int) -> None:
         """Slots idx now belong to a lease or claim: owner and deadline first, then the state."""
@@ -455,7 +485,7 @@ class PoolShard(ShardGroups):
         idx = idx[self._held(idx, lease_id, LEASED)]
         if len(idx):
             self._spend_uses(idx)
-            self.c.arr[_CIDX["released"]] += len(idx)
+            self.c.arr[_C_RELEASED] += len(idx)
         return len(idx)
 
     @_locked
@@ -465,7 +495,7 @@ class PoolShard(ShardGroups):
             self.expire(now)
             refill = np.flatnonzero(self.state == REFILL)
         m = min(int(m), len(refill))
-        idx = np.sort(self.rng.choice(refill, size=m, replace=False)) if m else refill[:0]
+        idx = np.sort(self.rng.choice(refill, size=m, replace=False, shuffle=False)) if m else refill[:0]
         if m:
             self._own(idx, claim_id, now + self.claim_timeout_s, FILLING)
             self._publish()
@@ -530,15 +560,16 @@ class PoolShard(ShardGroups):
         m, arr = len(idx), self.c.arr
         self.t[idx] = t.cpu().numpy()
         self.uses[idx] = record_uses(self.k, m, self.rng)
-        self.produced_at[idx] = arr[_CIDX["produced"]]
+        self.produced_at[idx] = arr[_C_PRODUCED]
         self.owner[idx] = 0
         self.state[idx] = READY
         for g in self.groups.values():
             g.pending[idx] = True
-        arr[_FILL_CIDX] += (m, m, int(count_call), m * self.record_bytes)
+        arr[_C_PRODUCED] += m
+        arr[_C_INSERTED] += m
+        arr[_C_FILLS] += count_call
+        arr[_C_BYTES_IN] += m * self.record_bytes
         if self.record_metrics:
-            metrics.inc(metrics.POOL_RECORDS_PRODUCED_TOTAL, m, shard=self.shard_id)
-            metrics.inc(metrics.POOL_BYTES_TOTAL, m * self.record_bytes, shard=self.shard_id, direction="in")
             self._publish()
 
     attach_group = _locked(ShardGroups.attach_group)
