@@ -60,10 +60,6 @@ SHARD_COUNTERS = (
 _CIDX = {k: i for i, k in enumerate(SHARD_COUNTERS)}
 _C_PRODUCED, _C_CONSUMED, _C_INSERTED, _C_RELEASED, _C_BYTES_IN, _C_BYTES_OUT, _C_DRAWS, _C_FILLS, _C_AGE_SUM = (
     _CIDX[k] for k in ("produced", "consumed", "inserted", "released", "bytes_in", "bytes_out", "draws", "fills", "age_sum"))
-# counters the shard's owner exports as Prometheus counters (metric, extra labels): a process that maps a
-# shared shard only adds to the shared counters, and the owner exports every process's transitions at once
-_EXPORTED = ((_C_PRODUCED, metrics.POOL_RECORDS_PRODUCED_TOTAL, {}), (_C_CONSUMED, metrics.POOL_RECORDS_CONSUMED_TOTAL, {}),
-             (_C_BYTES_IN, metrics.POOL_BYTES_TOTAL, {"direction": "in"}), (_C_BYTES_OUT, metrics.POOL_BYTES_TOTAL, {"direction": "out"}))
 _SIDX = {k: i for i, k in enumerate(SECONDS)}
 
 
@@ -239,7 +235,13 @@ class PoolShard(ShardGroups):
         self.lease_group: dict[str, str] = {}
         self._src = out_arrays(self, _RECORD_FIELDS)     # the record fields as numpy arrays (copy_out)
         self.record_bytes = 2 * self.x_t[0].nbytes + (self.x_t[0].nbytes if has_logvar else 0) + 8 + (8 if has_label else 0)
-        self._exported = [0] * len(SHARD_COUNTERS)      # counter values already exported (_publish)
+        if record_metrics:      # this process's share of the shard's traffic (the Prometheus children, kept)
+            self._m_consumed, self._m_out, self._m_produced, self._m_in, self._m_age = (
+                metrics.labelled(metrics.POOL_RECORDS_CONSUMED_TOTAL, shard=shard_id),
+                metrics.labelled(metrics.POOL_BYTES_TOTAL, shard=shard_id, direction="out"),
+                metrics.labelled(metrics.POOL_RECORDS_PRODUCED_TOTAL, shard=shard_id),
+                metrics.labelled(metrics.POOL_BYTES_TOTAL, shard=shard_id, direction="in"),
+                metrics.labelled(metrics.POOL_RECORD_AGE_STEPS))
         self._publish()
 
     # --- bookkeeping ----------------------------------------------------------------
@@ -322,18 +324,11 @@ class PoolShard(ShardGroups):
         dst["t"][off:end] = self.t[idx]
 
     def _publish(self) -> None:
-        """Slot-state gauges, and the growth of the exported counters since the last call (the owner's
-        job: a shared shard's owner also calls it every second, for the transitions other processes ran)."""
+        """Slot-state gauges (the owner's job: a shared shard's owner also refreshes them periodically)."""
         if not self.record_metrics or self.view:
             return
         for name, v in zip(STATE_NAMES, np.bincount(self.state, minlength=4).tolist()):
             metrics.set(metrics.POOL_SLOTS, v, shard=self.shard_id, state=name)
-        arr, done = self.c.arr, self._exported
-        for i, name, labels in _EXPORTED:
-            v = int(arr[i])
-            if v > done[i]:
-                metrics.inc(name, v - done[i], shard=self.shard_id, **labels)
-                done[i] = v
 
     # --- transitions ------------------------------------------------------------------
 
@@ -404,8 +399,10 @@ class PoolShard(ShardGroups):
         arr[_C_AGE_SUM] += ages.sum()
         arr[_C_BYTES_OUT] += m * self.record_bytes
         if self.record_metrics:
+            self._m_consumed.inc(m)
+            self._m_out.inc(m * self.record_bytes)
             for a in ages[:age_sample].tolist():   # the slots are random: a sample of the batch suffices
-                metrics.observe(metrics.POOL_RECORD_AGE_STEPS, a)
+                self._m_age.observe(a)
             self._publish()
 
     @_locked
@@ -570,6 +567,8 @@ class PoolShard(ShardGroups):
         arr[_C_FILLS] += count_call
         arr[_C_BYTES_IN] += m * self.record_bytes
         if self.record_metrics:
+            self._m_produced.inc(m)
+            self._m_in.inc(m * self.record_bytes)
             self._publish()
 
     attach_group = _locked(ShardGroups.attach_group)
