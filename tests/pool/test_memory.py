@@ -33,6 +33,28 @@ def _shard(mem: ShardMemory, view: bool) -> PoolShard:
                      memory=mem, view=view, seed=os.getpid(), record_metrics=False)
 
 
+def test_a_view_records_its_own_traffic_in_its_process():
+    """Shard actors serve no metrics endpoint: the per-shard produced/consumed rates on the dashboard
+    come from the processes that map the shard (trainers, teachers), so a view records what it moves."""
+    from common import metrics
+
+    owner = ShardMemory.create("metrics", **_layout())
+    _shard(owner, view=False)           # the owner sets the slots up (empty, REFILL)
+    view = PoolShard(57, 0, N, SHAPE, "fp32", has_logvar=True, memory=ShardMemory.attach(owner.path, uid=owner.uid, **_layout()),
+                     view=True, seed=1)
+    get = lambda name, **labels: metrics.REGISTRY.get_sample_value(name, {"shard": "57", **labels}) or 0.0  # noqa: E731
+    before = (get(metrics.POOL_RECORDS_PRODUCED_TOTAL), get(metrics.POOL_RECORDS_CONSUMED_TOTAL),
+              get(metrics.POOL_BYTES_TOTAL, direction="out"))
+    slots, _ = view.claim(10, "c")
+    assert view.fill("c", _records(slots, np.full(10, 3, dtype=np.int64)))
+    view.draw(4, "l")
+    assert get(metrics.POOL_RECORDS_PRODUCED_TOTAL) - before[0] == 10
+    assert get(metrics.POOL_RECORDS_CONSUMED_TOTAL) - before[1] == 4
+    assert get(metrics.POOL_BYTES_TOTAL, direction="out") - before[2] == 4 * view.record_bytes
+    view.mem.close()
+    owner.close()
+
+
 def _records(slots: np.ndarray, t: np.ndarray):
     from common.records import RecordBatch
 

@@ -12,6 +12,7 @@ from common.pool import make_pool, pool_size
 from common.pool.base import (
     PoolError,
     RecordCorrupt,
+    STORAGE_DTYPES,
     SlotState,
     min_ready_slots,
     record_uses,
@@ -21,7 +22,7 @@ from common.pool.base import (
 )
 from common.pool.codec import read_snapshot, write_snapshot
 from common.pool.local import LocalPool
-from common.pool.shard import PoolShard, zero_batch
+from common.pool.shard import PoolShard, batch_over, new_arrays, out_arrays, zero_batch
 from common.records import EMPTY_T
 from pool_conftest import check_records, make_records
 
@@ -95,6 +96,20 @@ def test_zero_batch_is_shared_read_only_rows():
     for field in (a.x_t, a.t, a.y):
         with pytest.raises(RuntimeError):
             field.add_(1)          # a write would change every claim's rows: refused
+
+
+@pytest.mark.parametrize("dtype,logvar,label", [("fp32", True, False), ("bf16", False, True), ("fp16", True, True)])
+def test_new_arrays_are_the_memory_of_their_batch(dtype, logvar, label):
+    arrays = new_arrays(6, (3, 4, 4), dtype, logvar, label)
+    assert set(arrays) == {"x_t", "eps", "t"} | ({"logvar"} if logvar else set()) | ({"y"} if label else set())
+    batch = batch_over(arrays, dtype)
+    assert batch.x_t.dtype == STORAGE_DTYPES[dtype] and batch.x_t.shape == (6, 3, 4, 4) and len(batch) == 6
+    assert (batch.logvar is not None) == logvar and (batch.y is not None) == label
+    arrays["eps"][2] = 0
+    arrays["t"][:] = 7
+    assert not batch.eps[2].any() and (batch.t == 7).all()          # the tensors are the arrays: no copy
+    assert {k: v.__array_interface__["data"][0] for k, v in out_arrays(batch).items()} == \
+        {k: v.__array_interface__["data"][0] for k, v in arrays.items()}
 
 
 def test_record_uses_mean_is_k():
