@@ -34,6 +34,7 @@ import threading
 import time
 import uuid
 import warnings
+from typing import NoReturn
 
 import numpy as np
 import ray
@@ -114,8 +115,6 @@ class _AllLocked:
         views, self.held = self.views[:self.held], 0
         for v in reversed(views):
             v.mem.lock.__exit__()
-
-
 
 
 def fill_margin(claim_timeout_s: float) -> float:
@@ -371,7 +370,8 @@ class RayPool(Pool):
             self._dead(i)
         return v
 
-    def _dead(self, i: int):
+    def _dead(self, i: int) -> NoReturn:
+        """PoolError: shard i's actor is gone (its shared slots are closed or its process died)."""
         raise PoolError(f"pool {self.cfg.name!r}: a shard actor died or its pool was dropped (shard {i}'s shared slots are closed)")
 
     def _local(self, i: int, method: str, *args, **kw):
