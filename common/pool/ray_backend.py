@@ -332,7 +332,8 @@ class RayPool(Pool):
         self.claims: dict[str, dict] = {}
         self._views: list[PoolShard | None] | None = None     # mapped shards, probed at first use
         self._whole: list[PoolShard] | None = None             # _views when every shard is mapped here
-        self._pending = np.zeros(len(SECONDS))     # call seconds not yet added to shard 0 (_add_time)
+        self._pending = [0.0] * len(SECONDS)       # call seconds not yet added to shard 0 (_add_time; Python floats:
+                                                   # no numpy call per draw)
         tune_malloc()        # each draw's batch reuses freed pages instead of faulting them in (memory.tune_malloc)
 
     # --- the shared-memory fast path --------------------------------------------------------
@@ -412,13 +413,13 @@ class RayPool(Pool):
 
     def _flush_time(self, shard0: PoolShard) -> None:
         """Add the pending seconds to shard 0's totals (the caller holds its lock)."""
-        if self._pending.any():
+        if any(self._pending):
             shard0.seconds += self._pending
-            self._pending[:] = 0.0
+            self._pending = [0.0] * len(SECONDS)
 
     def flush(self) -> None:
         """Hand this client's pending call seconds to shard 0 (stats() and close() do it too)."""
-        if self._views is not None and self._views[0] is not None and self._pending.any():
+        if self._views is not None and self._views[0] is not None and any(self._pending):
             with contextlib.suppress(PoolError):
                 v = self._view(0)
                 with v.mem.lock:

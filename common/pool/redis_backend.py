@@ -600,6 +600,9 @@ _SCRIPTS = {
 }
 _SCRIPTS = {name: src.replace("{SENTINEL}", _ZSET_SENTINEL).replace("{HSENTINEL}", _HASH_SENTINEL)
             for name, src in _SCRIPTS.items()}
+# Loaded on every new RESP connection (RespConnection preamble): a posted release never meets NOSCRIPT
+# after a reconnect, whose reply would be read (and the release run again) only after later calls ran
+_POSTED_LOAD = [["SCRIPT", "LOAD", _SCRIPTS[n]] for n in ("release", "release_all")]
 
 
 def parse_urls(url: str) -> tuple[list[str], bool]:
@@ -723,7 +726,7 @@ class RedisPool(Pool):
         Redis Cluster stay on redis-py (None)."""
         conns = getattr(self._fast_local, "conns", None)
         if conns is None:
-            conns = [None if self.cluster or not u.startswith(("redis://", "unix://")) else RespConnection(u)
+            conns = [None if self.cluster or not u.startswith(("redis://", "unix://")) else RespConnection(u, preamble=_POSTED_LOAD)
                      for u in self.urls]
             self._fast_local.conns = conns
             self._fast_all.extend(c for c in conns if c is not None)
@@ -1154,7 +1157,7 @@ class RedisPool(Pool):
     def _post(self, calls: list) -> None:
         """Send script calls without waiting for their replies (RespConnection.post: read before the next
         call's on the same connection, in order, or at close). A call whose reply is an error (NOSCRIPT
-        after a server restart, a lost pool) or whose connection is lost before its reply is read is run
+        after a SCRIPT FLUSH: a new connection loads the release scripts first, _POSTED_LOAD; a lost pool) or whose connection is lost before its reply is read is run
         again through _run (release is idempotent), as is any call that cannot be posted (a cluster, TLS,
         a send that fails)."""
         now = []
@@ -1164,11 +1167,6 @@ class RedisPool(Pool):
                 now.append(call)
                 continue
             try:
-                if fast.sock is None or fast.scripts_on is not fast.sock:
-                    # loaded on this connection first: a NOSCRIPT reply, read after later calls ran,
-                    # would run the release again after them (a server restart opens a new connection)
-                    fast.execute([["SCRIPT", "LOAD", _SCRIPTS[n]] for n in ("release", "release_all")])
-                    fast.scripts_on = fast.sock
                 fast.post(self._evalsha(call), functools.partial(self._posted, call))
             except _CONN_ERRORS:
                 now.append(call)

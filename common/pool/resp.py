@@ -307,7 +307,10 @@ class RespConnection:
     and is reopened by the next call.
     """
 
-    def __init__(self, url: str, connect_timeout_s: float = 2.0, socket_timeout_s: float = 60.0):
+    def __init__(self, url: str, connect_timeout_s: float = 2.0, socket_timeout_s: float = 60.0,
+                 preamble: list | None = None):
+        """``preamble``: commands sent on every (re)open after AUTH and SELECT (a pool's SCRIPT LOADs);
+        an error reply to one fails the open."""
         if not url.startswith(("redis://", "unix://")):
             raise ValueError(f"RespConnection takes redis:// or unix:// URLs, got {url!r}")
         self.url = url
@@ -317,7 +320,7 @@ class RespConnection:
         self.buf = bytearray(1 << 20)
         self.pos = self.end = 0
         self.posted: list = []      # done(reply) of each posted command whose reply is still unread
-        self.scripts_on = None      # for the caller: the socket on which it loaded its scripts
+        self.preamble = list(preamble or [])
 
     def close(self) -> None:
         """Close the socket; the replies of posted commands still unread are lost (their callbacks get a
@@ -379,6 +382,7 @@ class RespConnection:
             hello.append(["AUTH", o["username"], o["password"]] if o.get("username") else ["AUTH", o["password"]])
         if int(o.get("db") or 0):
             hello.append(["SELECT", int(o["db"])])
+        hello += self.preamble
         for cmd, r in zip(hello, self._roundtrip(hello) if hello else []):
             if isinstance(r, Exception):
                 self.close()

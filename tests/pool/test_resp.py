@@ -145,6 +145,22 @@ def test_resp_connection_auth_select_and_reconnect(redis_server):
     c.close()
 
 
+def test_the_preamble_runs_on_every_open_and_a_failing_one_fails_the_open(redis_server):
+    c = RespConnection(redis_server.url, preamble=[["INCR", "opens"], ["SCRIPT", "LOAD", "return 7"]])
+    sha = redis_server.client().script_load("return 7")
+    assert c.execute([["EVALSHA", sha, 0]]) == [7]
+    admin = redis_server.client()
+    admin.script_flush()
+    admin.client_kill_filter(_type="normal", skipme=True)       # the server drops the connection
+    with pytest.raises((ConnectionError, OSError)):
+        c.execute([["PING"]])
+    assert c.execute([["EVALSHA", sha, 0]]) == [7]          # reopened: loaded again before this call
+    assert int(admin.get("opens")) == 2
+    c.close()
+    with pytest.raises(redis.ResponseError):
+        RespConnection(redis_server.url, preamble=[["NOSUCHCOMMAND"]]).execute([["PING"]])
+
+
 def test_an_hmget_of_records_decodes_in_one_strided_pass_and_still_isolates_damage(redis_server):
     """Equal-length records at a regular stride (a Bulks reply) take the strided copy; a damaged one among
     them fails its checksum alone, a truncated one sends that reply down the record-by-record path."""
