@@ -15,7 +15,6 @@ import json
 
 import threading
 import time
-import uuid
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ from common.pool.base import (
     PoolStats,
     PoolTimeout,
     min_ready_slots,
+    new_key,
     shard_ranges,
     split_draw,
     timeout_message,
@@ -230,7 +230,7 @@ class LocalPool(Pool):
             what = f"{b} records new to consumer group {group!r} (warm-up needs {self.min_ready} inserted)"
         with self.cond:
             ready, _ = self._wait(lambda r, f, ins: ins >= self.min_ready and r.sum() >= b, what, "draw", timeout_s, group)
-            lease_id = uuid.uuid4().hex
+            lease_id = new_key()
             take = split_draw(ready, b, self.rng)
             now = time.time()
             out = self.shards[0].empty_batch(b)      # each shard gathers straight into its slice: one copy
@@ -259,7 +259,7 @@ class LocalPool(Pool):
             raise PoolError(f"claim_refill needs n >= 1, got {n}")
         with self.cond:
             _, refill = self._wait(lambda r, f, ins: f.sum() >= 1, "a REFILL slot", "fill", timeout_s)
-            claim_id = uuid.uuid4().hex
+            claim_id = new_key()
             now = time.time()
             layout, want = [], n
             # Random shard order spreads teachers over shards; within a shard the slots are random too.

@@ -32,7 +32,6 @@ import itertools
 import os
 import threading
 import time
-import uuid
 import warnings
 from typing import NoReturn
 
@@ -51,6 +50,7 @@ from common.pool.base import (
     PoolStats,
     PoolTimeout,
     min_ready_slots,
+    new_key,
     shard_ranges,
     split_draw,
     timeout_message,
@@ -482,7 +482,8 @@ class RayPool(Pool):
         claimed -> (Claim, its fill info), or None while no slot is in REFILL."""
         now = time.time()
         parts, want, empty, gen = [], n, True, {}
-        for i in self.rng.permutation(len(views)).tolist():    # shard by shard, each under its own lock
+        order = self.rng.permutation(len(views)).tolist() if len(views) > 1 else [0]
+        for i in order:    # shard by shard in random order, each under its own lock
             try:
                 with _AllLocked([views[i]]):
                     refill = views[i].ready_slots(REFILL, now)
@@ -668,7 +669,7 @@ class RayPool(Pool):
         t0 = time.perf_counter()
         views = self._mapped() if group is None else None
         if views is not None:
-            lease_id, dst = uuid.uuid4().hex, self._arrays(b)
+            lease_id, dst = new_key(), self._arrays(b)
             what = f"{b} READY slots (warm-up needs {self.min_ready} inserted)"
             try:
                 leased, blocked = self._blocked_until(lambda: self._draw_mapped(views, b, lease_id, dst), what, "draw", timeout_s)
@@ -688,7 +689,7 @@ class RayPool(Pool):
         if group is not None:
             what = f"{b} records new to consumer group {group!r} (warm-up needs {self.min_ready} inserted)"
         per, blocked = self._poll(ok, what, "draw", timeout_s, group)
-        lease_id, want, got_slots = uuid.uuid4().hex, b, []
+        lease_id, want, got_slots = new_key(), b, []
         self.leases[lease_id] = list(range(len(self.handles)))
         deadline = time.time() + self.cfg.lease_timeout_s
         out, off = self._empty(b), 0
@@ -742,7 +743,7 @@ class RayPool(Pool):
         if n < 1:
             raise PoolError(f"claim_refill needs n >= 1, got {n}")
         timeout_s = self.cfg.block_timeout_s if timeout_s is None else timeout_s
-        start, claim_id = time.monotonic(), uuid.uuid4().hex
+        start, claim_id = time.monotonic(), new_key()
         views = self._mapped()
         if views is not None:
             try:

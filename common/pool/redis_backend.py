@@ -98,6 +98,7 @@ from common.pool.base import (
     PoolTimeout,
     check_samples_per_insert,
     min_ready_slots,
+    new_key,
     record_uses,
     shard_ranges,
     split_draw,
@@ -1078,7 +1079,7 @@ class RedisPool(Pool):
             raise PoolError(f"cannot draw {b} records from a pool of {self.num_slots} slots")
         timeout_s = self.cfg.block_timeout_s if timeout_s is None else timeout_s
         t0 = time.monotonic()
-        lease_id = uuid.uuid4().hex
+        lease_id = new_key()
         # Rows in random order: record k (in arrival order) goes to row free[k], so the batch comes out
         # shuffled without a copy and its order carries no shard structure. A corrupt record takes no
         # row: the top-up's records fill the rows left.
@@ -1185,7 +1186,7 @@ class RedisPool(Pool):
             raise PoolError(f"claim_refill needs n >= 1, got {n}")
         timeout_s = self.cfg.block_timeout_s if timeout_s is None else timeout_s
         t0 = time.monotonic()
-        claim_id = uuid.uuid4().hex
+        claim_id = new_key()
         delay = 0.001
         while True:
             c_sent = time.monotonic()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from common.pool.base import (
     STORAGE_DTYPES,
     SlotState,
     min_ready_slots,
+    new_key,
     record_uses,
     shard_ranges,
     split_draw,
@@ -110,6 +113,27 @@ def test_new_arrays_are_the_memory_of_their_batch(dtype, logvar, label):
     assert not batch.eps[2].any() and (batch.t == 7).all()          # the tensors are the arrays: no copy
     assert {k: v.__array_interface__["data"][0] for k, v in out_arrays(batch).items()} == \
         {k: v.__array_interface__["data"][0] for k, v in arrays.items()}
+
+
+def test_new_key_is_unique_in_a_process_and_in_a_forked_child():
+    keys = [new_key() for _ in range(1000)]
+    assert len(set(keys)) == 1000 and all(len(k) == 32 and int(k, 16) >= 0 for k in keys)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                      # the child's keys must not repeat the parent's next ones
+        os.write(w, new_key().encode())
+        os._exit(0)
+    os.close(w)
+    child = os.read(r, 64).decode()
+    os.waitpid(pid, 0)
+    os.close(r)
+    mine = new_key()
+    assert child not in keys and child != mine and child[:16] != mine[:16]
+
+
+def test_zero_batch_of_one_size_is_built_once_and_still_a_new_batch():
+    a, b = zero_batch(5, (3, 4, 4), "fp32", True, False), zero_batch(5, (3, 4, 4), "fp32", True, False)
+    assert a is not b and a.x_t is b.x_t and b.y is None and a.logvar is a.x_t
 
 
 def test_record_uses_mean_is_k():
