@@ -1158,9 +1158,9 @@ class RedisPool(Pool):
     def _post(self, calls: list) -> None:
         """Send script calls without waiting for their replies (RespConnection.post: read before the next
         call's on the same connection, in order, or at close). A call whose reply is an error (NOSCRIPT
-        after a SCRIPT FLUSH: a new connection loads the release scripts first, _POSTED_LOAD; a lost pool) or whose connection is lost before its reply is read is run
-        again through _run (release is idempotent), as is any call that cannot be posted (a cluster, TLS,
-        a send that fails)."""
+        after a SCRIPT FLUSH: a new connection loads the release scripts first, _POSTED_LOAD; a lost
+        pool) or whose connection is lost before its reply is read is run again through _run (release
+        is idempotent), as is any call that cannot be posted (a cluster, TLS, a send that fails)."""
         now = []
         for call in calls:
             fast = self._fast(self._server(call[0]))
