@@ -70,7 +70,7 @@ from common.pool.local import (
     surplus_inserted,
 )
 from common.pool.redis_records import CLUSTER_SCHEME, RecordCodec, mask_url, parse_urls
-from common.pool.shard import check_batch
+from common.pool.shard import check_batch, zero_batch
 from common.records import EMPTY_T, RecordBatch
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,8 @@ class RedisPool(Pool):
         self._retry = Retry(ExponentialBackoff(cap=1.0, base=0.01), -1, (redis.ConnectionError, redis.TimeoutError),
                             is_retryable=lambda err: not isinstance(err, redis.AuthenticationError))
         self._down: dict[int, float] = {}       # server -> when its outage was first seen (monotonic)
-        opts = {"socket_connect_timeout": 2.0, "socket_timeout": 60.0}
+        # replies are MB-sized batches of records: read them in 1 MiB pieces, not redis-py's default 64 KiB
+        opts = {"socket_connect_timeout": 2.0, "socket_timeout": 60.0, "socket_read_size": 1 << 20}
         if self.cluster:
             from redis.cluster import RedisCluster
 
@@ -221,8 +222,8 @@ class RedisPool(Pool):
 
     def _exec(self, cmds: list) -> list:
         """(shard, queue) pairs, ``queue(pipe)`` queueing one command -> the replies in order (errors in place),
-        one pipeline per server. A cluster pipeline leaves NOSCRIPT to its caller: the script is loaded and
-        only the calls that met it run again."""
+        one pipeline per server. Calls that meet NOSCRIPT (a server restarted, or a new one) run again once
+        the script is loaded (SCRIPT LOAD reaches every primary of a cluster)."""
         out: list = [None] * len(cmds)
         by_server: dict[int, list[int]] = {}
         for i, (s, _) in enumerate(cmds):
@@ -237,6 +238,11 @@ class RedisPool(Pool):
                     break
                 self._call(server, lambda server=server: self._clients[server].script_load(_LUA))
         return out
+
+    def _evalsha(self, shard: int, argv: list):
+        """The queue function of one call of the pool's script on ``shard``. EVALSHA is queued as it is:
+        a pipeline given the Script object itself would ask SCRIPT EXISTS first, a round trip per call."""
+        return _q("evalsha", self._script.sha, 1, self._key(shard, "meta"), *argv)
 
     def _pipeline(self, server: int, queue: list) -> list:
         pipe = self._clients[server].pipeline(transaction=False)
@@ -264,7 +270,7 @@ class RedisPool(Pool):
         for s, argv, *pre in calls:
             cmds += [(s, q) for q in (pre[0] if pre else [])]
             at.append(len(cmds))
-            cmds.append((s, lambda pipe, s=s, argv=argv: self._script(keys=[self._key(s, "meta")], args=argv, client=pipe)))
+            cmds.append((s, self._evalsha(s, argv)))
         replies = self._exec(cmds)
         errors = [(s, r) for i, ((s, _), r) in enumerate(zip(cmds, replies)) if i not in at and isinstance(r, Exception)]
         if errors:
@@ -284,9 +290,8 @@ class RedisPool(Pool):
         """Create the shards that do not exist (``force``: re-create them all, empty) -> how many were created."""
         if not force and not self.cluster:
             self._check_memory(shards)
-        replies = self._exec([(s, lambda pipe, s=s: self._script(
-            keys=[self._key(s, "meta")], args=["init", self.layout, *self.ranges[s], self.record_bytes, int(force)],
-            client=pipe)) for s in shards])
+        replies = self._exec([(s, self._evalsha(s, ["init", self.layout, *self.ranges[s], self.record_bytes, int(force)]))
+                              for s in shards])
         created = 0
         for s, r in zip(shards, replies):
             if isinstance(r, Exception):
@@ -431,7 +436,7 @@ class RedisPool(Pool):
                 split = {} if refill.sum() == 0 else dict(enumerate(split_draw(refill, min(n, int(refill.sum())), self.rng).tolist()))
             split = {s: k for s, k in split.items() if k}
             res = self._run([(s, ["claim", k, claim_id, self.cfg.claim_timeout_s]) for s, k in split.items()])
-            parts = [(s, _split(r[0]), r[1]) for s, r in zip(split, res) if r[0]]
+            parts = [(s, _split(r[0])) for s, r in zip(split, res) if r[0]]
             if parts:
                 break
             if time.monotonic() - t0 >= timeout_s:
@@ -441,22 +446,24 @@ class RedisPool(Pool):
             delay = min(delay * 1.5, 0.05)
         if delay > 0.001:           # it waited: the whole call was blocked time
             self._add_blocked("fill", time.monotonic() - t0)
-        self._claims[claim_id] = [(s, members) for s, members, _ in parts]
-        slots = [m for _, members, _ in parts for m in members]
-        batch = self._empty(len(slots))
-        # previous records of the slots that hold one (the warm-up's empty slots read nothing); a damaged
-        # one is handed over empty, the teacher starts that slot anew
-        held = {s: [m for m, f in zip(members, has) if f == ord("1")] for s, members, has in parts}
-        held = {s: m for s, m in held.items() if m}
-        if held:
-            prev, ok = self._read(held)
-            row = {m: i for i, m in enumerate(slots)}
-            at = torch.tensor([row[m] for s in held for m in held[s]], dtype=torch.int64)[torch.from_numpy(ok)]
-            for name in ("x_t", "eps", "logvar", "y", "t"):
-                if getattr(batch, name) is not None:
-                    getattr(batch, name)[at] = getattr(prev, name)
-        return Claim(claim_id=claim_id, slots=torch.tensor(slots, dtype=torch.int64), batch=batch,
-                     deadline=time.time() + self.cfg.claim_timeout_s)
+        self._claims[claim_id] = parts
+        return Claim(claim_id=claim_id, slots=torch.tensor([m for _, members in parts for m in members], dtype=torch.int64),
+                     batch=self._previous(parts), deadline=time.time() + self.cfg.claim_timeout_s)
+
+    def _previous(self, parts: list[tuple[int, list[int]]]) -> RecordBatch:
+        """The records claimed slots hold, in claim order; an empty slot (or a damaged record, which the
+        teacher then starts anew) comes as zeros with t = EMPTY_T."""
+        prev, ok = self._read(dict(parts))
+        if ok.all():
+            return prev
+        n = len(ok)
+        if not ok.any():            # the warm-up: one zero row broadcast, no memory to fill
+            return zero_batch(n, self.record_shape, self.storage_dtype, self.has_logvar, self.has_label)
+        out, at = self._empty(n), torch.from_numpy(np.flatnonzero(ok))
+        for name in ("x_t", "t", "eps", "logvar", "y"):
+            if getattr(out, name) is not None:
+                getattr(out, name)[at] = getattr(prev, name)
+        return out
 
     def _empty(self, n: int) -> RecordBatch:
         """n empty records: zeros, t = EMPTY_T."""

@@ -104,17 +104,15 @@ function ops.corrupt()
   return n
 end
 
--- ARGV: k, claim id, claim_timeout_s -> {"s1,s2,...", "0110..." (1: the slot holds a previous record), deadline}
+-- ARGV: k, claim id, claim_timeout_s -> {"s1,s2,...", deadline} (the client reads their previous records)
 function ops.claim()
   local members = redis.call('SPOP', REFILL, tonumber(ARGV[2]))
-  if #members == 0 then return {'', '', '0'} end
+  if #members == 0 then return {'', '0'} end
   local deadline = now + tonumber(ARGV[4])
   redis.call('HSET', CLAIMS, ARGV[3], table.concat(members, ','))
   redis.call('ZADD', CLAIMED, deadline, ARGV[3])
   bump('filling', #members)
-  local t, has = each('HMGET', T, members), {}
-  for i = 1, #members do has[i] = t[i] and '1' or '0' end
-  return {table.concat(members, ','), table.concat(has), tostring(deadline)}
+  return {table.concat(members, ','), tostring(deadline)}
 end
 
 -- ARGV: claim id, count_call, then (slot, t, uses) per record in claim order; the records wait in
