@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -134,6 +135,7 @@ class RedisPool(Pool):
         self._retry = Retry(ExponentialBackoff(cap=1.0, base=0.01), -1, (redis.ConnectionError, redis.TimeoutError),
                             is_retryable=lambda err: not isinstance(err, redis.AuthenticationError))
         self._down: dict[int, float] = {}       # server -> when its outage was first seen (monotonic)
+        self._lock = threading.Lock()
         # replies are MB-sized batches of records: read them in 1 MiB pieces, not redis-py's default 64 KiB
         opts = {"socket_connect_timeout": 2.0, "socket_timeout": 60.0, "socket_read_size": 1 << 20}
         if self.cluster:
@@ -254,9 +256,8 @@ class RedisPool(Pool):
         """Script calls (shard, argv[, pre]) -> their replies. ``pre``: commands queued before the call in its
         pipeline (a fill's staged records). A shard whose keys are gone is re-created and its calls run again."""
         replies = self._scripts(calls)
-        lost = sorted({c[0] for c, r in zip(calls, replies) if _noinit(r)})
-        if lost:
-            self._recreate(lost)
+        if any(_noinit(r) for r in replies):
+            self._recreate()
             again = [i for i, r in enumerate(replies) if _noinit(r)]
             for i, r in zip(again, self._scripts([calls[i] for i in again])):
                 replies[i] = r
@@ -286,13 +287,12 @@ class RedisPool(Pool):
 
     # --- shards ---------------------------------------------------------------------------------
 
-    def _init_shards(self, shards: list[int], force: bool) -> int:
-        """Create the shards that do not exist (``force``: re-create them all, empty) -> how many were created."""
+    def _init_shards(self, shards: list[int], force: bool) -> list[int]:
+        """Create the shards that do not exist (``force``: re-create them all, empty) -> the shards created."""
         if not force and not self.cluster:
             self._check_memory(shards)
         replies = self._exec([(s, self._evalsha(s, ["init", self.layout, *self.ranges[s], self.record_bytes, int(force)]))
                               for s in shards])
-        created = 0
         for s, r in zip(shards, replies):
             if isinstance(r, Exception):
                 raise self._error(s, "creating the shard", r)
@@ -301,17 +301,19 @@ class RedisPool(Pool):
                 raise PoolError(f"pool {self.cfg.name!r} on {mask_url(self.urls[self._server(s)])} has layout '{layout}', "
                                 f"this process expects '{self.layout}' (another pool uses that name: pick another "
                                 "pool.name or restore over it)")
-            created += int(r[0])
-        return created
+        return [s for s, r in zip(shards, replies) if int(r[0])]
 
-    def _recreate(self, shards: list[int]) -> None:
-        created = self._init_shards(shards, force=False)
-        self.local["reinitialised_shards"] += created
+    def _recreate(self) -> None:
+        """Some shard was found missing: re-create every missing shard of the pool (a server that restarted
+        without persistence lost all of its shards), one thread of this process at a time."""
+        with self._lock:
+            created = self._init_shards(list(range(self.shards)), force=False)
+        self.local["reinitialised_shards"] += len(created)
         if created:
-            slots = sum(self.ranges[s][1] - self.ranges[s][0] for s in shards)
+            slots = sum(self.ranges[s][1] - self.ranges[s][0] for s in created)
             logger.warning("pool %r: shard(s) %s missing on %s (the server restarted without persistence?); re-created "
                            "with all %d of their slots empty in REFILL, the teachers warm them up again", self.cfg.name,
-                           shards, mask_url(",".join(sorted({self.urls[self._server(s)] for s in shards}))), slots)
+                           created, mask_url(",".join(sorted({self.urls[self._server(s)] for s in created}))), slots)
 
     def _check_memory(self, shards: list[int]) -> None:
         """Refuse shards that the server's maxmemory cannot hold (a fill hours later would fail otherwise)."""

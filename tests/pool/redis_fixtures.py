@@ -72,19 +72,22 @@ def free_port(cluster: bool = False) -> int:
 class RedisServer:
     """One redis-server process on 127.0.0.1:``port`` with its data in ``dir``."""
 
-    def __init__(self, dir: str, persist: bool = False, port: int | None = None, extra_args: tuple[str, ...] = ()):
+    def __init__(self, dir: str, persist: bool = False, port: int | None = None, extra_args: tuple[str, ...] = (),
+                 password: str | None = None):
         if REDIS_SERVER is None:
             raise RuntimeError("redis-server is not on PATH (Debian package redis-server; .ci/run installs it)")
         self.dir = str(dir)
         self.persist = persist
         self.port = port or free_port()
         self.extra_args = tuple(extra_args)
+        self.password = password           # requirepass: the default user needs it
         self.proc: subprocess.Popen | None = None
         os.makedirs(self.dir, exist_ok=True)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def _args(self) -> list[str]:
         args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
@@ -94,6 +97,8 @@ class RedisServer:
             args += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
         else:
             args += ["--save", "", "--appendonly", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
         return args + list(self.extra_args)
 
     def start(self, timeout_s: float = 10.0) -> "RedisServer":
@@ -119,8 +124,12 @@ class RedisServer:
         """True once the server answers PING with PONG (not while it is loading its data)."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG")
+                auth = f"AUTH {self.password}\r\n".encode() if self.password else b""
+                s.sendall(auth + b"PING\r\n")
+                reply = b""
+                while reply.count(b"\r\n") < 1 + bool(auth):
+                    reply += s.recv(64) or b"\r\n\r\n"
+                return reply.split(b"\r\n")[bool(auth)].startswith(b"+PONG")
         except OSError:
             return False
 
@@ -128,7 +137,7 @@ class RedisServer:
         import redis
 
         try:
-            with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0) as c:
+            with redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=1.0) as c:
                 return int(c.info("server")["process_id"])
         except (redis.RedisError, OSError, KeyError):
             return None
