@@ -17,9 +17,9 @@ registered script. Round trips:
 
 Faults: connection loss (refused, reset, timeout, a server loading its data) is retried by redis-py's
 ``Retry`` with ``ExponentialBackoff`` for ``pool.redis_retry_timeout_s`` in all, then raises one
-PoolError naming the server; an outage is logged once when it starts and once when it ends. A retried
-call whose first attempt ran on the server leaves a lease or claim nobody holds: it expires as any
-other. A shard whose keys are gone (a server restarted without persistence) is re-created with every
+PoolError naming the server; an outage is logged once when it starts and once when it ends. A call
+retried after its reply was lost keeps the slots of its first attempt under the same lease or claim id:
+a lease releases them with its own, a claim's fill is refused and its slots expire back to REFILL. A shard whose keys are gone (a server restarted without persistence) is re-created with every
 slot empty in REFILL, so the teachers warm it up again, and one line says so. With AOF the pool is found
 as it was, leases and claims included. Passwords in ``redis_url`` reach logs and errors only through
 ``mask_url``.

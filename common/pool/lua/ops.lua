@@ -109,8 +109,10 @@ function ops.claim()
   local members = redis.call('SPOP', REFILL, tonumber(ARGV[2]))
   if #members == 0 then return {'', '0'} end
   local deadline = now + tonumber(ARGV[4])
-  redis.call('HSET', CLAIMS, ARGV[3], table.concat(members, ','))
-  redis.call('ZADD', CLAIMED, deadline, ARGV[3])
+  local list, before = table.concat(members, ','), redis.call('HGET', CLAIMS, ARGV[3])
+  -- a claim retried after its reply was lost keeps the slots of its first attempt (they expire with it)
+  redis.call('HSET', CLAIMS, ARGV[3], before and (before .. ',' .. list) or list)
+  redis.call('ZADD', CLAIMED, 'NX', deadline, ARGV[3])
   bump('filling', #members)
   return {table.concat(members, ','), tostring(deadline)}
 end
