@@ -347,7 +347,9 @@ class RedisPool(Pool):
 
     def _read(self, members: dict[int, list[int]]) -> tuple[RecordBatch, np.ndarray]:
         """{shard: slots} -> (their intact records, shard by shard in the given order; ok [n]: which were intact)."""
-        replies = self._exec([(s, _q("mget", [self._key(s, f"r:{m}") for m in members[s]])) for s in members])
+        # execute_command: a cluster pipeline refuses pipe.mget, not an MGET of keys in one hash slot
+        replies = self._exec([(s, _q("execute_command", "MGET", *(self._key(s, f"r:{m}") for m in members[s])))
+                              for s in members])
         for s, r in zip(members, replies):
             if isinstance(r, Exception):
                 raise self._error(s, "reading records", r)

@@ -101,7 +101,7 @@ class RedisServer:
             args += ["--requirepass", self.password]
         return args + list(self.extra_args)
 
-    def start(self, timeout_s: float = 10.0) -> "RedisServer":
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
         if self.running:
             return self
         self.proc = subprocess.Popen(self._args(), cwd=self.dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -164,7 +164,7 @@ class RedisServer:
             self.proc.wait()
         self.proc = None
 
-    def restart(self, kill: bool = False) -> "RedisServer":
+    def restart(self, kill: bool = False) -> RedisServer:
         (self.kill if kill else self.stop)()
         return self.start()
 

@@ -146,7 +146,8 @@ def test_a_password_in_the_url_works_and_never_reaches_a_log_or_an_error(redis_s
     server = redis_server_pw
     pool = make_redis_pool(server.url, 8, record_shape=SHAPE, shards=2, redis_retry_timeout_s=0.8)
     assert fill_claim(pool, pool.claim_refill(8), SHAPE)
-    check_records(*(lambda d: (d.slots, d.batch))(pool.draw(8)))
+    d = pool.draw(8)
+    check_records(d.slots, d.batch)
     assert pool.stats().extra["urls"] == [f"redis://:***@127.0.0.1:{server.port}/0"]
     # a user of Redis's ACL with a password of its own
     server.client().acl_setuser("trainer", enabled=True, passwords=["+u5er-pw"], keys=["*"], commands=["+@all"])
