@@ -383,7 +383,8 @@ class RedisPool(Pool):
         while have < b:
             got, rows = self._lease(lease_id, b - have, group, first=have == 0)
             if not got:
-                wait_from = time.monotonic() if wait_from is None else wait_from
+                if wait_from is None:       # blocked from the call's start when it has leased nothing yet
+                    wait_from = time.monotonic() if parts else t0
                 if time.monotonic() - t0 >= timeout_s:
                     self._release(lease_id, refund=True)
                     self._add_blocked("draw", blocked + time.monotonic() - wait_from)
@@ -492,15 +493,14 @@ class RedisPool(Pool):
         check_batch(batch, n, self.record_shape, self.has_logvar, self.has_label, self.num_timesteps)
         self._claims.pop(claim_id, None)
         rows, t, uses = self.codec.encode(batch), batch.t.tolist(), record_uses(self.k, n, self.rng).tolist()
-        ttl_ms = int((self.cfg.claim_timeout_s + 60) * 1000)     # staging left by a lost client goes by itself
         calls, i = [], 0
         for j, (s, members) in enumerate(parts):
-            pre, argv = [], ["fill", claim_id, int(j == 0)]
+            staged, argv = [], ["fill", claim_id, int(j == 0)]
             for m in members:
-                pre.append(_q("set", self._key(s, f"f:{claim_id}:{m}"), rows[i].data, px=ttl_ms))
+                staged += [self._key(s, f"f:{claim_id}:{m}"), rows[i].data]
                 argv += [m, t[i], uses[i]]
                 i += 1
-            calls.append((s, argv, pre))
+            calls.append((s, argv, [_q("execute_command", "MSET", *staged)]))
         accepted = sum(int(r) for r in self._run(calls))
         elapsed = time.monotonic() - t0
         self.local["fill_s"] += elapsed

@@ -34,6 +34,7 @@ local function expire()
     local members = split(redis.call('HGET', CLAIMS, id))
     redis.call('HDEL', CLAIMS, id); redis.call('ZREM', CLAIMED, id)
     each('SADD', REFILL, members)
+    for _, m in ipairs(members) do redis.call('DEL', staged(id, m)) end     -- a fill that came too late
     n = n + #members
   end
   bump('expired_claims', n); bump('filling', -n)
