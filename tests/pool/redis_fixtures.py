@@ -275,8 +275,8 @@ def corrupt_redis_records(pool, slots: list[int]) -> None:
     """Damage stored records in Redis itself: a flipped byte (checksum), a truncation, foreign bytes."""
     for j, slot in enumerate(slots):
         shard = next(i for i, (lo, hi) in enumerate(pool.ranges) if lo <= slot < hi)
-        key = pool._key(shard, f"r:{slot}")
-        c = pool._clients[pool._server(shard)]
+        key = pool.redis.key(shard, f"r:{slot}")
+        c = pool.redis.clients[pool.redis.server(shard)]
         blob = bytearray(c.get(key))
         if j % 3 == 0:
             blob[len(blob) - 5] ^= 0xFF

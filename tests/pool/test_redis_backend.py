@@ -110,7 +110,7 @@ def test_shards_spread_over_several_servers(tmp_path):
         fill_all(pool)
         # shard i lives on server i mod 2, and only there
         for i in range(4):
-            meta = pool._key(i, "meta")
+            meta = pool.redis.key(i, "meta")
             assert servers[i % 2].client().exists(meta) == 1 and servers[1 - i % 2].client().exists(meta) == 0
         d = pool.draw(16)
         check_records(d.slots, d.batch)
@@ -144,9 +144,9 @@ def test_every_key_of_a_shard_shares_one_cluster_hash_slot(redis_server):
     c = pool.claim_refill(1)
     client = redis_server.client()
     for s in range(4):
-        keys = list(client.scan_iter(match=pool._key(s, "*")))
+        keys = list(client.scan_iter(match=pool.redis.key(s, "*")))
         assert len(keys) >= 6 and len({key_slot(k) for k in keys}) == 1, keys
-    assert sum(len(list(client.scan_iter(match=pool._key(s, "r:*")))) for s in range(4)) == 8
+    assert sum(len(list(client.scan_iter(match=pool.redis.key(s, "r:*")))) for s in range(4)) == 8
     pool.release(d.lease_id)
     assert fill_claim(pool, c, SHAPE)
     pool.destroy()
@@ -324,7 +324,7 @@ def test_a_fill_of_a_lost_claim_is_refused_and_leaves_no_record(redis_server):
     st = pool.stats()
     assert st.counts == {"READY": 0, "LEASED": 0, "REFILL": 8, "FILLING": 0} and st.produced_total == 0
     client = redis_server.client()
-    assert not [k for s in range(2) for k in client.scan_iter(match=pool._key(s, "[rf]:*"))], "a record or a staged one is left"
+    assert not [k for s in range(2) for k in client.scan_iter(match=pool.redis.key(s, "[rf]:*"))], "a record or a staged one is left"
     c2 = other.claim_refill(8)
     assert (c2.batch.t == -1).all(), "the refused records did not become previous records"
     assert fill_claim(other, c2, SHAPE)                 # a claim made by one client, filled by another
