@@ -2,7 +2,7 @@
 
 - data-based: IDDPM's hybrid objective on real data (``dkdm train``);
 - data-free: the teacher first generates a synthetic set (``dkdm synth``), then standard training on it;
-- data-limited: P% real images mixed into the synthetic set.
+- data-limited: as many images as the real set, P% of them real and the rest synthetic (the reference's mix.py).
 
 The digits teacher used by demos and tests is trained by ``dkdm train`` on sklearn's digits.
 """
