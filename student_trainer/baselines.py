@@ -20,7 +20,7 @@ from common.images import save_grid
 from common.teachers import make_teacher
 from student_trainer.checkpoints import load_checkpoint, model_config, save_checkpoint
 from student_trainer.distill import resolve_device
-from student_trainer.losses import data_batch
+from student_trainer.losses import HYBRID_V_BOUND, data_batch
 from student_trainer.run_dir import RunDir
 from student_trainer.sampling import sample_images, sample_teacher
 from student_trainer.student import build_student
@@ -57,12 +57,13 @@ def train_on_data(cfg: Config, data: tuple[torch.Tensor, torch.Tensor | None] | 
     o = cfg.distill
     trainer = StudentTrainer(model, d, var_type=dc.var_type, lr=o.lr, weight_decay=o.weight_decay, ema_rate=o.ema_rate,
                              grad_clip=o.grad_clip, lambda_vlb=o.lambda_vlb * HYBRID_LAMBDA_PER_UNIT, bf16=o.bf16,
-                             device=device)
+                             device=device, v_bound=HYBRID_V_BOUND)
     run = RunDir(cfg)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     if run.has_checkpoint():
         gen.set_state(load_checkpoint(run, trainer)["data"])
-    config = model_config(build, d, dc.schedule, dc.var_type, dc.clip_denoised, image_shape, num_classes)
+    config = model_config(build, d, dc.schedule, dc.var_type, dc.clip_denoised, image_shape, num_classes,
+                          v_bound=trainer.v_bound)
     bar = None
     if cfg.run.progress:
         from tqdm import tqdm
@@ -85,7 +86,8 @@ def train_on_data(cfg: Config, data: tuple[torch.Tensor, torch.Tensor | None] | 
         bar.close()
     ckpt = save_checkpoint(run, trainer, config, {"data": gen.get_state()})
     samples, _ = sample_images(trainer.ema_model(), d, dc.var_type, cfg.sample, image_shape, num_classes,
-                               seed=cfg.run.seed, device=device, clip_denoised=dc.clip_denoised)
+                               seed=cfg.run.seed, device=device, clip_denoised=dc.clip_denoised,
+                               v_bound=trainer.v_bound)
     grid = save_grid(samples, run.samples / "final.png")
     return {"run_dir": str(run.root), "checkpoint": str(ckpt), "samples": str(grid),
             "metrics": str(run.metrics_path), "steps": trainer.step}

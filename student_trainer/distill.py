@@ -88,7 +88,8 @@ def student_session(cfg: Config, teacher: Teacher, pool: Pool, worker: TeacherWo
 def _checkpoint(s: Session) -> Path:
     t = s.teacher
     config = model_config(s.student_config, t.diffusion, s.cfg.teacher.diffusion.schedule, s.trainer.var_type,
-                          t.clip_denoised, t.image_shape, t.num_classes, teacher_identity=t.identity())
+                          t.clip_denoised, t.image_shape, t.num_classes, v_bound=s.trainer.v_bound,
+                          teacher_identity=t.identity())
     rng = {"worker": s.worker.gen.get_state(), "torch": torch.get_rng_state()}
     return save_checkpoint(s.run, s.trainer, config, rng, pool=s.pool)
 
@@ -102,7 +103,7 @@ def _resume(s: Session) -> None:
 def write_samples(s: Session, tag: str) -> Path:
     x, _ = sample_images(s.trainer.ema_model(), s.teacher.diffusion, s.trainer.var_type, s.cfg.sample,
                          s.teacher.image_shape, s.teacher.num_classes, seed=s.cfg.run.seed, device=s.device,
-                         clip_denoised=s.teacher.clip_denoised)
+                         clip_denoised=s.teacher.clip_denoised, v_bound=s.trainer.v_bound)
     path = s.run.samples / f"{tag}.png"
     save_grid(x, path)
     return path

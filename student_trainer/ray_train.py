@@ -98,7 +98,7 @@ def build_trainer(cfg: Config, spec: TeacherSpec, device: torch.device) -> tuple
 
 def checkpoint_config(student_config: dict, spec: TeacherSpec, trainer: StudentTrainer) -> dict:
     return model_config(student_config, spec.diffusion, spec.schedule, trainer.var_type, spec.clip_denoised,
-                        spec.image_shape, spec.num_classes, teacher_identity=spec.identity)
+                        spec.image_shape, spec.num_classes, v_bound=trainer.v_bound, teacher_identity=spec.identity)
 
 
 def write_checkpoint(folder: Path, trainer: StudentTrainer, config: dict, pool: Pool | None) -> None:
@@ -231,7 +231,8 @@ def report(trainer: StudentTrainer, ck_config: dict, pool: Pool, rank: int, out:
 def write_samples(cfg: Config, spec: TeacherSpec, trainer: StudentTrainer, run_root: Path, device) -> Path:
     """EMA samples -> samples/final.png (grid), final.npz (uint8, ADM layout) and final_float.npy ([N, C, H, W])."""
     x, y = sample_images(trainer.ema_model(), spec.diffusion, trainer.var_type, cfg.sample, spec.image_shape,
-                         spec.num_classes, seed=cfg.run.seed, device=device, clip_denoised=spec.clip_denoised)
+                         spec.num_classes, seed=cfg.run.seed, device=device, clip_denoised=spec.clip_denoised,
+                         v_bound=trainer.v_bound)
     folder = run_root / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     save_npz(x, folder / "final.npz", labels=y)

@@ -59,7 +59,8 @@ def save_student(s: Session) -> Path:
     """Config + weights + trainer state, as distill's checkpoint minus the pool snapshot (the pool is shared)."""
     t = s.teacher
     config = model_config(s.student_config, t.diffusion, s.cfg.teacher.diffusion.schedule, s.trainer.var_type,
-                          t.clip_denoised, t.image_shape, t.num_classes, teacher_identity=t.identity())
+                          t.clip_denoised, t.image_shape, t.num_classes, v_bound=s.trainer.v_bound,
+                          teacher_identity=t.identity())
     return save_checkpoint(s.run, s.trainer, config, {"torch": torch.get_rng_state()}, pool=None)
 
 
