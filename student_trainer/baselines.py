@@ -17,6 +17,7 @@ from common.config import Config
 from common.data import SyntheticShardWriter, load_dataset, load_shards, mix_datasets
 from common.diffusion import make_diffusion
 from common.images import save_grid
+from common.seeds import data_mix_seed, data_seed, eval_seed, student_init_seed
 from common.teachers import make_teacher
 from student_trainer.checkpoints import load_checkpoint, model_config, save_checkpoint
 from student_trainer.distill import resolve_device
@@ -36,14 +37,14 @@ def training_set(cfg: Config) -> tuple[torch.Tensor, torch.Tensor | None]:
     if dc.real_percent > 0:
         if not dc.synthetic_dir:
             raise ValueError("data.real_percent > 0 (data-limited) needs data.synthetic_dir")
-        gen = torch.Generator().manual_seed(cfg.run.seed)
+        gen = torch.Generator().manual_seed(data_mix_seed(cfg.run.seed))
         return mix_datasets(load_dataset(dc.dataset, dc.image_size), load_shards(dc.synthetic_dir), dc.real_percent, gen)
     return load_dataset(dc.dataset, dc.image_size)
 
 
 def train_on_data(cfg: Config, data: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict:
     """Standard training of the student on a data set (hybrid objective, Eq. 13)."""
-    torch.manual_seed(cfg.run.seed)
+    torch.manual_seed(student_init_seed(cfg.run.seed))
     device = resolve_device(cfg.run.device)
     x, y = data if data is not None else training_set(cfg)
     if not cfg.data.class_cond:
@@ -59,7 +60,7 @@ def train_on_data(cfg: Config, data: tuple[torch.Tensor, torch.Tensor | None] | 
                              grad_clip=o.grad_clip, lambda_vlb=o.lambda_vlb * HYBRID_LAMBDA_PER_UNIT, bf16=o.bf16,
                              device=device, v_bound=HYBRID_V_BOUND)
     run = RunDir(cfg)
-    gen = torch.Generator().manual_seed(cfg.run.seed)
+    gen = torch.Generator().manual_seed(data_seed(cfg.run.seed))
     if run.has_checkpoint():
         gen.set_state(load_checkpoint(run, trainer)["data"])
     config = model_config(build, d, dc.schedule, dc.var_type, dc.clip_denoised, image_shape, num_classes,
@@ -86,7 +87,7 @@ def train_on_data(cfg: Config, data: tuple[torch.Tensor, torch.Tensor | None] | 
         bar.close()
     ckpt = save_checkpoint(run, trainer, config, {"data": gen.get_state()})
     samples, _ = sample_images(trainer.ema_model(), d, dc.var_type, cfg.sample, image_shape, num_classes,
-                               seed=cfg.run.seed, device=device, clip_denoised=dc.clip_denoised,
+                               seed=eval_seed(cfg.run.seed), device=device, clip_denoised=dc.clip_denoised,
                                v_bound=trainer.v_bound)
     grid = save_grid(samples, run.samples / "final.png")
     return {"run_dir": str(run.root), "checkpoint": str(ckpt), "samples": str(grid),
