@@ -60,7 +60,7 @@ from common.pool.local import (
 )
 from common.pool.redis_client import RedisShards, queued
 from common.pool.redis_records import RecordCodec, mask_url
-from common.pool.shard import check_batch, zero_batch
+from common.pool.shard import check_batch
 from common.records import EMPTY_T, RecordBatch
 
 logger = logging.getLogger(__name__)
@@ -269,17 +269,14 @@ class RedisPool(Pool):
         prev, ok = self._read(dict(parts))
         if ok.all():
             return prev
-        n = len(ok)
-        if not ok.any():            # the warm-up: one zero row broadcast, no memory to fill
-            return zero_batch(n, self.record_shape, self.storage_dtype, self.has_logvar, self.has_label)
-        out, at = self._empty(n), torch.from_numpy(np.flatnonzero(ok))
+        out, at = self._empty(len(ok)), torch.from_numpy(np.flatnonzero(ok))
         for name in ("x_t", "t", "eps", "logvar", "y"):
             if getattr(out, name) is not None:
                 getattr(out, name)[at] = getattr(prev, name)
         return out
 
     def _empty(self, n: int) -> RecordBatch:
-        """n empty records: zeros, t = EMPTY_T."""
+        """n empty records: zeros (pages the kernel maps only when written), t = EMPTY_T."""
         dtype, shape = STORAGE_DTYPES[self.storage_dtype], (n, *self.record_shape)
         return RecordBatch(x_t=torch.zeros(shape, dtype=dtype), t=torch.full((n,), EMPTY_T, dtype=torch.int64),
                            eps=torch.zeros(shape, dtype=dtype), logvar=torch.zeros(shape, dtype=dtype) if self.has_logvar else None,

@@ -1,7 +1,7 @@
 -- One pool shard in Redis: keys, helpers and the plain slot transitions.
 -- The slot life cycle these scripts implement (READY -> LEASED -> REFILL -> FILLING -> READY, expiry,
--- samples per insert, consumer groups) is specified once, in common/pool/base.py's module docstring;
--- common/pool/shard.py and groups.py implement the same machine on numpy arrays.
+-- samples per insert, consumer groups) is specified once, in common/pool/states.py (the
+-- contract: base.py); the numpy shard (shard.py, groups.py) implements the same machine.
 --
 -- lib.lua, groups.lua and ops.lua are concatenated into one script (redis_backend.py). KEYS[1] is the
 -- shard's meta key "{<pool>:<shard>}:meta"; every other key of the shard is named from it with the
