@@ -156,8 +156,8 @@ class RedisPool(Pool):
     def _read(self, members: dict[int, list[int]]) -> tuple[RecordBatch, np.ndarray]:
         """{shard: slots} -> (their intact records, shard by shard in the given order; ok [n]: which were intact)."""
         # execute_command: a cluster pipeline refuses pipe.mget, not an MGET of keys in one hash slot
-        replies = self.redis.exec([(s, queued("execute_command", "MGET", *(self.redis.key(s, f"r:{m}") for m in members[s])))
-                              for s in members])
+        key = self.redis.key
+        replies = self.redis.exec([(s, queued("execute_command", "MGET", *(key(s, f"r:{m}") for m in members[s]))) for s in members])
         for s, r in zip(members, replies):
             if isinstance(r, Exception):
                 raise self.redis.error(s, "reading records", r)
