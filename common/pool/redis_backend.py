@@ -58,6 +58,7 @@ from common.pool.local import (
     snapshot_header,
     surplus_inserted,
 )
+from common.pool.memory import tune_malloc
 from common.pool.redis_client import RedisShards, queued
 from common.pool.redis_records import RecordCodec, mask_url
 from common.pool.shard import check_batch
@@ -107,6 +108,7 @@ class RedisPool(Pool):
         self.local = self.redis.local               # retries and re-created shards, then this client's seconds
         self.local.update(draw_s=0.0, fill_s=0.0)
         self.redis.init(list(range(self.shards)), force=False)
+        tune_malloc()        # each draw's batch reuses freed pages instead of faulting them in (memory.tune_malloc)
 
     def __reduce__(self):
         # A pool travels to other processes (Ray actors, workers) as its arguments; the copy reconnects.

@@ -352,3 +352,18 @@ def test_consumer_groups_are_shared_by_clients_of_one_pool(redis_server):
         make_redis_pool(redis_server, 8, record_shape=SHAPE, shards=2, samples_per_insert=2.0).attach_group("c")
     other.close()
     pool.close()
+
+
+def test_a_pool_client_tunes_malloc_in_its_process(redis_server):
+    """A client process keeps freed batches mapped (memory.tune_malloc): once a pool is built there,
+    the process's own call finds malloc tuned already."""
+    import os
+    import sys
+
+    code = ("from common.pool.memory import tune_malloc; from redis_fixtures import make_redis_pool; "
+            f"p = make_redis_pool({redis_server.url!r}, 8); print(tune_malloc()); p.destroy(); p.close()")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "tests", "pool")])
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False"]
