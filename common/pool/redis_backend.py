@@ -117,14 +117,6 @@ class RedisPool(Pool):
         return (_rebuild, (args,))
 
     @classmethod
-    def from_options(cls, redis_url: str, num_slots: int, record_shape=(3, 8, 8), has_logvar: bool = False,
-                     has_label: bool = False, num_timesteps: int = 1000, seed: int = 0, t_buckets: int = 10, **cfg_fields):
-        """Convenience constructor for tests and benchmarks: PoolConfig fields as keywords."""
-        cfg = PoolConfig(backend="redis", redis_url=redis_url, num_slots=num_slots, **cfg_fields)
-        return cls(cfg=cfg, num_slots=num_slots, record_shape=record_shape, has_logvar=has_logvar,
-                   has_label=has_label, num_timesteps=num_timesteps, seed=seed, t_buckets=t_buckets)
-
-    @classmethod
     def attach(cls, cfg: PoolConfig) -> RedisPool:
         """A client of the existing pool ``cfg.name`` with the layout stored in its shard 0 (never creates one)."""
         probe = RedisShards(cfg, [], "", 0, 0)

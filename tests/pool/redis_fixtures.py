@@ -176,13 +176,16 @@ class RedisServer:
 
 def make_redis_pool(server_or_url, num_slots: int, **kwargs):
     """A RedisPool with a unique name on ``server_or_url`` (a RedisServer, one URL or a list)."""
+    from common.config import PoolConfig
     from common.pool.redis_backend import RedisPool
 
     url = server_or_url.url if isinstance(server_or_url, RedisServer) else server_or_url
     if isinstance(url, (list, tuple)):
         url = ",".join(u.url if isinstance(u, RedisServer) else u for u in url)
     kwargs.setdefault("name", f"test-{uuid.uuid4().hex[:8]}")
-    return RedisPool.from_options(url, num_slots=num_slots, **kwargs)
+    layout = {k: kwargs.pop(k) for k in ("record_shape", "has_logvar", "has_label", "num_timesteps", "seed") if k in kwargs}
+    cfg = PoolConfig(backend="redis", redis_url=url, num_slots=num_slots, **kwargs)
+    return RedisPool(cfg, num_slots, **{"record_shape": (3, 8, 8), "has_logvar": False, "has_label": False, **layout})
 
 
 @pytest.fixture
