@@ -19,6 +19,7 @@ from pathlib import Path
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from common.config import PoolConfig
@@ -59,8 +60,6 @@ class RedisShards:
         # replies are MB-sized batches of records: read them in 1 MiB pieces, not redis-py's default 64 KiB
         opts = {"socket_connect_timeout": 2.0, "socket_timeout": 60.0, "socket_read_size": 1 << 20}
         if self.cluster:
-            from redis.cluster import RedisCluster
-
             self.clients = [RedisCluster.from_url("redis://" + self.urls[0][len(CLUSTER_SCHEME):], **opts)]
         else:
             self.clients = [redis.Redis.from_url(u, retry=Retry(NoBackoff(), 0), **opts) for u in self.urls]
