@@ -362,8 +362,8 @@ class RedisPool(Pool):
         if self.k != 1.0:
             raise PoolError(f"consumer groups need pool.samples_per_insert=1, this pool has {self.k}")
         lags = [shard_lag(max_lag, s, self.shards) for s in range(self.shards)]
-        self.redis.run([(s, ["attach", group, policy, "" if lags[s] is None else lags[s], self.cfg.lease_timeout_s])
-                   for s in range(self.shards)])
+        self.redis.run([(s, ["attach", group, policy, "" if lag is None else lag, self.cfg.lease_timeout_s])
+                        for s, lag in enumerate(lags)])
 
     def detach_group(self, group: str) -> None:
         self.redis.run([(s, ["detach", group]) for s in range(self.shards)])
