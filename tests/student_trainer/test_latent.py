@@ -14,13 +14,13 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import DDIMScheduler, UNet2DModel, VQModel
+from diffusers import DDIMScheduler, UNet2DModel, VQModel  # noqa: E402
 
-from common.data import load_shards
-from common.teachers.base import TeacherLoadError
-from common.teachers.dkdm_teacher import DKDMTeacher
-from common.teachers.latent import decode_latents, encode_images
-from student_trainer.cli import main as dkdm
+from common.data import load_shards  # noqa: E402
+from common.teachers.base import TeacherLoadError  # noqa: E402
+from common.teachers.dkdm_teacher import DKDMTeacher  # noqa: E402
+from common.teachers.latent import decode_latents, encode_images  # noqa: E402
+from student_trainer.cli import main as dkdm  # noqa: E402
 
 T = 50
 
