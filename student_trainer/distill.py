@@ -25,6 +25,7 @@ from common.pool import make_pool, pool_size
 from common.pool.base import Pool, PoolTimeout
 from common.seeds import eval_seed, student_init_seed, teacher_seed
 from common.teachers import Teacher, make_teacher
+from common.teachers.latent import latent_decoder, teacher_autoencoder_record
 from student_trainer.checkpoints import load_checkpoint, model_config, save_checkpoint
 from student_trainer.run_dir import RunDir
 from student_trainer.sampling import sample_images
@@ -90,7 +91,7 @@ def _checkpoint(s: Session) -> Path:
     t = s.teacher
     config = model_config(s.student_config, t.diffusion, s.cfg.teacher.diffusion.schedule, s.trainer.var_type,
                           t.clip_denoised, t.image_shape, t.num_classes, v_bound=s.trainer.v_bound,
-                          teacher_identity=t.identity())
+                          teacher_identity=t.identity(), autoencoder=teacher_autoencoder_record(t))
     rng = {"worker": s.worker.gen.get_state(), "torch": torch.get_rng_state()}
     return save_checkpoint(s.run, s.trainer, config, rng, pool=s.pool)
 
@@ -104,7 +105,8 @@ def _resume(s: Session) -> None:
 def write_samples(s: Session, tag: str) -> Path:
     x, _ = sample_images(s.trainer.ema_model(), s.teacher.diffusion, s.trainer.var_type, s.cfg.sample,
                          s.teacher.image_shape, s.teacher.num_classes, seed=eval_seed(s.cfg.run.seed), device=s.device,
-                         clip_denoised=s.teacher.clip_denoised, v_bound=s.trainer.v_bound)
+                         clip_denoised=s.teacher.clip_denoised, v_bound=s.trainer.v_bound,
+                         decode=latent_decoder(s.teacher))
     path = s.run.samples / f"{tag}.png"
     save_grid(x, path)
     return path

@@ -76,7 +76,7 @@ def student_checkpoint(folder, respacing="100", var_type="learned_range", size="
     model = randomize(build_network("adm", size, flags))
     chain = make_diffusion("cosine", 1000, respacing)
     config = model_config({"arch": "adm", "size": size, "flags": flags}, chain, "cosine", var_type, True,
-                          (model.in_channels, model.image_size, model.image_size), None)
+                          (model.in_channels, model.image_size, model.image_size), None, v_bound="none")
     save_pretrained(folder, model, config)
     return model, chain
 
@@ -140,6 +140,7 @@ def test_cli_refuses_a_dit_checkpoint(tmp_path, capsys):
     model = build_network("dit", "DiT-tiny/2", {})
     chain = make_diffusion("cosine", 1000)
     save_pretrained(tmp_path / "ck", model, model_config({"arch": "dit", "size": "DiT-tiny/2", "flags": {}}, chain,
-                                                          "cosine", "learned_range", True, (1, 8, 8), None))
+                                                          "cosine", "learned_range", True, (1, 8, 8), None,
+                                                          v_bound="none"))
     assert cli_main(["export", "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "hf")]) == 2
     assert "DiT students do not map to diffusers" in capsys.readouterr().err
