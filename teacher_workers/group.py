@@ -231,7 +231,7 @@ class TeacherGroup:
             for i in range(n)
         ]
         ray.get([a.ping.remote() for a in self.actors])    # fail here (teacher file, device), not later
-        self._seen = {i: {"restarts": 0, "failures": 0} for i in range(n)}
+        self._seen: dict[int, dict] = {i: {"restarts": 0, "failures": 0} for i in range(n)}
         self._pings: dict[int, ray.ObjectRef] = {}
         self._dead: dict[int, str] = {}
         self._expired_claims = 0
@@ -271,13 +271,14 @@ class TeacherGroup:
         for i, seen in self._seen.items():
             now = ledger.get(i, {})
             if now.get("failures", 0) > seen["failures"]:
+                seen["cause"] = now.get("last_error")
                 logger.warning("teacher %d failed (%s); Ray restarts it unless its restarts are spent (ray.max_restarts=%d)",
-                               i, now.get("last_error"), self.cfg.ray.max_restarts)
+                               i, seen["cause"], self.cfg.ray.max_restarts)
             if now.get("restarts", 0) > seen["restarts"]:
-                cause = now.get("last_error") if now.get("failures", 0) > seen["failures"] else "its process died"
                 logger.warning("teacher %d restarted by Ray (restart %d of %d) after: %s; the slots it had claimed "
                                "return to REFILL when their claims expire (pool.claim_timeout_s=%g s)",
-                               i, now["restarts"], self.cfg.ray.max_restarts, cause, self.cfg.pool.claim_timeout_s)
+                               i, now["restarts"], self.cfg.ray.max_restarts, seen.pop("cause", None) or "its process died",
+                               self.cfg.pool.claim_timeout_s)
             seen.update(restarts=now.get("restarts", 0), failures=now.get("failures", 0))
         self._watch_claims()
         self._ping_all(ledger)

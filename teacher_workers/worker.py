@@ -150,7 +150,7 @@ class TeacherWorker:
 
     def _forward(self, x, t, y) -> RecordBatch:
         if self.fail_after_forwards is not None and self.forwards >= self.fail_after_forwards:
-            raise InjectedFault(f"teacher.fault: injected failure after {self.forwards} forwards")
+            raise InjectedFault(f"teacher.fault: injected after {self.fail_after_forwards} forwards")
         rec = teacher_record(self.teacher, x, t, y)
         self.forwards += len(t)
         metrics.inc(metrics.TEACHER_FORWARDS_TOTAL, len(t), worker=self.worker)

@@ -111,16 +111,19 @@ def test_sigkilled_teacher_restarts_and_run_finishes(cluster, tmp_path, caplog):
 def test_raising_teacher_is_restarted_logged_and_counted(cluster, tmp_path, caplog, capfd):
     from student_trainer.run import distill_on_ray
 
-    cfg = run_config(tmp_path, cluster, "traise", fault={"raise_after_forwards": 500, "incarnations": 1})
+    cfg = run_config(tmp_path, cluster, "traise", fault={"raise_after_forwards": 500, "incarnations": 1},
+                     claim_timeout_s=5.0)
     with caplog.at_level(logging.WARNING, logger="teacher_workers.group"):
         out = distill_on_ray(cfg)
     assert out["steps"] == 30
     (t0,) = out["teachers"]
     assert t0["restarts"] == 1 and t0["failures"] == 1
-    assert "teacher 0 failed (InjectedFault: teacher.fault: injected failure after 500 forwards)" in caplog.text
+    assert "teacher 0 failed (InjectedFault: teacher.fault: injected after 500 forwards)" in caplog.text
+    assert "teacher 0 restarted by Ray (restart 1 of 2) after: InjectedFault: teacher.fault: injected after 500 " \
+           "forwards" in caplog.text
     # the actor's own line, streamed from its process to the driver
     err = capfd.readouterr().err
-    assert "teacher 0: InjectedFault: teacher.fault: injected failure after 500 forwards; the actor exits and " \
+    assert "teacher 0: InjectedFault: teacher.fault: injected after 500 forwards; the actor exits and " \
            "Ray restarts it (2 restart(s) left)" in err
 
 
@@ -143,6 +146,6 @@ def test_teacher_with_restarts_spent_stops_the_run_in_one_line(cluster, tmp_path
     assert code == 1
     lines = [ln for ln in err.splitlines() if ln.startswith("dkdm: error:")]
     assert lines == ["dkdm: error: teacher 0 is dead and has no restarts left (ray.max_restarts=1): "
-                     "InjectedFault: teacher.fault: injected failure after 300 forwards"], err[-2000:]
+                     "InjectedFault: teacher.fault: injected after 300 forwards"], err[-2000:]
     assert "Traceback" not in err
     assert time.time() - start < cfg.pool.block_timeout_s      # stopped by the watcher, not by a trainer's timeout
