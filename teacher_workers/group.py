@@ -42,6 +42,9 @@ IDLE_POLL_S = 0.5
 RESTART_SEED_STRIDE = 100_003
 # How often a teacher tells the ledger its totals (what a SIGKILL loses from the final report).
 LEDGER_REPORT_S = 1.0
+# A loop stops after its current step (one micro-batch forward or a 0.5 s idle claim); one that has not
+# by then (restarting, failing again) is killed.
+STOP_TIMEOUT_S = 30.0
 
 logger = logging.getLogger(__name__)
 
@@ -316,15 +319,20 @@ class TeacherGroup:
                 pass                      # unavailable for now (a node lost, restarting): the next look tells
 
     def alive(self) -> str:
-        """``"1 of 2 teachers alive (teacher 1: ZeroDivisionError: ...)"``, for messages about an empty pool."""
+        """``"1 of 2 teachers alive (teacher 1: ZeroDivisionError: ...)"``, for messages about an empty pool:
+        the cause for each teacher not answering, the restarts and last error of each that failed before."""
         ledger = self._ledger()
         alive, notes = 0, []
         for i, a in enumerate(self.actors):
+            past = ledger.get(i, {})
             try:
                 ray.get(a.ping.remote(), timeout=5)
                 alive += 1
+                if past.get("restarts") or past.get("failures"):
+                    notes.append(f"teacher {i}: restarted {past.get('restarts', 0)} time(s), last cause: "
+                                 f"{past.get('last_error') or 'its process died'}")
             except Exception as err:  # noqa: BLE001 - dead, restarting, or not answering
-                notes.append(f"teacher {i}: {ledger.get(i, {}).get('last_error') or _death_cause(err)}")
+                notes.append(f"teacher {i}: {past.get('last_error') or _death_cause(err)}")
         return f"{alive} of {len(self.actors)} teachers alive" + (f" ({'; '.join(notes)})" if notes else "")
 
     def wait_until(self, predicate, timeout_s: float, poll_s: float = 0.2) -> bool:
@@ -340,7 +348,7 @@ class TeacherGroup:
         """Stop every loop (finishing its current micro-batch), then end the actors."""
         refs = [a.stop.remote() for a in self.actors]
         try:
-            ray.get(refs, timeout=120)
+            ray.get(refs, timeout=STOP_TIMEOUT_S)
         except Exception:  # noqa: BLE001, S110 - a dead actor has nothing to stop
             pass
         for a in self.actors + [self.ledger]:

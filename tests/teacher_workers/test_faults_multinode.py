@@ -145,7 +145,8 @@ def test_teacher_with_restarts_spent_stops_the_run_in_one_line(cluster, tmp_path
     err = capfd.readouterr().err
     assert code == 1
     lines = [ln for ln in err.splitlines() if ln.startswith("dkdm: error:")]
-    assert lines == ["dkdm: error: teacher 0 is dead and has no restarts left (ray.max_restarts=1): "
-                     "InjectedFault: teacher.fault: injected after 300 forwards"], err[-2000:]
+    expected = ("dkdm: error: teacher 0 is dead and has no restarts left (ray.max_restarts=1): "
+                "InjectedFault: teacher.fault: injected after 300 forwards")
+    assert lines == [expected], err[-2000:]
     assert "Traceback" not in err
     assert time.time() - start < cfg.pool.block_timeout_s      # stopped by the watcher, not by a trainer's timeout

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 import urllib.request
 
@@ -56,7 +55,7 @@ def test_group_fills_pool_and_refills_after_release(ray_cluster):
     cfg = tiny_config("grp_fill")
     pool, group = build(cfg, num_teachers=2)
     try:
-        full = lambda s: s.counts["READY"] == pool.num_slots  # noqa: E731
+        full = lambda s: s.counts["READY"] == pool.num_slots
         assert group.wait_until(full, 120), pool.stats().counts
         before = pool.stats().produced_total
         for _ in range(3):
@@ -97,6 +96,30 @@ def test_seeds_differ_per_worker():
     b.worker.refill_once(8, timeout_s=1)
     d = pool.draw(16, timeout_s=1)
     assert len(torch.unique(d.batch.x_t.flatten(1), dim=0)) == 16
+
+
+def test_pool_timeout_says_whether_teachers_are_alive(ray_cluster):
+    """A trainer that times out on an empty pool is told how many teachers are alive and what became of the others."""
+    from student_trainer.run import PoolStarved, fit_watching
+
+    cfg = tiny_config("grp_starve")
+    cfg.teacher.fault.raise_after_forwards = 0        # every incarnation fails at its first forward
+    cfg.ray.max_restarts = 20
+    pool, group = build(cfg, num_teachers=1)
+
+    class FirstDraw:
+        """What a Ray Train worker does first: draw a batch (the pool stays empty)."""
+
+        def fit(self):
+            pool.draw(16, timeout_s=3)
+
+    try:
+        with pytest.raises(PoolStarved, match=r"pool timed out after 3s waiting for .*: [01] of 1 teachers alive "
+                                              r"\(teacher 0: .*InjectedFault: teacher.fault: injected after 0 forwards"):
+            fit_watching(FirstDraw(), group)
+    finally:
+        group.stop()
+        pool.close()
 
 
 @pytest.mark.slow
