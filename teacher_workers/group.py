@@ -253,7 +253,9 @@ class TeacherGroup:
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError) as err:
                 h = {"worker": i, "running": False, "error": type(err).__name__, "records": 0, "forwards": 0,
                      "busy_s": 0.0, "restarts": ledger.get(i, {}).get("restarts", 0)}
-            earlier = [t for n, t in ledger.get(i, {}).get("incarnations", {}).items() if n != h.get("restarts") or not h["running"]]
+            answered = "pid" in h          # this incarnation's totals are its own, the ledger's may lag
+            earlier = [t for n, t in ledger.get(i, {}).get("incarnations", {}).items()
+                       if not answered or n != h["restarts"]]
             for key in ("records", "forwards", "busy_s"):
                 h[key] = h.get(key, 0) + sum(t[key] for t in earlier)
             h["failures"] = ledger.get(i, {}).get("failures", 0)
