@@ -56,6 +56,7 @@ class FaultConfig(_Strict):
 
     raise_after_forwards: int | None = Field(None, ge=0)   # a teacher's forward raises once it has made this many
     incarnations: int | None = Field(None, ge=1)           # only each actor's first n incarnations raise (None: all)
+    teachers: list[int] | None = None                      # only these teacher indices raise (None: all)
 
 
 class TeacherConfig(_Strict):

@@ -44,7 +44,7 @@ RESTART_SEED_STRIDE = 100_003
 LEDGER_REPORT_S = 1.0
 # A loop stops after its current step (one micro-batch forward or a 0.5 s idle claim); one that has not
 # by then (restarting, failing again) is killed.
-STOP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,8 @@ class TeacherActor:
         if self.restarts:
             metrics.inc(metrics.TEACHER_RESTARTS_TOTAL, self.restarts, worker=index)
         fault = cfg.teacher.fault
-        faulty = fault.raise_after_forwards is not None and (fault.incarnations is None or self.restarts < fault.incarnations)
+        faulty = (fault.raise_after_forwards is not None and (fault.teachers is None or index in fault.teachers)
+                  and (fault.incarnations is None or self.restarts < fault.incarnations))
         teacher = make_teacher(cfg.teacher)
         self.worker = TeacherWorker(teacher, pool, microbatch=cfg.distill.teacher_microbatch,
                                     seed=cfg.run.seed + RESTART_SEED_STRIDE * self.restarts,

@@ -1,11 +1,11 @@
 """Teacher faults during a real run on a multi-node Ray cluster (a head and two worker nodes, one per module).
 
 The run is ``student_trainer.run`` in this process (the driver), on the cluster by address:
-- a teacher SIGKILLed during the warm-up: Ray restarts it, its claims expire back to REFILL, the run
-  finishes, the pool's slot invariant holds (distill_on_ray checks it), the restart is counted;
-- a teacher whose code raises (``teacher.fault``, in the real forward path): the actor exits, Ray
-  restarts it, the error is logged and counted, the run finishes;
-- the same with its restarts spent: the driver stops the run with one line naming the error, exit 1.
+- one run where, during the warm-up, teacher 0 is SIGKILLed and teacher 1's code raises
+  (``teacher.fault``, in the real forward path): Ray restarts both, their claims expire back to
+  REFILL, the error is logged and counted, the run finishes, the pool's slot invariant holds
+  (distill_on_ray checks it), restarts and failures are counted;
+- a teacher failing with its restarts spent: the driver stops the run with one line naming the error, exit 1.
 """
 
 from __future__ import annotations
@@ -86,12 +86,14 @@ def kill_during_warmup(actor_name: str, out: dict) -> None:
         time.sleep(0.05)
 
 
-def test_sigkilled_teacher_restarts_and_run_finishes(cluster, tmp_path, caplog):
+def test_killed_and_raising_teachers_restart_and_the_run_finishes(cluster, tmp_path, caplog, capfd):
+    """One run, both faults during the warm-up: teacher 0 SIGKILLed, teacher 1's forward raises (first incarnation)."""
     from student_trainer.run import distill_on_ray
 
-    cfg = run_config(tmp_path, cluster, "tkill", T=200, num_teachers=2, claim_timeout_s=5.0)
+    cfg = run_config(tmp_path, cluster, "tfault", T=200, num_teachers=2, claim_timeout_s=5.0,
+                     fault={"raise_after_forwards": 3000, "incarnations": 1, "teachers": [1]})
     killed: dict = {}
-    killer = threading.Thread(target=kill_during_warmup, args=("dkdm_teacher.tkill.0", killed), daemon=True)
+    killer = threading.Thread(target=kill_during_warmup, args=("dkdm_teacher.tfault.0", killed), daemon=True)
     killer.start()
     with caplog.at_level(logging.WARNING, logger="teacher_workers.group"):
         out = distill_on_ray(cfg)
@@ -99,32 +101,19 @@ def test_sigkilled_teacher_restarts_and_run_finishes(cluster, tmp_path, caplog):
     assert "pid" in killed
     assert out["steps"] == 30
     t0, t1 = out["teachers"]
-    assert t0["restarts"] == 1 and t1["restarts"] == 0
+    assert (t0["restarts"], t0["failures"]) == (1, 0)
+    assert (t1["restarts"], t1["failures"]) == (1, 1)
     assert t0["records"] > 0 and t1["records"] > 0
-    # the killed incarnation's open warm-up claims went back to REFILL at their deadline, and the log said so
+    # the dead incarnations' open warm-up claims went back to REFILL at their deadline, and the log said so
     assert out["pool"]["expired_claims"] >= 1
     logs = caplog.text
-    assert "teacher 0 restarted by Ray (restart 1 of 2) after: its process died" in logs
     assert "claimed slot(s) expired back to REFILL" in logs
-
-
-def test_raising_teacher_is_restarted_logged_and_counted(cluster, tmp_path, caplog, capfd):
-    from student_trainer.run import distill_on_ray
-
-    cfg = run_config(tmp_path, cluster, "traise", fault={"raise_after_forwards": 500, "incarnations": 1},
-                     claim_timeout_s=5.0)
-    with caplog.at_level(logging.WARNING, logger="teacher_workers.group"):
-        out = distill_on_ray(cfg)
-    assert out["steps"] == 30
-    (t0,) = out["teachers"]
-    assert t0["restarts"] == 1 and t0["failures"] == 1
-    assert "teacher 0 failed (InjectedFault: teacher.fault: injected after 500 forwards)" in caplog.text
-    assert "teacher 0 restarted by Ray (restart 1 of 2) after: InjectedFault: teacher.fault: injected after 500 " \
-           "forwards" in caplog.text
+    assert "teacher 0 restarted by Ray (restart 1 of 2) after: its process died" in logs
+    error = "InjectedFault: teacher.fault: injected after 3000 forwards"
+    assert f"teacher 1 failed ({error})" in logs
+    assert f"teacher 1 restarted by Ray (restart 1 of 2) after: {error}" in logs
     # the actor's own line, streamed from its process to the driver
-    err = capfd.readouterr().err
-    assert "teacher 0: InjectedFault: teacher.fault: injected after 500 forwards; the actor exits and " \
-           "Ray restarts it (2 restart(s) left)" in err
+    assert f"teacher 1: {error}; the actor exits and Ray restarts it (2 restart(s) left)" in capfd.readouterr().err
 
 
 def test_teacher_with_restarts_spent_stops_the_run_in_one_line(cluster, tmp_path, capfd):
