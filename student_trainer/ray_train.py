@@ -33,7 +33,9 @@ from common.config import Config, config_from_dict
 from common.diffusion import Diffusion
 from common.images import save_grid, save_npz
 from common.pool.base import Pool
+from common.seeds import eval_seed, student_init_seed
 from common.teachers.base import Teacher
+from common.teachers.latent import decode_latents, load_autoencoder, teacher_autoencoder_record
 from student_trainer.checkpoints import load_checkpoint, model_config, save_checkpoint
 from student_trainer.sampling import sample_images
 from student_trainer.student import build_student, student_var_type
@@ -52,11 +54,13 @@ class TeacherSpec:
     learned_variance: bool
     clip_denoised: bool
     identity: dict
+    autoencoder: dict | None = None     # a latent teacher's autoencoder_record: decodes the samples
 
     @classmethod
     def of(cls, teacher: Teacher, schedule: str) -> "TeacherSpec":
         return cls(teacher.diffusion, schedule, tuple(teacher.image_shape), teacher.num_classes, teacher.var_type,
-                   teacher.learned_variance, teacher.clip_denoised, teacher.identity())
+                   teacher.learned_variance, teacher.clip_denoised, teacher.identity(),
+                   teacher_autoencoder_record(teacher))
 
 
 class _CheckpointFolder:
@@ -89,7 +93,7 @@ class DDPStudentTrainer(StudentTrainer):
 
 
 def build_trainer(cfg: Config, spec: TeacherSpec, device: torch.device) -> tuple[DDPStudentTrainer, dict]:
-    torch.manual_seed(cfg.run.seed)     # same initial weights on every rank (and as the single-process run)
+    torch.manual_seed(student_init_seed(cfg.run.seed))   # same initial weights on every rank (and as the single-process run)
     model, student_config = build_student(cfg.student, spec.image_shape, spec.learned_variance, spec.num_classes)
     trainer = DDPStudentTrainer.from_config(model, spec.diffusion, cfg.distill, student_var_type(spec), device)
     trainer.wrap(trainer.model)
@@ -98,7 +102,8 @@ def build_trainer(cfg: Config, spec: TeacherSpec, device: torch.device) -> tuple
 
 def checkpoint_config(student_config: dict, spec: TeacherSpec, trainer: StudentTrainer) -> dict:
     return model_config(student_config, spec.diffusion, spec.schedule, trainer.var_type, spec.clip_denoised,
-                        spec.image_shape, spec.num_classes, teacher_identity=spec.identity)
+                        spec.image_shape, spec.num_classes, v_bound=trainer.v_bound, teacher_identity=spec.identity,
+                        autoencoder=spec.autoencoder)
 
 
 def write_checkpoint(folder: Path, trainer: StudentTrainer, config: dict, pool: Pool | None) -> None:
@@ -228,10 +233,19 @@ def report(trainer: StudentTrainer, ck_config: dict, pool: Pool, rank: int, out:
                          checkpoint_dir_name=f"checkpoint_{trainer.step:07d}")
 
 
+def spec_decoder(spec: TeacherSpec, device):
+    """A latent teacher's decoder, its autoencoder loaded on this worker from the recorded folder; None in pixel space."""
+    if spec.autoencoder is None:
+        return None
+    ae = load_autoencoder(spec.autoencoder["path"], spec.autoencoder["sha256"]).to(device)
+    return lambda z: decode_latents(ae, z)
+
+
 def write_samples(cfg: Config, spec: TeacherSpec, trainer: StudentTrainer, run_root: Path, device) -> Path:
     """EMA samples -> samples/final.png (grid), final.npz (uint8, ADM layout) and final_float.npy ([N, C, H, W])."""
     x, y = sample_images(trainer.ema_model(), spec.diffusion, trainer.var_type, cfg.sample, spec.image_shape,
-                         spec.num_classes, seed=cfg.run.seed, device=device, clip_denoised=spec.clip_denoised)
+                         spec.num_classes, seed=eval_seed(cfg.run.seed), device=device, clip_denoised=spec.clip_denoised,
+                         v_bound=trainer.v_bound, decode=spec_decoder(spec, device))
     folder = run_root / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     save_npz(x, folder / "final.npz", labels=y)

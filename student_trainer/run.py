@@ -33,7 +33,7 @@ from pathlib import Path
 
 from common import metrics
 from common.config import Config, config_from_dict, load_config
-from student_trainer.cli import UserError, add_config_args, report, run_cli
+from student_trainer.cli import UserError, add_config_args, config_path, report, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NAME = "train"       # Ray Train's run name inside the run folder: <out_dir>/<run.name>/train/checkpoint_*
@@ -65,7 +65,7 @@ def load_run_config(path: str | None, overrides: list[str]) -> Config:
             key, value = parse_override(item)
             _set_dotted(tree, key, value)
         return config_from_dict(tree)
-    cfg = load_config(path, overrides)
+    cfg = load_config(config_path(path), overrides)
     if "backend" not in cfg.pool.model_fields_set:
         cfg.pool.backend = "ray"
     return cfg
