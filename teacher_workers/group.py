@@ -164,7 +164,7 @@ class TeacherActor:
         if self.ledger is not None:
             try:
                 ray.get(self.ledger.failed.remote(self.index, self.restarts, error, self.totals()), timeout=10)
-            except Exception:  # noqa: BLE001, S110 - the driver then names Ray's cause of death instead
+            except Exception:  # noqa: BLE001 - the driver then names Ray's cause of death instead
                 pass
         os._exit(1)
 
@@ -353,12 +353,12 @@ class TeacherGroup:
         refs = [a.stop.remote() for a in self.actors]
         try:
             ray.get(refs, timeout=STOP_TIMEOUT_S)
-        except Exception:  # noqa: BLE001, S110 - a dead actor has nothing to stop
+        except Exception:  # noqa: BLE001 - a dead actor has nothing to stop
             pass
         for a in self.actors + [self.ledger]:
             try:
                 ray.kill(a, no_restart=True)
-            except Exception:  # noqa: BLE001, S110 - already gone
+            except Exception:  # noqa: BLE001 - already gone
                 pass
         self.actors = []
 

@@ -55,7 +55,7 @@ def test_group_fills_pool_and_refills_after_release(ray_cluster):
     cfg = tiny_config("grp_fill")
     pool, group = build(cfg, num_teachers=2)
     try:
-        full = lambda s: s.counts["READY"] == pool.num_slots
+        full = lambda s: s.counts["READY"] == pool.num_slots  # noqa: E731
         assert group.wait_until(full, 120), pool.stats().counts
         before = pool.stats().produced_total
         for _ in range(3):
