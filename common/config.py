@@ -51,6 +51,14 @@ class AnalyticConfig(_Strict):
     class_conditional: bool = False       # labels y are the mixture components (num_classes = K)
 
 
+class FaultConfig(_Strict):
+    """Fault injection for the tests of the service's recovery (docs/faults.md); off unless set."""
+
+    raise_after_forwards: int | None = Field(None, ge=0)   # a teacher's forward raises once it has made this many
+    incarnations: int | None = Field(None, ge=1)           # only each actor's first n incarnations raise (None: all)
+    teachers: list[int] | None = None                      # only these teacher indices raise (None: all)
+
+
 class TeacherConfig(_Strict):
     kind: Literal["analytic", "guided_diffusion", "diffusers", "dkdm"] = "analytic"
     path: str | None = None               # checkpoint file or folder (local only)
@@ -59,6 +67,7 @@ class TeacherConfig(_Strict):
     analytic: AnalyticConfig = Field(default_factory=AnalyticConfig)
     use_ema: bool = True                  # dkdm checkpoints: load ema.safetensors when present
     device: str = "auto"
+    fault: FaultConfig = Field(default_factory=FaultConfig)
 
     @model_validator(mode="after")
     def _path_needed(self):

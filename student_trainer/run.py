@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -260,9 +261,10 @@ def distill_on_ray(cfg: Config) -> dict:
                                  failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)))
         t0 = time.time()
-        result = trainer.fit()
+        result = fit_watching(trainer, group)
         health = group.health() if group is not None else []
         stats = pool.stats()
+        stats.check_invariant()
     finally:
         if monitor is not None:
             monitor.stop()
@@ -286,8 +288,41 @@ def distill_on_ray(cfg: Config) -> dict:
             "resumed_from": resume_from.name if resume_from else None,
             "pool": {"produced": stats.produced_total, "consumed": stats.consumed_total,
                      "expired_claims": stats.expired_claims_total},
-            "teachers": [{k: h.get(k) for k in ("worker", "records", "forwards", "busy_fraction", "restarts")}
+            "teachers": [{k: h.get(k) for k in ("worker", "records", "forwards", "busy_fraction", "restarts", "failures")}
                          for h in health]}
+
+
+def fit_watching(trainer, group, interval_s: float = 1.0):
+    """``trainer.fit()`` while the driver watches the teachers (``TeacherGroup.watch``: restarts logged as
+    they happen, TeacherFailed once a teacher's restarts are spent). Ray Train runs in a daemon thread,
+    as under Tune, so that the driver can stop the run whatever Ray Train is waiting for. A trainer that
+    timed out on an empty pool is told with the teachers' state (PoolStarved)."""
+    box: dict = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - handed to the driver's thread below
+            box["error"] = err
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(interval_s)
+        if group is not None and thread.is_alive():
+            group.watch()
+    err = box.get("error")
+    if err is None:
+        return box["result"]
+    timeout = re.search(r"pool timed out after [^\n]*", str(err))
+    if timeout is None:
+        raise err
+    teachers = group.alive() if group is not None else "teachers run elsewhere (attached pool)"
+    raise PoolStarved(f"a trainer's draw failed, {timeout.group(0).rstrip('.')}: {teachers}") from None
+
+
+class PoolStarved(RuntimeError):
+    """The trainers timed out on an empty pool (one line that says whether teachers are alive)."""
 
 
 def _teacher_running(cfg: Config) -> bool:
@@ -315,8 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from teacher_workers.group import TeacherFailed
+
     args = build_parser().parse_args(argv)
-    return run_cli(cmd_run, args)
+    try:
+        return run_cli(cmd_run, args)
+    except (TeacherFailed, PoolStarved) as err:     # the service cannot go on: one line, no traceback
+        if os.environ.get("DKDM_DEBUG"):
+            raise
+        print(f"dkdm: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
