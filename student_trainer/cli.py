@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from importlib import resources
@@ -61,6 +62,17 @@ def config_path(value: str | None) -> str | None:
 def add_log_level(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level of the library (default INFO)")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """The library logs through ``logging``; the CLI shows it on stderr, one line per record.
+
+    Ray's worker processes keep their own handlers (their lines reach the driver prefixed by Ray).
+    """
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    for noisy in ("urllib3", "filelock", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -180,11 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_configs)
     from student_trainer.pool_cli import add_pool_parser
     add_pool_parser(sub)
+    for p in sub.choices.values():
+        add_log_level(p)
     return parser
 
 
 def run_cli(fn, args) -> int:
     """Run ``fn(args)``; user errors become one line on stderr and exit status 2."""
+    setup_logging(getattr(args, "log_level", "INFO"))
     try:
         fn(args)
     except _user_errors() as err:

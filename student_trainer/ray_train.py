@@ -19,6 +19,7 @@ first case and restored by the driver (student_trainer/run.py) in the second.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,6 +39,8 @@ from student_trainer.checkpoints import load_checkpoint, model_config, save_chec
 from student_trainer.sampling import sample_images
 from student_trainer.student import build_student, student_var_type
 from student_trainer.trainer import StudentTrainer, record_step_metrics
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -172,7 +175,7 @@ def train_loop(config: dict) -> None:
         with ck.as_directory() as folder:
             restore_trainer(Path(folder), trainer)
         if rank == 0:
-            print(f"resumed the student at step {trainer.step} from {ck.path}")
+            logger.info("resumed the student at step %d from %s", trainer.step, ck.path)
     if world > 1:
         trainer.wrap(ray.train.torch.prepare_model(trainer.model, move_to_device=False))
     ck_config = checkpoint_config(student_config, spec, trainer)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from common import metrics
 from common.config import Config, config_from_dict, load_config
-from student_trainer.cli import UserError, add_config_args, config_path, report, run_cli
+from student_trainer.cli import UserError, add_config_args, add_log_level, config_path, report, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NAME = "train"       # Ray Train's run name inside the run folder: <out_dir>/<run.name>/train/checkpoint_*
@@ -304,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m student_trainer.run",
                                 description="DKDM as a Ray service: teacher actors, a shared pool, Ray Train students")
     add_config_args(p)
+    add_log_level(p)
     return p
 
 
