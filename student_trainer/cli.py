@@ -90,11 +90,15 @@ def resolve(args) -> Config | None:
     return cfg
 
 
+REPORTED_PATHS = ("run_dir", "checkpoint", "samples", "comparison", "loss_curve", "metrics", "export")
+
+
 def report(result: dict) -> None:
-    for key in ("run_dir", "checkpoint", "samples", "metrics"):
+    """The CLI's final report: where the results are, then the rest as one JSON line."""
+    for key in REPORTED_PATHS:
         if key in result:
             print(f"{key:>10}: {result[key]}")
-    extra = {k: v for k, v in result.items() if k not in ("run_dir", "checkpoint", "samples", "metrics")}
+    extra = {k: v for k, v in result.items() if k not in REPORTED_PATHS}
     if extra:
         print(json.dumps(extra))
 
@@ -103,14 +107,18 @@ def cmd_distill(args) -> None:
     cfg = resolve(args)
     if cfg is not None:
         from student_trainer.distill import distill
-        report(distill(cfg))
+        from student_trainer.report import finish
+        result = distill(cfg)
+        report(finish(cfg, result, result["run_dir"]))
 
 
 def cmd_train(args) -> None:
     cfg = resolve(args)
     if cfg is not None:
         from student_trainer.baselines import train_on_data
-        report(train_on_data(cfg))
+        from student_trainer.report import finish
+        result = train_on_data(cfg)
+        report(finish(cfg, result, result["run_dir"], distilled=False))
 
 
 def cmd_synth(args) -> None:

@@ -297,7 +297,9 @@ def cmd_run(args) -> None:
     if args.dry_run:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return
-    report(distill_on_ray(cfg))
+    from student_trainer.report import finish
+    result = distill_on_ray(cfg)
+    report(finish(cfg, result, result["run_dir"]))
 
 
 def build_parser() -> argparse.ArgumentParser:
