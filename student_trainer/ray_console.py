@@ -1,0 +1,48 @@
+"""The driver's console under Ray: what Ray prints on its own and no setting silences is dropped here.
+
+Ray forwards every worker's stdout/stderr to the driver through one dispatcher
+(``ray._private.ray_logging.global_worker_stdstream_dispatcher``, handler ``"ray_print_logs"``,
+installed by ``ray.init(log_to_driver=True)``). ``install_log_filter`` wraps that handler and drops
+the lines matching ``RAY_NOISE``, each an error-level line Ray logs about its own actors when nothing
+is wrong; every other line is printed as Ray prints it.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Ray Train's TrainController starts its PreemptionWatcher (max_restarts=-1) with actor handles as
+# constructor arguments, and the core worker (core_worker.cc) logs that as an error on every run.
+# The project's own restartable actors are started without such arguments instead.
+RAY_NOISE = (
+    re.compile(r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' .*constructor arguments "
+               r"in the object store"),
+)
+
+_HANDLER = "ray_print_logs"
+
+
+def is_noise(line: str) -> bool:
+    return any(p.search(line) for p in RAY_NOISE)
+
+
+def install_log_filter() -> bool:
+    """Wrap Ray's worker-log printer with the ``RAY_NOISE`` filter; False when Ray prints no worker logs."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    with dispatcher._lock:
+        for i, (name, handler) in enumerate(dispatcher.handlers):
+            if name == _HANDLER and not getattr(handler, "filters_ray_noise", False):
+                dispatcher.handlers[i] = (name, _filtered(handler))
+                return True
+    return False
+
+
+def _filtered(handler):
+    def handle(data: dict) -> None:
+        lines = [line for line in data.get("lines", []) if not is_noise(line)]
+        if lines or not data.get("lines"):
+            handler(dict(data, lines=lines))
+
+    handle.filters_ray_noise = True
+    return handle
