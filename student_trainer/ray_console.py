@@ -3,8 +3,9 @@
 Ray forwards every worker's stdout/stderr to the driver through one dispatcher
 (``ray._private.ray_logging.global_worker_stdstream_dispatcher``, handler ``"ray_print_logs"``,
 installed by ``ray.init(log_to_driver=True)``). ``install_log_filter`` wraps that handler and drops
-the lines matching ``RAY_NOISE``, each an error-level line Ray logs about its own actors when nothing
-is wrong; every other line is printed as Ray prints it.
+the lines matching ``RAY_NOISE`` (and the tracebacks under ``RAY_NOISE_WITH_TRACEBACK``), each
+something Ray logs about its own machinery when nothing is wrong; every other line is printed as Ray
+prints it.
 """
 
 from __future__ import annotations
@@ -19,11 +20,35 @@ RAY_NOISE = (
                r"in the object store"),
 )
 
+# Ray Train's controller asks its autoscaling coordinator for resources with a fixed 5 s timeout
+# (AUTOSCALING_REQUESTS_GET_TIMEOUT_S in autoscaling_coordinator_client.py, no setting) and, when the
+# CPU is too busy to answer in time, logs a warning "safe to ignore" with the GetTimeoutError's
+# traceback. The warning line and the traceback under it are dropped; the request is retried.
+RAY_NOISE_WITH_TRACEBACK = (
+    re.compile(r"Failed to send resource request for train-\S+\. If this only happens transiently"),
+)
+_TRACEBACK_LINE = re.compile(r"^(Traceback \(most recent call last\):|\s|ray\.exceptions\.GetTimeoutError\b)")
+
 _HANDLER = "ray_print_logs"
 
 
 def is_noise(line: str) -> bool:
     return any(p.search(line) for p in RAY_NOISE)
+
+
+def drop_noise(lines: list[str]) -> list[str]:
+    """``lines`` without the ``RAY_NOISE`` lines and the ``RAY_NOISE_WITH_TRACEBACK`` blocks."""
+    kept, in_block = [], False
+    for line in lines:
+        if any(p.search(line) for p in RAY_NOISE_WITH_TRACEBACK):
+            in_block = True
+            continue
+        if in_block and _TRACEBACK_LINE.match(line):
+            continue
+        in_block = False
+        if not is_noise(line):
+            kept.append(line)
+    return kept
 
 
 def install_log_filter() -> bool:
@@ -40,7 +65,7 @@ def install_log_filter() -> bool:
 
 def _filtered(handler):
     def handle(data: dict) -> None:
-        lines = [line for line in data.get("lines", []) if not is_noise(line)]
+        lines = drop_noise(data.get("lines", []))
         if lines or not data.get("lines"):
             handler(dict(data, lines=lines))
 

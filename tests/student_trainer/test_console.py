@@ -9,12 +9,15 @@ shows; where ``unshare`` can give the job its own process namespace (root), the 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def run_in_pty(argv: list[str], cwd: Path, env: dict, timeout_s: float) -> tuple[int, str]:
     """Run ``argv`` with a pseudo-terminal as stdin/stdout/stderr -> (exit status, everything it wrote)."""
     master, slave = pty.openpty()
+    # A terminal 120 columns wide (a fresh pty has none, and progress bars draw to its width).
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
     chunks = []
@@ -79,3 +84,18 @@ def test_only_rays_own_noise_is_filtered():
     handle({"lines": [noise, ours, "pool warm"], "pid": 1})
     handle({"lines": [noise], "pid": 1})
     assert [d["lines"] for d in printed] == [[ours, "pool warm"]]
+
+
+def test_rays_safe_to_ignore_resource_request_traceback_is_dropped_whole():
+    from student_trainer.ray_console import drop_noise
+
+    block = ["Failed to send resource request for train-ce2f. If this only happens transiently during network "
+             "partition or CPU being overloaded, it's safe to ignore this error.",
+             "Traceback (most recent call last):",
+             '  File "autoscaling_coordinator_client.py", line 58, in send_resource_request',
+             "    ray.get(",
+             "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready."]
+    after = "Attempting to start training worker group of size 1"
+    assert drop_noise(["before", *block, after]) == ["before", after]
+    other = ["Traceback (most recent call last):", '  File "x.py", line 1', "ValueError: real"]
+    assert drop_noise(other) == other
