@@ -74,6 +74,14 @@ def load_run_config(path: str | None, overrides: list[str]) -> Config:
     return cfg
 
 
+def service_num_slots(cfg: Config, num_timesteps: int) -> int:
+    """|B+| of the service: round(rho * T) * b slots per trainer worker (b its batch), so each worker draws
+    from the paper's B+ as each rank of the reference holds its own; ``pool.num_slots`` is the whole pool's."""
+    from student_trainer.distill import num_slots_for
+    n = num_slots_for(cfg, num_timesteps)
+    return n if cfg.pool.num_slots is not None else n * cfg.ray.num_workers
+
+
 def check_sizes(cfg: Config, num_slots: int) -> None:
     """Every worker holds up to two batches (the one it trains on and the prefetched one)."""
     need = 2 * cfg.distill.batch_size * cfg.ray.num_workers
@@ -228,7 +236,6 @@ def distill_on_ray(cfg: Config) -> dict:
     from ray.train.torch import TorchTrainer
 
     from common.teachers import make_teacher
-    from student_trainer.distill import num_slots_for
     from student_trainer.ray_train import TeacherSpec, train_loop
     from student_trainer.run_dir import RunDir
     from teacher_workers.group import TeacherGroup
@@ -238,7 +245,7 @@ def distill_on_ray(cfg: Config) -> dict:
     run = RunDir(cfg)
     teacher = make_teacher(cfg.teacher, "cpu")
     spec = TeacherSpec.of(teacher, cfg.teacher.diffusion.schedule)
-    num_slots = num_slots_for(cfg, spec.diffusion.num_timesteps)
+    num_slots = service_num_slots(cfg, spec.diffusion.num_timesteps)
     from common.pool.identity import teacher_pool_identity
     identity = teacher_pool_identity(teacher, num_slots, cfg.pool.storage_dtype, cfg.pool.rho, cfg.pool.samples_per_insert)
     check_sizes(cfg, num_slots)
