@@ -19,6 +19,7 @@ first case and restored by the driver (student_trainer/run.py) in the second.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +41,8 @@ from student_trainer.checkpoints import load_checkpoint, model_config, save_chec
 from student_trainer.sampling import sample_images
 from student_trainer.student import build_student, student_var_type
 from student_trainer.trainer import StudentTrainer, record_step_metrics
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -144,16 +147,6 @@ class Prefetcher:
         self.executor.shutdown(wait=False)
 
 
-def _progress(cfg: Config, start: int, rank: int):
-    if rank != 0 or not cfg.run.progress:
-        return None
-    try:
-        from ray.experimental.tqdm_ray import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=cfg.distill.steps, desc="distill", position=0)
-
-
 def train_loop(config: dict) -> None:
     """Ray Train's train_loop_per_worker. ``config``: cfg (dict), pool (RayPool or any picklable Pool), spec, run_root."""
     import ray.train
@@ -177,7 +170,7 @@ def train_loop(config: dict) -> None:
         with ck.as_directory() as folder:
             restore_trainer(Path(folder), trainer)
         if rank == 0:
-            print(f"resumed the student at step {trainer.step} from {ck.path}")
+            logger.info("resumed the student at step %d from %s", trainer.step, ck.path)
     if world > 1:
         trainer.wrap(ray.train.torch.prepare_model(trainer.model, move_to_device=False))
     ck_config = checkpoint_config(student_config, spec, trainer)
@@ -185,7 +178,6 @@ def train_loop(config: dict) -> None:
     # 2. Algorithm 1: draw (prefetched), step, release; the teachers refill in their own processes.
     d, b = cfg.distill, cfg.distill.batch_size
     metrics_path = run_root / "metrics.jsonl"
-    bar = _progress(cfg, trainer.step, rank)
     fetch = Prefetcher(pool, b, cfg.pool.block_timeout_s, cfg.pool.group)   # issue 8: this job's consumer group
     t_start, s_start, out = time.perf_counter(), trainer.step, {}
     try:
@@ -205,14 +197,10 @@ def train_loop(config: dict) -> None:
             if rank == 0 and (trainer.step % cfg.run.log_every == 0 or trainer.step == d.steps):
                 with metrics_path.open("a") as f:
                     f.write(json.dumps({"time": time.time(), **out}) + "\n")
-            if bar is not None:
-                bar.update(1)
             if cfg.run.ckpt_every and trainer.step % cfg.run.ckpt_every == 0 and trainer.step < d.steps:
                 report(trainer, ck_config, pool, rank, out)
     finally:
         fetch.close()
-        if bar is not None:
-            bar.close()
 
     # 3. Final checkpoint and sample grid (rank 0).
     if rank == 0:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -33,8 +34,11 @@ from pathlib import Path
 
 from common import metrics
 from common.config import Config, config_from_dict, load_config
-from student_trainer.cli import UserError, add_config_args, config_path, report, run_cli
+from student_trainer.cli import UserError, add_config_args, add_log_level, config_path, report, run_cli
 
+from student_trainer.ray_console import install_log_filter
+
+logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NAME = "train"       # Ray Train's run name inside the run folder: <out_dir>/<run.name>/train/checkpoint_*
 
@@ -99,11 +103,15 @@ def connect(cfg: Config) -> str:
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}}
     if address:
         ray.init(address=address, log_to_driver=True)
+        install_log_filter()
         return address
     r = cfg.ray
     need = r.num_teachers * r.teacher_num_cpus + r.num_workers * r.worker_num_cpus + 1
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False,
-             runtime_env=env, log_to_driver=True)
+    # The dashboard serves the State API, which Ray Train's PlacementGroupCleaner polls every second:
+    # without it the cleaner warns on every poll and its stop times out when the run ends.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=True,
+             dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=True)
+    install_log_filter()
     return "local"
 
 
@@ -116,10 +124,15 @@ def latest_checkpoint(storage: Path) -> Path | None:
 
 
 class PoolMonitor:
-    """Driver thread: warm-up progress, then the pool's stats as Prometheus metrics every ``interval_s``."""
+    """Driver thread: the pool's stats as Prometheus metrics every ``interval_s``, and the run's two
+    progress bars, drawn here in the driver's terminal: the warm-up (READY slots), then training
+    (steps = records consumed / global batch; the workers draw no bars of their own, which Ray would
+    print as one log line per update)."""
 
-    def __init__(self, pool, progress: bool, interval_s: float = 1.0):
+    def __init__(self, pool, progress: bool, interval_s: float = 1.0, steps: int = 0, global_batch: int = 1,
+                 step0: int = 0):
         self.pool, self.progress, self.interval_s = pool, progress, interval_s
+        self.steps, self.global_batch, self.step0 = steps, global_batch, step0
         self.warm_s: float | None = None
         self._prev: dict[str, float] = {}
         self._stop = threading.Event()
@@ -134,20 +147,28 @@ class PoolMonitor:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        t0, bar = time.time(), None
+        t0, bar, consumed0 = time.time(), None, None
         while not self._stop.is_set():
             try:
                 st = self.pool.stats()
             except Exception:  # noqa: BLE001 - the pool is going away
-                return
+                break
             export_pool_stats(st, self._prev)
+            if self.warm_s is not None and self.progress and self.steps:
+                if bar is None:
+                    from tqdm import tqdm
+                    consumed0 = st.consumed_total
+                    bar = tqdm(total=self.steps, initial=self.step0, desc="distill", unit="step", dynamic_ncols=True)
+                bar.n = min(self.steps, self.step0 + (st.consumed_total - consumed0) // self.global_batch)
+                bar.refresh()
             if self.warm_s is None:
                 if st.warm:
                     self.warm_s = time.time() - t0
                     if bar is not None:
                         bar.n = bar.total
                         bar.close()
-                    print(f"pool warm: {st.num_slots} slots READY after {self.warm_s:.1f}s", flush=True)
+                        bar = None
+                    logger.info("pool warm: %d slots READY after %.1fs", st.num_slots, self.warm_s)
                 elif self.progress:
                     if bar is None:
                         from tqdm import tqdm
@@ -156,6 +177,8 @@ class PoolMonitor:
                     bar.set_postfix(records_per_s=f"{st.produced_total / max(time.time() - t0, 1e-9):.0f}")
                     bar.refresh()
             self._stop.wait(self.interval_s)
+        if bar is not None:
+            bar.close()
 
 
 def export_pool_stats(st, prev: dict[str, float]) -> None:
@@ -234,13 +257,15 @@ def distill_on_ray(cfg: Config) -> dict:
     where = connect(cfg)
     if cfg.metrics.enabled:
         port = metrics.serve_and_register("driver", 0, cfg.metrics.port)
-        print(f"metrics: driver endpoint on port {port} (file_sd targets in {os.environ.get('DKDM_METRICS_SD_DIR', '/tmp/dkdm/prom_sd')})")
+        logger.info("metrics: driver endpoint on port %d (file_sd targets in %s)", port,
+                    os.environ.get("DKDM_METRICS_SD_DIR", "/tmp/dkdm/prom_sd"))
     pool, created = open_pool(cfg, spec, num_slots, identity)
     group = monitor = None
     try:
         if resume_from is not None and created:
             pool.restore(str(resume_from / "pool.snapshot"))
-            print(f"resuming {run.root} from {resume_from.name}: pool restored ({num_slots} slots, no warm-up)")
+            logger.info("resuming %s from %s: pool restored (%d slots, no warm-up)", run.root, resume_from.name,
+                        num_slots)
         if cfg.pool.group is not None:    # issue 8: share the pool with other jobs as a consumer group
             pool.attach_group(cfg.pool.group, cfg.pool.group_policy, cfg.pool.group_max_lag)
         teachers_running = not created and _teacher_running(cfg)
@@ -248,7 +273,9 @@ def distill_on_ray(cfg: Config) -> dict:
             step0 = int(json.loads((resume_from / "trainer_state.json").read_text())["step"]) if resume_from else 0
             group = TeacherGroup(cfg.model_copy(update={"run": cfg.run.model_copy(update={"seed": cfg.run.seed + 7919 * step0})}),
                                  pool)
-        monitor = PoolMonitor(pool, cfg.run.progress).start()
+        step0 = int(json.loads((resume_from / "trainer_state.json").read_text())["step"]) if resume_from else 0
+        monitor = PoolMonitor(pool, cfg.run.progress, steps=cfg.distill.steps,
+                              global_batch=cfg.distill.batch_size * cfg.ray.num_workers, step0=step0).start()
 
         # 3. Ray Train: the student workers.
         use_gpu = cfg.ray.use_gpu
@@ -339,13 +366,16 @@ def cmd_run(args) -> None:
     if args.dry_run:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return
-    report(distill_on_ray(cfg))
+    from student_trainer.report import finish
+    result = distill_on_ray(cfg)
+    report(finish(cfg, result, result["run_dir"]))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m student_trainer.run",
                                 description="DKDM as a Ray service: teacher actors, a shared pool, Ray Train students")
     add_config_args(p)
+    add_log_level(p)
     return p
 
 

@@ -93,7 +93,12 @@ class TeacherActor:
     failure counted) so that Ray restarts the actor: never a live actor with a dead loop.
     """
 
-    def __init__(self, cfg: Config, pool: Pool, index: int, ledger=None, start: bool = True):
+    def __init__(self, cfg: Config, pool: Pool | str, index: int, ledger=None, start: bool = True):
+        if isinstance(pool, str):             # a Ray pool's name (TeacherGroup: no handles in restartable actors' args)
+            from common.pool.ray_backend import RayPool
+            pool = RayPool.attach(pool)
+        if isinstance(ledger, str):
+            ledger = ray.get_actor(ledger)
         self.cfg, self.pool, self.index, self.ledger = cfg, pool, index, ledger
         self.restarts = failures = 0
         if ledger is not None:
@@ -225,14 +230,17 @@ class TeacherGroup:
         self.cfg, self.pool = cfg, pool
         n = cfg.ray.num_teachers if num_teachers is None else num_teachers
         r = cfg.ray
-        self.ledger = ray.remote(TeacherLedger).options(num_cpus=0).remote()
+        ledger_name = f"dkdm_teacher_ledger.{cfg.pool.name}"
+        self.ledger = ray.remote(TeacherLedger).options(num_cpus=0, name=ledger_name).remote()
+        # Restartable actors get names, not actor handles, as constructor arguments: Ray keeps such
+        # arguments in the object store and logs an error (core_worker.cc) that a restart may not find them.
+        from common.pool.ray_backend import RayPool
+        pool_arg = cfg.pool.name if isinstance(pool, RayPool) else pool
         actor_cls = ray.remote(TeacherActor)
-        # Restartable actors get small arguments only (the config, the pool client, handles): Ray keeps
-        # them to rebuild the actor.
         self.actors = [
             actor_cls.options(num_gpus=r.teacher_num_gpus, num_cpus=r.teacher_num_cpus, max_restarts=r.max_restarts,
                               max_task_retries=r.max_restarts, name=f"dkdm_teacher.{cfg.pool.name}.{i}").remote(
-                cfg, pool, i, self.ledger)
+                cfg, pool_arg, i, ledger_name)
             for i in range(n)
         ]
         ray.get([a.ping.remote() for a in self.actors])    # fail here (teacher file, device), not later

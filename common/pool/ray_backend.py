@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import threading
 import time
@@ -61,6 +62,8 @@ from common.pool.memory import FLAG_GROUPS, SECONDS, ShardMemory, tune_malloc
 from common.pool.shard import (AGE_SAMPLE, FILLING, LEASED, READY, REFILL, SHARD_COUNTERS, OwnerOnly, PoolShard, batch_over,
                                check_batch, new_arrays, new_batch, zero_batch)
 from common.records import EMPTY_T, RecordBatch
+
+logger = logging.getLogger(__name__)
 
 SHARD_NUM_CPUS = 0.05
 _SIDX = {k: i for i, k in enumerate(SECONDS)}
@@ -162,7 +165,7 @@ class ShardServer:
                     shard_kw.get("has_label", False), len(SHARD_COUNTERS))
             except PoolError as err:       # said once, in the actor's log and by where(): clients use RPCs
                 self.shm_note = str(err)
-                print(f"dkdm pool shard {shard_kw['shard_id']}: {err}; clients will use RPCs", flush=True)
+                logger.warning("pool shard %s: %s; clients will use RPCs", shard_kw["shard_id"], err)
         self.shard = PoolShard(**shard_kw, memory=mem)
         self.identity_: dict | None = None
 
