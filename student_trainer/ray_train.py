@@ -10,15 +10,22 @@ behind the step; what remains visible is ``pool_wait_s``.
 Checkpoints go through ``ray.train.report(metrics, checkpoint=...)``: rank 0
 writes the same folder layout as the single-process loop
 (student_trainer/checkpoints.py: config.json + safetensors + optimizer + RNG +
-``pool.snapshot``), so a checkpoint is also a loadable ``dkdm`` model. A
-restarted worker group (``FailureConfig``) or a second run with the same name
-resumes the trainer from ``ray.train.get_checkpoint()``; the pool is live in the
-first case and restored by the driver (student_trainer/run.py) in the second.
+``pool.snapshot``) plus ``manifest.json`` (sizes and SHA-256, written last), so a
+checkpoint is also a loadable ``dkdm`` model and a damaged one is recognised.
+They are written every ``run.ckpt_every_s`` seconds of training (rank 0's clock
+decides for every rank) and/or every ``run.ckpt_every`` steps, and at the end.
+A restarted worker group (``FailureConfig``) or a second run with the same name
+resumes the trainer from ``ray.train.get_checkpoint()`` when it is intact, else
+from the newest intact one the driver found; ``metrics.jsonl`` is cut back to the
+resumed step, so its steps stay increasing. The pool is live in the first case
+and restored by the driver (student_trainer/run.py) in the second.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,17 +34,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ray.train.v2.api.callback import UserCallback
 
 from common import metrics
 from common.config import Config, config_from_dict
 from common.diffusion import Diffusion
 from common.images import save_grid, save_npz
+from common.models.checkpoint import checkpoint_problem, write_manifest
 from common.pool.base import Pool
 from common.teachers.base import Teacher
 from student_trainer.checkpoints import load_checkpoint, model_config, save_checkpoint
 from student_trainer.sampling import sample_images
 from student_trainer.student import build_student, student_var_type
 from student_trainer.trainer import StudentTrainer, record_step_metrics
+
+logger = logging.getLogger(__name__)
+
+# What a training checkpoint holds at least (manifest.json, when present, lists every file with its checksum).
+CHECKPOINT_FILES = ("trainer_state.json", "config.json", "model.safetensors", "pool.snapshot")
 
 
 @dataclass
@@ -104,6 +118,7 @@ def checkpoint_config(student_config: dict, spec: TeacherSpec, trainer: StudentT
 def write_checkpoint(folder: Path, trainer: StudentTrainer, config: dict, pool: Pool | None) -> None:
     """The single-process checkpoint layout in ``folder`` (student, EMA, optimizer, step, RNG, pool snapshot)."""
     save_checkpoint(_CheckpointFolder(folder), trainer, config, {"torch": torch.get_rng_state()}, pool=pool)
+    write_manifest(folder)
 
 
 def restore_trainer(folder: Path, trainer: StudentTrainer) -> None:
@@ -150,7 +165,8 @@ def _progress(cfg: Config, start: int, rank: int):
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train's train_loop_per_worker. ``config``: cfg (dict), pool (RayPool or any picklable Pool), spec, run_root."""
+    """Ray Train's train_loop_per_worker. ``config``: cfg (dict), pool (RayPool or any picklable Pool), spec,
+    run_root, storage (Ray Train's run folder) and resume_from (the driver's newest intact checkpoint or None)."""
     import ray.train
     import ray.train.torch
 
@@ -165,24 +181,27 @@ def train_loop(config: dict) -> None:
     if cfg.metrics.enabled:
         metrics.serve_and_register("trainer", rank, cfg.metrics.port)
 
-    # 1. Student, optimizer, EMA; resumed from the latest checkpoint of this run when there is one.
+    # 1. Student, optimizer, EMA; resumed from the latest intact checkpoint of this run when there is one.
     trainer, student_config = build_trainer(cfg, spec, device)
+    metrics_path = run_root / "metrics.jsonl"
     ck = ray.train.get_checkpoint()
-    if ck is not None:
-        with ck.as_directory() as folder:
-            restore_trainer(Path(folder), trainer)
-        if rank == 0:
-            print(f"resumed the student at step {trainer.step} from {ck.path}")
+    resume = resume_point(ck.path if ck is not None else None, config.get("resume_from"))
+    if resume is not None:
+        restore_trainer(resume, trainer)
+    if rank == 0:
+        rewind_metrics(metrics_path, trainer.step)
+        if resume is not None:
+            print(f"resumed the student at step {trainer.step} from {resume}", flush=True)
     if world > 1:
         trainer.wrap(ray.train.torch.prepare_model(trainer.model, move_to_device=False))
     ck_config = checkpoint_config(student_config, spec, trainer)
 
     # 2. Algorithm 1: draw (prefetched), step, release; the teachers refill in their own processes.
     d, b = cfg.distill, cfg.distill.batch_size
-    metrics_path = run_root / "metrics.jsonl"
     bar = _progress(cfg, trainer.step, rank)
     fetch = Prefetcher(pool, b, cfg.pool.block_timeout_s, cfg.pool.group)   # issue 8: this job's consumer group
     t_start, s_start, out = time.perf_counter(), trainer.step, {}
+    last_ckpt = time.monotonic()
     try:
         while trainer.step < d.steps:
             t0 = time.perf_counter()
@@ -202,8 +221,9 @@ def train_loop(config: dict) -> None:
                     f.write(json.dumps({"time": time.time(), **out}) + "\n")
             if bar is not None:
                 bar.update(1)
-            if cfg.run.ckpt_every and trainer.step % cfg.run.ckpt_every == 0 and trainer.step < d.steps:
-                report(trainer, ck_config, pool, rank, out)
+            if trainer.step < d.steps and checkpoint_due(cfg, trainer.step, last_ckpt, world, device):
+                report(trainer, ck_config, pool, rank, out, config.get("storage"))
+                last_ckpt = time.monotonic()
     finally:
         fetch.close()
         if bar is not None:
@@ -212,20 +232,93 @@ def train_loop(config: dict) -> None:
     # 3. Final checkpoint and sample grid (rank 0).
     if rank == 0:
         write_samples(cfg, spec, trainer, run_root, device)
-    report(trainer, ck_config, pool, rank, {**out, "step": trainer.step})
+    report(trainer, ck_config, pool, rank, {**out, "step": trainer.step}, config.get("storage"))
 
 
-def report(trainer: StudentTrainer, ck_config: dict, pool: Pool, rank: int, out: dict) -> None:
-    """ray.train.report on every rank; rank 0 attaches the checkpoint folder."""
+def resume_point(latest: str | None, fallback: str | None) -> Path | None:
+    """Ray Train's latest checkpoint when it is intact, else the driver's newest intact one (or None)."""
+    if latest is not None and checkpoint_problem(latest, CHECKPOINT_FILES) is None:
+        return Path(latest)
+    return Path(fallback) if fallback else None
+
+
+def rewind_metrics(path: Path, step: int) -> None:
+    """Drop the lines of ``metrics.jsonl`` after ``step`` (steps a restarted group redoes), atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [ln for ln in lines if (logged := _logged_step(ln)) is not None and logged <= step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+
+
+def _logged_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None         # a torn last line of a killed worker: dropped
+
+
+def checkpoint_due(cfg: Config, step: int, last_ckpt: float, world: int, device: torch.device) -> bool:
+    """``run.ckpt_every`` steps or ``run.ckpt_every_s`` seconds since the last one; rank 0's answer for all
+    ranks (their clocks differ, and every rank must call ray.train.report together)."""
+    r = cfg.run
+    due = bool(r.ckpt_every and step % r.ckpt_every == 0) or bool(r.ckpt_every_s and time.monotonic() - last_ckpt >= r.ckpt_every_s)
+    if world > 1 and r.ckpt_every_s:
+        flag = torch.tensor([int(due)], device=device)
+        torch.distributed.broadcast(flag, src=0)
+        due = bool(flag.item())
+    return due
+
+
+def report(trainer: StudentTrainer, ck_config: dict, pool: Pool, rank: int, out: dict, storage: str | None = None) -> None:
+    """ray.train.report on every rank; rank 0 attaches the checkpoint folder (checkpoint_<step>, with a suffix
+    when a folder of that step is already there: a damaged one left by an earlier attempt)."""
     import ray.train
 
+    name = f"checkpoint_{trainer.step:07d}"
+    if storage is not None and (Path(storage) / name).exists():
+        name += f"_{time.time_ns()}"
     with tempfile.TemporaryDirectory(prefix="dkdm-ckpt-") as tmp:
         checkpoint = None
         if rank == 0:
             write_checkpoint(Path(tmp), trainer, ck_config, pool)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({k: v for k, v in out.items() if isinstance(v, (int, float))}, checkpoint=checkpoint,
-                         checkpoint_dir_name=f"checkpoint_{trainer.step:07d}")
+                         checkpoint_dir_name=name)
+
+
+class FailureLedger:
+    """Counts the trainer worker group's failures (it lives outside the processes that fail)."""
+
+    def __init__(self):
+        self.failures = 0
+
+    def failed(self) -> int:
+        self.failures += 1
+        return self.failures
+
+    def count(self) -> int:
+        return self.failures
+
+
+class TrainerFailureLog(UserCallback):
+    """Runs on Ray Train's controller: one line per failed worker group, counted in a FailureLedger actor."""
+
+    def __init__(self, ledger, max_failures: int):
+        self.ledger, self.max_failures = ledger, max_failures
+
+    def after_exception(self, run_context, worker_exceptions: dict) -> None:
+        import ray
+        n = ray.get(self.ledger.failed.remote())
+        what = "; ".join(f"rank {r}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+                         for r, e in sorted(worker_exceptions.items()))
+        then = ("Ray Train restarts the worker group from the latest checkpoint" if n <= self.max_failures
+                else "no restarts left: the run fails")
+        logger.warning("trainer worker failed (%s); %s (failure %d of ray.max_failures=%d)", what, then, n,
+                       self.max_failures)
 
 
 def write_samples(cfg: Config, spec: TeacherSpec, trainer: StudentTrainer, run_root: Path, device) -> Path:

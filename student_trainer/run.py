@@ -94,16 +94,55 @@ def connect(cfg: Config) -> str:
     r = cfg.ray
     need = r.num_teachers * r.teacher_num_cpus + r.num_workers * r.worker_num_cpus + 1
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False,
-             runtime_env=env, log_to_driver=True)
+             resources=placement_resources(cfg) or None, runtime_env=env, log_to_driver=True)
     return "local"
 
 
+def placement_resources(cfg: Config) -> dict[str, float]:
+    """The custom resources the whole fleet requests (ray.teacher_resources x teachers + ray.worker_resources x workers)."""
+    r, total = cfg.ray, {}
+    for asked, count in ((r.teacher_resources, r.num_teachers), (r.worker_resources, r.num_workers)):
+        for name, amount in asked.items():
+            total[name] = total.get(name, 0.0) + amount * count
+    return total
+
+
+def check_placement(cfg: Config) -> None:
+    """A custom resource no node offers would leave teachers or trainer workers pending forever: say so now."""
+    import ray
+    offered = ray.cluster_resources()
+    for name, amount in placement_resources(cfg).items():
+        if offered.get(name, 0.0) < amount:
+            raise UserError(f"the fleet asks for {amount:g} of resource {name!r} (ray.teacher_resources / "
+                            f"ray.worker_resources) but the Ray cluster's nodes offer {offered.get(name, 0.0):g}")
+
+
 def latest_checkpoint(storage: Path) -> Path | None:
-    """The newest complete checkpoint folder Ray Train wrote for this run (checkpoint_<step>)."""
-    for folder in sorted(storage.glob("checkpoint_*"), reverse=True):
-        if all((folder / f).is_file() for f in ("trainer_state.json", "config.json", "pool.snapshot")):
+    """The newest intact checkpoint folder Ray Train wrote for this run (checkpoint_<step>).
+
+    Each is checked against the manifest written when it was committed (sizes and SHA-256);
+    a damaged newer one is passed over, with one line saying so.
+    """
+    from common.models.checkpoint import checkpoint_problem
+    from student_trainer.ray_train import CHECKPOINT_FILES
+    damaged = []
+    for folder in sorted(storage.glob("checkpoint_*"), key=checkpoint_step, reverse=True):
+        problem = checkpoint_problem(folder, CHECKPOINT_FILES)
+        if problem is None:
+            if damaged:
+                print(f"checkpoint {', '.join(damaged)} damaged; resuming from the newest intact one, {folder.name}",
+                      flush=True)
             return folder
+        damaged.append(f"{folder.name} ({problem})")
+    if damaged:
+        print(f"checkpoint {', '.join(damaged)} damaged and no intact one left: starting from step 0", flush=True)
     return None
+
+
+def checkpoint_step(folder: Path) -> tuple[int, str]:
+    """Sort key: the step in checkpoint_<step>[_<suffix>], then the name."""
+    digits = folder.name.removeprefix("checkpoint_").split("_")[0]
+    return (int(digits) if digits.isdigit() else -1, folder.name)
 
 
 class PoolMonitor:
@@ -206,7 +245,7 @@ def distill_on_ray(cfg: Config) -> dict:
 
     from common.teachers import make_teacher
     from student_trainer.distill import num_slots_for
-    from student_trainer.ray_train import TeacherSpec, train_loop
+    from student_trainer.ray_train import FailureLedger, TeacherSpec, TrainerFailureLog, train_loop
     from student_trainer.run_dir import RunDir
     from teacher_workers.group import TeacherGroup
 
@@ -224,6 +263,7 @@ def distill_on_ray(cfg: Config) -> dict:
 
     # 2. Ray, the pool (restored when resuming: no warm-up), the teachers.
     where = connect(cfg)
+    check_placement(cfg)
     if cfg.metrics.enabled:
         port = metrics.serve_and_register("driver", 0, cfg.metrics.port)
         print(f"metrics: driver endpoint on port {port} (file_sd targets in {os.environ.get('DKDM_METRICS_SD_DIR', '/tmp/dkdm/prom_sd')})")
@@ -242,20 +282,26 @@ def distill_on_ray(cfg: Config) -> dict:
                                  pool)
         monitor = PoolMonitor(pool, cfg.run.progress).start()
 
-        # 3. Ray Train: the student workers.
+        # 3. Ray Train: the student workers, restarted from the latest checkpoint when one fails (FailureConfig).
         use_gpu = cfg.ray.use_gpu
+        failures = ray.remote(FailureLedger).options(num_cpus=0).remote()
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "pool": pool, "spec": spec, "run_root": str(run.root)},
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "pool": pool, "spec": spec, "run_root": str(run.root),
+                               "storage": str(storage), "resume_from": str(resume_from) if resume_from else None},
             scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": cfg.ray.worker_num_cpus, **({"GPU": 1} if use_gpu else {})}),
+                                         resources_per_worker={"CPU": cfg.ray.worker_num_cpus, **({"GPU": 1} if use_gpu else {}),
+                                                               **cfg.ray.worker_resources}),
             run_config=RunConfig(name=TRAIN_NAME, storage_path=str(run.root),
                                  failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 callbacks=[TrainerFailureLog(failures, cfg.ray.max_failures)]))
         t0 = time.time()
         result = trainer.fit()
+        trainer_failures = ray.get(failures.count.remote())
         health = group.health() if group is not None else []
         stats = pool.stats()
+        stats.check_invariant()     # every slot in exactly one state, whatever failed during the run
     finally:
         if monitor is not None:
             monitor.stop()
@@ -276,9 +322,9 @@ def distill_on_ray(cfg: Config) -> dict:
             "samples": str(run.root / "samples" / "final.png"), "metrics": str(run.metrics_path),
             "steps": step, "ray": where, "fit_s": round(time.time() - t0, 1),
             "warmup_s": None if monitor is None or monitor.warm_s is None else round(monitor.warm_s, 1),
-            "resumed_from": resume_from.name if resume_from else None,
-            "pool": {"produced": stats.produced_total, "consumed": stats.consumed_total,
-                     "expired_claims": stats.expired_claims_total},
+            "resumed_from": resume_from.name if resume_from else None, "trainer_restarts": trainer_failures,
+            "pool": {"produced": stats.produced_total, "consumed": stats.consumed_total, "slots": stats.counts,
+                     "expired_claims": stats.expired_claims_total, "expired_leases": stats.expired_leases_total},
             "teachers": [{k: h.get(k) for k in ("worker", "records", "forwards", "busy_fraction", "restarts")}
                          for h in health]}
 
