@@ -166,7 +166,8 @@ def _progress(cfg: Config, start: int, rank: int):
 
 def train_loop(config: dict) -> None:
     """Ray Train's train_loop_per_worker. ``config``: cfg (dict), pool (RayPool or any picklable Pool), spec,
-    run_root, storage (Ray Train's run folder) and resume_from (the driver's newest intact checkpoint or None)."""
+    run_root, storage (Ray Train's run folder), resume_from (the driver's newest intact checkpoint or None) and
+    ledger (a TrainerLedger actor, told the step each resume starts at)."""
     import ray.train
     import ray.train.torch
 
@@ -192,6 +193,8 @@ def train_loop(config: dict) -> None:
         rewind_metrics(metrics_path, trainer.step)
         if resume is not None:
             print(f"resumed the student at step {trainer.step} from {resume}", flush=True)
+            if config.get("ledger") is not None:
+                config["ledger"].resumed.remote(trainer.step)
     if world > 1:
         trainer.wrap(ray.train.torch.prepare_model(trainer.model, move_to_device=False))
     ck_config = checkpoint_config(student_config, spec, trainer)
@@ -290,22 +293,25 @@ def report(trainer: StudentTrainer, ck_config: dict, pool: Pool, rank: int, out:
                          checkpoint_dir_name=name)
 
 
-class FailureLedger:
-    """Counts the trainer worker group's failures (it lives outside the processes that fail)."""
+class TrainerLedger:
+    """The worker group's failures and the steps it resumed at (it lives outside the processes that fail)."""
 
     def __init__(self):
-        self.failures = 0
+        self.failures, self.resumed_at = 0, []
 
     def failed(self) -> int:
         self.failures += 1
         return self.failures
 
-    def count(self) -> int:
-        return self.failures
+    def resumed(self, step: int) -> None:
+        self.resumed_at.append(step)
+
+    def summary(self) -> dict:
+        return {"trainer_restarts": self.failures, "trainer_resumed_at": self.resumed_at}
 
 
 class TrainerFailureLog(UserCallback):
-    """Runs on Ray Train's controller: one line per failed worker group, counted in a FailureLedger actor."""
+    """Runs on Ray Train's controller: one line per failed worker group, counted in a TrainerLedger actor."""
 
     def __init__(self, ledger, max_failures: int):
         self.ledger, self.max_failures = ledger, max_failures

@@ -245,7 +245,7 @@ def distill_on_ray(cfg: Config) -> dict:
 
     from common.teachers import make_teacher
     from student_trainer.distill import num_slots_for
-    from student_trainer.ray_train import FailureLedger, TeacherSpec, TrainerFailureLog, train_loop
+    from student_trainer.ray_train import TeacherSpec, TrainerFailureLog, TrainerLedger, train_loop
     from student_trainer.run_dir import RunDir
     from teacher_workers.group import TeacherGroup
 
@@ -284,21 +284,22 @@ def distill_on_ray(cfg: Config) -> dict:
 
         # 3. Ray Train: the student workers, restarted from the latest checkpoint when one fails (FailureConfig).
         use_gpu = cfg.ray.use_gpu
-        failures = ray.remote(FailureLedger).options(num_cpus=0).remote()
+        ledger = ray.remote(TrainerLedger).options(num_cpus=0).remote()
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg.model_dump(mode="json"), "pool": pool, "spec": spec, "run_root": str(run.root),
-                               "storage": str(storage), "resume_from": str(resume_from) if resume_from else None},
+                               "storage": str(storage), "resume_from": str(resume_from) if resume_from else None,
+                               "ledger": ledger},
             scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": cfg.ray.worker_num_cpus, **({"GPU": 1} if use_gpu else {}),
                                                                **cfg.ray.worker_resources}),
             run_config=RunConfig(name=TRAIN_NAME, storage_path=str(run.root),
                                  failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                 callbacks=[TrainerFailureLog(failures, cfg.ray.max_failures)]))
+                                 callbacks=[TrainerFailureLog(ledger, cfg.ray.max_failures)]))
         t0 = time.time()
         result = trainer.fit()
-        trainer_failures = ray.get(failures.count.remote())
+        trainer_log = ray.get(ledger.summary.remote())
         health = group.health() if group is not None else []
         stats = pool.stats()
         stats.check_invariant()     # every slot in exactly one state, whatever failed during the run
@@ -322,7 +323,7 @@ def distill_on_ray(cfg: Config) -> dict:
             "samples": str(run.root / "samples" / "final.png"), "metrics": str(run.metrics_path),
             "steps": step, "ray": where, "fit_s": round(time.time() - t0, 1),
             "warmup_s": None if monitor is None or monitor.warm_s is None else round(monitor.warm_s, 1),
-            "resumed_from": resume_from.name if resume_from else None, "trainer_restarts": trainer_failures,
+            "resumed_from": resume_from.name if resume_from else None, **trainer_log,
             "pool": {"produced": stats.produced_total, "consumed": stats.consumed_total, "slots": stats.counts,
                      "expired_claims": stats.expired_claims_total, "expired_leases": stats.expired_leases_total},
             "teachers": [{k: h.get(k) for k in ("worker", "records", "forwards", "busy_fraction", "restarts")}
