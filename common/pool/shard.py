@@ -45,7 +45,7 @@ from common.pool.base import (
     t_histogram,
 )
 from common.pool.codec import SlotArrays, from_numpy, to_numpy
-from common.pool.groups import Group, ShardGroups  # noqa: F401 - Group: the type of PoolShard.groups values
+from common.pool.groups import Group, ShardGroups
 from common.pool.memory import FLAG_GROUPS, SECONDS, WIRE_DTYPES, ShardMemory, lease_key
 from common.records import EMPTY_T, RecordBatch
 
