@@ -219,7 +219,7 @@ def checkpoint_problem(folder: str | os.PathLike, required: tuple[str, ...] = ()
         elif path.suffix == ".safetensors":
             try:
                 with safe_open(str(path), framework="pt") as f:
-                    for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
+                    for key in f.keys():
                         f.get_slice(key)
             except (SafetensorError, OSError, ValueError) as e:
                 return f"{path.name} is not readable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"

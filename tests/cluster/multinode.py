@@ -27,8 +27,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1"
 # Ray resolves a driver's 127.0.0.1 to the machine's outward address unless this is off (it then keeps
@@ -118,8 +116,8 @@ def start_cluster() -> MultiNode:
     return mn
 
 
-@pytest.fixture(scope="module")
-def cluster():
+def running_cluster():
+    """The body of a module-scoped fixture: a started cluster, shut down afterwards."""
     mn = start_cluster()
     try:
         yield mn

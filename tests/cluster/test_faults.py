@@ -14,9 +14,14 @@ import time
 
 import pytest
 
-from multinode import cluster, finish, logged_steps, service_config, start_service, wait_for  # noqa: F401
+from multinode import finish, logged_steps, running_cluster, service_config, start_service, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    yield from running_cluster()
 
 
 def _checkpoints(run) -> list:
