@@ -167,8 +167,8 @@ def _progress(cfg: Config, start: int, rank: int):
 
 def train_loop(config: dict) -> None:
     """Ray Train's train_loop_per_worker. ``config``: cfg (dict), pool (RayPool or any picklable Pool), spec,
-    run_root, storage (Ray Train's run folder), resume_from (the driver's newest intact checkpoint or None) and
-    ledger (a TrainerLedger actor, told the step each resume starts at)."""
+    run_root, storage (Ray Train's run folder, on a file system every node sees) and ledger (a TrainerLedger
+    actor, told the step each resume starts at)."""
     import ray.train
     import ray.train.torch
 
@@ -187,7 +187,7 @@ def train_loop(config: dict) -> None:
     trainer, student_config = build_trainer(cfg, spec, device)
     metrics_path = run_root / "metrics.jsonl"
     ck = ray.train.get_checkpoint()
-    resume = resume_point(ck.path if ck is not None else None, config.get("resume_from"))
+    resume = resume_point(ck.path if ck is not None else None, config.get("storage"))
     if resume is not None:
         restore_trainer(resume, trainer)
     if rank == 0:
@@ -239,11 +239,33 @@ def train_loop(config: dict) -> None:
     report(trainer, ck_config, pool, rank, {**out, "step": trainer.step}, config.get("storage"))
 
 
-def resume_point(latest: str | None, fallback: str | None) -> Path | None:
-    """Ray Train's latest checkpoint when it is intact, else the driver's newest intact one (or None)."""
-    if latest is not None and checkpoint_problem(latest, CHECKPOINT_FILES) is None:
-        return Path(latest)
-    return Path(fallback) if fallback else None
+def resume_point(latest: str | None, storage: str | None) -> Path | None:
+    """The checkpoint a worker group starts from: the newest intact one among Ray Train's latest and those in
+    ``storage``. Ray Train's may be damaged (a second run finds it on disk), or older than one a killed worker
+    had persisted before the controller heard of it."""
+    candidates = [Path(latest)] if latest is not None and checkpoint_problem(latest, CHECKPOINT_FILES) is None else []
+    if storage is not None:
+        newest, _ = newest_intact_checkpoint(Path(storage))
+        candidates += [newest] if newest is not None else []
+    return max(candidates, key=checkpoint_step, default=None)
+
+
+def newest_intact_checkpoint(storage: Path) -> tuple[Path | None, list[str]]:
+    """-> (the newest checkpoint_<step> folder in ``storage`` that passes its manifest, the newer damaged ones
+    as "name (what is wrong)")."""
+    damaged = []
+    for folder in sorted(storage.glob("checkpoint_*"), key=checkpoint_step, reverse=True):
+        problem = checkpoint_problem(folder, CHECKPOINT_FILES)
+        if problem is None:
+            return folder, damaged
+        damaged.append(f"{folder.name} ({problem})")
+    return None, damaged
+
+
+def checkpoint_step(folder: Path) -> tuple[int, str]:
+    """Sort key: the step in checkpoint_<step>[_<suffix>], then the name."""
+    digits = folder.name.removeprefix("checkpoint_").split("_")[0]
+    return (int(digits) if digits.isdigit() else -1, folder.name)
 
 
 def rewind_metrics(path: Path, step: int) -> None:

@@ -131,26 +131,13 @@ def latest_checkpoint(storage: Path) -> Path | None:
     Each is checked against the manifest written when it was committed (sizes and SHA-256);
     a damaged newer one is passed over, with one line saying so.
     """
-    from common.models.checkpoint import checkpoint_problem
-    from student_trainer.ray_train import CHECKPOINT_FILES
-    damaged = []
-    for folder in sorted(storage.glob("checkpoint_*"), key=checkpoint_step, reverse=True):
-        problem = checkpoint_problem(folder, CHECKPOINT_FILES)
-        if problem is None:
-            if damaged:
-                print(f"checkpoint {', '.join(damaged)} damaged; resuming from the newest intact one, {folder.name}",
-                      flush=True)
-            return folder
-        damaged.append(f"{folder.name} ({problem})")
-    if damaged:
+    from student_trainer.ray_train import newest_intact_checkpoint
+    folder, damaged = newest_intact_checkpoint(storage)
+    if damaged and folder is not None:
+        print(f"checkpoint {', '.join(damaged)} damaged; resuming from the newest intact one, {folder.name}", flush=True)
+    elif damaged:
         print(f"checkpoint {', '.join(damaged)} damaged and no intact one left: starting from step 0", flush=True)
-    return None
-
-
-def checkpoint_step(folder: Path) -> tuple[int, str]:
-    """Sort key: the step in checkpoint_<step>[_<suffix>], then the name."""
-    digits = folder.name.removeprefix("checkpoint_").split("_")[0]
-    return (int(digits) if digits.isdigit() else -1, folder.name)
+    return folder
 
 
 class PoolMonitor:
@@ -295,8 +282,7 @@ def distill_on_ray(cfg: Config) -> dict:
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg.model_dump(mode="json"), "pool": pool, "spec": spec, "run_root": str(run.root),
-                               "storage": str(storage), "resume_from": str(resume_from) if resume_from else None,
-                               "ledger": ledger},
+                               "storage": str(storage), "ledger": ledger},
             scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": cfg.ray.worker_num_cpus, **({"GPU": 1} if use_gpu else {}),
                                                                **cfg.ray.worker_resources}),

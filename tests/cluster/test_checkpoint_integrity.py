@@ -75,9 +75,16 @@ def test_damaged_latest_falls_back_to_newest_intact(storage, tmp_path, capsys, d
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and "checkpoint_0000030" in lines[0] and "damaged" in lines[0], lines
     assert "checkpoint_0000020" in lines[0]
-    # a worker resumes from the driver's choice when Ray Train's latest is the damaged one
-    assert resume_point(str(newest), str(train / "checkpoint_0000020")) == train / "checkpoint_0000020"
-    assert resume_point(str(train / "checkpoint_0000020"), None) == train / "checkpoint_0000020"
+    # a worker passes over Ray Train's latest when it is the damaged one
+    assert resume_point(str(newest), str(train)) == train / "checkpoint_0000020"
+
+
+def test_worker_resumes_from_a_newer_checkpoint_than_ray_trains(storage):
+    """A worker killed right after persisting a checkpoint, before Ray Train's controller registered it:
+    the restarted group starts from that newer checkpoint, not Ray Train's older one (or none)."""
+    assert resume_point(str(storage / "checkpoint_0000010"), str(storage)) == storage / "checkpoint_0000030"
+    assert resume_point(None, str(storage)) == storage / "checkpoint_0000030"
+    assert resume_point(None, str(storage / "absent")) is None
 
 
 def test_all_damaged_starts_from_scratch(storage, tmp_path, capsys):
