@@ -254,7 +254,8 @@ def newest_intact_checkpoint(storage: Path) -> tuple[Path | None, list[str]]:
     """-> (the newest checkpoint_<step> folder in ``storage`` that passes its manifest, the newer damaged ones
     as "name (what is wrong)")."""
     damaged = []
-    for folder in sorted(storage.glob("checkpoint_*"), key=checkpoint_step, reverse=True):
+    folders = [f for f in storage.glob("checkpoint_*") if f.is_dir()]     # not Ray's checkpoint_manager_snapshot.json
+    for folder in sorted(folders, key=checkpoint_step, reverse=True):
         problem = checkpoint_problem(folder, CHECKPOINT_FILES)
         if problem is None:
             return folder, damaged

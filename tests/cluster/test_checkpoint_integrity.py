@@ -37,6 +37,7 @@ def storage(tmp_path_factory) -> Path:
         trainer.step = step
         write_checkpoint(root / f"checkpoint_{step:07d}", trainer, checkpoint_config(student_config, spec, trainer), pool)
     pool.close()
+    (root / "checkpoint_manager_snapshot.json").write_text("{}")     # Ray Train's own file beside the folders
     return root
 
 
@@ -47,7 +48,7 @@ def _copy(storage: Path, tmp: Path) -> Path:
 
 
 def test_intact_checkpoints_verify(storage, capsys):
-    assert all(checkpoint_problem(f, CHECKPOINT_FILES) is None for f in storage.iterdir())
+    assert all(checkpoint_problem(f, CHECKPOINT_FILES) is None for f in storage.iterdir() if f.is_dir())
     assert latest_checkpoint(storage).name == "checkpoint_0000030"
     assert capsys.readouterr().out == ""      # nothing to say when the newest is intact
 
@@ -89,7 +90,7 @@ def test_worker_resumes_from_a_newer_checkpoint_than_ray_trains(storage):
 
 def test_all_damaged_starts_from_scratch(storage, tmp_path, capsys):
     train = _copy(storage, tmp_path)
-    for folder in train.iterdir():
+    for folder in train.glob("checkpoint_0*"):
         (folder / "trainer_state.json").write_text("{")
     assert latest_checkpoint(train) is None
     out = capsys.readouterr().out.strip().splitlines()

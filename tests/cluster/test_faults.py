@@ -25,7 +25,7 @@ def cluster():
 
 
 def _checkpoints(run) -> list:
-    return sorted((run / "train").glob("checkpoint_*"))
+    return sorted(f for f in (run / "train").glob("checkpoint_*") if f.is_dir())
 
 
 def _slots_ok(result: dict, num_slots: int) -> None:
@@ -81,7 +81,8 @@ def test_placement_then_trainer_worker_killed_then_damaged_resume(cluster, tmp_p
 # What the chaos run kills. The ray backend's shard actors do not restart yet (max_restarts=0: a shard lost
 # ends the run, docs/faults.md), so "ShardServer" joins this list when they do.
 CHAOS_KINDS = ("TeacherActor", "RayTrainWorker")
-CHAOS_STEPS, CHAOS_EVERY_S, CHAOS_FOR_S = 400, 20.0, 120.0
+# Kills every CHAOS_EVERY_S for at most CHAOS_FOR_S of training, while more than CHAOS_SPARE steps are left.
+CHAOS_STEPS, CHAOS_EVERY_S, CHAOS_FOR_S, CHAOS_SPARE = 900, 20.0, 110.0, 100
 # Exact score error (student_trainer.evaluate.score_error: E||eps_S - eps*||^2 over the chain, against the
 # analytic teacher's exact eps) of the chaos run's EMA student against an undisturbed single-process run of
 # the same config and steps: within SCORE_RTOL (relative). Two undisturbed runs (ray vs single process)
@@ -112,11 +113,11 @@ def test_chaos(cluster, tmp_path):
     proc = start_service(cluster, cfg_path, log, *sets)
     rng, kills = np.random.default_rng(0), []
     # each kind once first (in random order), then any
-    plan = list(rng.permutation(CHAOS_KINDS)) + list(rng.choice(CHAOS_KINDS, size=16))
+    plan = [str(k) for k in (*rng.permutation(CHAOS_KINDS), *rng.choice(CHAOS_KINDS, size=16))]
     try:
         wait_for(lambda: (run / "metrics.jsonl").is_file(), 400, "training", proc=proc, log=log)
         t0 = time.time()
-        while proc.poll() is None and time.time() - t0 < CHAOS_FOR_S and logged_steps(run)[-1] < 0.8 * CHAOS_STEPS:
+        while proc.poll() is None and time.time() - t0 < CHAOS_FOR_S and logged_steps(run)[-1] < CHAOS_STEPS - CHAOS_SPARE:
             time.sleep(CHAOS_EVERY_S)
             kind = plan[len(kills)]
             hit = cluster.kill(kind, rng=rng)
@@ -154,7 +155,7 @@ def test_teacher_node_removed(cluster, tmp_path):
                  proc=proc, log=log)
         wait_for(lambda: (run / "metrics.jsonl").is_file(), 300, "training", proc=proc, log=log)
         assert cluster.where("ShardServer") == {"head": 2}   # the pool lives on the head, not on the node removed
-        t0 = time.time()
+        t0, step_at_removal = time.time(), logged_steps(run)[-1]
         cluster.remove("teacher-a")
         wait_for(lambda: logged_steps(run)[-1] >= 300 or proc.poll() is not None, 400, "the run's end")
     except BaseException:
@@ -163,6 +164,7 @@ def test_teacher_node_removed(cluster, tmp_path):
     result, out = finish(proc, log, timeout_s=120)
     assert result["steps"] == 300, result
     _slots_ok(result, 320)
-    assert all(t["records"] > 0 for t in result["teachers"] if "records" in t), result["teachers"]
-    print(f"teacher node removed after {time.time() - t0:.0f}s before the end; teachers: "
+    # the steps after the removal drew more records than the pool holds: the remaining teachers refilled them
+    assert (300 - step_at_removal - 10) * 16 > 320, step_at_removal
+    print(f"teacher node removed at step {step_at_removal}, {time.time() - t0:.0f}s before the end; teachers: "
           + json.dumps(result["teachers"]))
