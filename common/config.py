@@ -149,7 +149,9 @@ class RunConfig(_Strict):
     device: str = "auto"
     log_every: int = Field(10, ge=1)
     sample_every: int = Field(0, ge=0)          # 0: only at the end
-    ckpt_every: int = Field(0, ge=0)            # 0: only at the end
+    ckpt_every: int = Field(0, ge=0)            # steps; 0: by time only (ckpt_every_s)
+    # Time-based cadence (the distributed service): a killed trainer worker redoes at most this much training.
+    ckpt_every_s: float = Field(180.0, ge=0)    # 0: no time-based checkpoints
     progress: bool = True
 
 
@@ -163,6 +165,20 @@ class RayConfig(_Strict):
     worker_num_cpus: float = Field(1.0, gt=0)
     max_restarts: int = Field(3, ge=0)
     max_failures: int = Field(2, ge=0)
+    # Placement: custom resources each teacher actor / Ray Train worker requests on top of its CPUs and GPUs,
+    # e.g. {teacher: 1} and {trainer: 1} for the Compose cluster's nodes (docs/local_cluster.md).
+    teacher_resources: dict[str, float] = Field(default_factory=dict)
+    worker_resources: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _custom_resources_only(self):
+        for field in ("teacher_resources", "worker_resources"):
+            for name, amount in getattr(self, field).items():
+                if name in ("CPU", "GPU"):
+                    raise ValueError(f"ray.{field}: {name} has its own field (ray.teacher_num_cpus, ray.use_gpu, ...)")
+                if amount < 0:
+                    raise ValueError(f"ray.{field}.{name}: must be >= 0, got {amount}")
+        return self
 
 
 class MetricsConfig(_Strict):

@@ -110,17 +110,44 @@ def connect(cfg: Config) -> str:
     # The dashboard serves the State API, which Ray Train's PlacementGroupCleaner polls every second:
     # without it the cleaner warns on every poll and its stop times out when the run ends.
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=True,
-             dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=True)
+             dashboard_host="127.0.0.1", resources=placement_resources(cfg) or None, runtime_env=env,
+             log_to_driver=True)
     install_log_filter()
     return "local"
 
 
+def placement_resources(cfg: Config) -> dict[str, float]:
+    """The custom resources the whole fleet requests (ray.teacher_resources x teachers + ray.worker_resources x workers)."""
+    r, total = cfg.ray, {}
+    for asked, count in ((r.teacher_resources, r.num_teachers), (r.worker_resources, r.num_workers)):
+        for name, amount in asked.items():
+            total[name] = total.get(name, 0.0) + amount * count
+    return total
+
+
+def check_placement(cfg: Config) -> None:
+    """A custom resource no node offers would leave teachers or trainer workers pending forever: say so now."""
+    import ray
+    offered = ray.cluster_resources()
+    for name, amount in placement_resources(cfg).items():
+        if offered.get(name, 0.0) < amount:
+            raise UserError(f"the fleet asks for {amount:g} of resource {name!r} (ray.teacher_resources / "
+                            f"ray.worker_resources) but the Ray cluster's nodes offer {offered.get(name, 0.0):g}")
+
+
 def latest_checkpoint(storage: Path) -> Path | None:
-    """The newest complete checkpoint folder Ray Train wrote for this run (checkpoint_<step>)."""
-    for folder in sorted(storage.glob("checkpoint_*"), reverse=True):
-        if all((folder / f).is_file() for f in ("trainer_state.json", "config.json", "pool.snapshot")):
-            return folder
-    return None
+    """The newest intact checkpoint folder Ray Train wrote for this run (checkpoint_<step>).
+
+    Each is checked against the manifest written when it was committed (sizes and SHA-256);
+    a damaged newer one is passed over, with one line saying so.
+    """
+    from student_trainer.ray_train import newest_intact_checkpoint
+    folder, damaged = newest_intact_checkpoint(storage)
+    if damaged and folder is not None:
+        print(f"checkpoint {', '.join(damaged)} damaged; resuming from the newest intact one, {folder.name}", flush=True)
+    elif damaged:
+        print(f"checkpoint {', '.join(damaged)} damaged and no intact one left: starting from step 0", flush=True)
+    return folder
 
 
 class PoolMonitor:
@@ -237,7 +264,7 @@ def distill_on_ray(cfg: Config) -> dict:
     from ray.train.torch import TorchTrainer
 
     from common.teachers import make_teacher
-    from student_trainer.ray_train import TeacherSpec, train_loop
+    from student_trainer.ray_train import TeacherSpec, TrainerFailureLog, TrainerLedger, train_loop
     from student_trainer.run_dir import RunDir
     from teacher_workers.group import TeacherGroup
 
@@ -255,6 +282,7 @@ def distill_on_ray(cfg: Config) -> dict:
 
     # 2. Ray, the pool (restored when resuming: no warm-up), the teachers.
     where = connect(cfg)
+    check_placement(cfg)
     if cfg.metrics.enabled:
         port = metrics.serve_and_register("driver", 0, cfg.metrics.port)
         logger.info("metrics: driver endpoint on port %d (file_sd targets in %s)", port,
@@ -277,21 +305,26 @@ def distill_on_ray(cfg: Config) -> dict:
         monitor = PoolMonitor(pool, cfg.run.progress, steps=cfg.distill.steps,
                               global_batch=cfg.distill.batch_size * cfg.ray.num_workers, step0=step0).start()
 
-        # 3. Ray Train: the student workers.
+        # 3. Ray Train: the student workers, restarted from the latest checkpoint when one fails (FailureConfig).
         use_gpu = cfg.ray.use_gpu
+        ledger = ray.remote(TrainerLedger).options(num_cpus=0).remote()
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "pool": pool, "spec": spec, "run_root": str(run.root)},
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "pool": pool, "spec": spec, "run_root": str(run.root),
+                               "storage": str(storage), "ledger": ledger},
             scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": cfg.ray.worker_num_cpus, **({"GPU": 1} if use_gpu else {})}),
+                                         resources_per_worker={"CPU": cfg.ray.worker_num_cpus, **({"GPU": 1} if use_gpu else {}),
+                                                               **cfg.ray.worker_resources}),
             run_config=RunConfig(name=TRAIN_NAME, storage_path=str(run.root),
                                  failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 callbacks=[TrainerFailureLog(ledger, cfg.ray.max_failures)]))
         t0 = time.time()
         result = fit_watching(trainer, group)
+        trainer_log = ray.get(ledger.summary.remote())
         health = group.health() if group is not None else []
         stats = pool.stats()
-        stats.check_invariant()
+        stats.check_invariant()     # every slot in exactly one state, whatever failed during the run
     finally:
         if monitor is not None:
             monitor.stop()
@@ -312,9 +345,9 @@ def distill_on_ray(cfg: Config) -> dict:
             "samples": str(run.root / "samples" / "final.png"), "metrics": str(run.metrics_path),
             "steps": step, "ray": where, "fit_s": round(time.time() - t0, 1),
             "warmup_s": None if monitor is None or monitor.warm_s is None else round(monitor.warm_s, 1),
-            "resumed_from": resume_from.name if resume_from else None,
-            "pool": {"produced": stats.produced_total, "consumed": stats.consumed_total,
-                     "expired_claims": stats.expired_claims_total},
+            "resumed_from": resume_from.name if resume_from else None, **trainer_log,
+            "pool": {"produced": stats.produced_total, "consumed": stats.consumed_total, "slots": stats.counts,
+                     "expired_claims": stats.expired_claims_total, "expired_leases": stats.expired_leases_total},
             "teachers": [{k: h.get(k) for k in ("worker", "records", "forwards", "busy_fraction", "restarts", "failures")}
                          for h in health]}
 

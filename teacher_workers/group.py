@@ -238,7 +238,8 @@ class TeacherGroup:
         pool_arg = cfg.pool.name if isinstance(pool, RayPool) else pool
         actor_cls = ray.remote(TeacherActor)
         self.actors = [
-            actor_cls.options(num_gpus=r.teacher_num_gpus, num_cpus=r.teacher_num_cpus, max_restarts=r.max_restarts,
+            actor_cls.options(num_gpus=r.teacher_num_gpus, num_cpus=r.teacher_num_cpus, resources=r.teacher_resources,
+                              max_restarts=r.max_restarts,
                               max_task_retries=r.max_restarts, name=f"dkdm_teacher.{cfg.pool.name}.{i}").remote(
                 cfg, pool_arg, i, ledger_name)
             for i in range(n)
