@@ -105,6 +105,7 @@ from common.pool.base import (
     t_histogram,
     timeout_message,
 )
+from common.pool.identity import check_identity
 from common.pool.codec import SlotArrays, from_numpy, to_numpy, write_snapshot
 from common.pool.local import load_snapshot_for, snapshot_header, surplus_inserted
 from common.pool.memory import tune_malloc
@@ -1386,8 +1387,6 @@ class RedisPool(Pool):
     # --- identity (issue 8): a JSON field of shard 0's marker hash, set once with HSETNX ----
 
     def bind_identity(self, identity: dict) -> dict:
-        from common.pool.identity import check_identity
-
         meta, srv = self.keys(0)[0], self._server(0)
         client = self._clients[srv]
         blob = json.dumps(identity, sort_keys=True)
