@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import DiffusionConfig, load_config  # noqa: E402
-from common.models import build_network  # noqa: E402
-from common.teachers.guided import GuidedDiffusionTeacher  # noqa: E402
+from common.config import DiffusionConfig, load_config
+from common.models import build_network
+from common.teachers.guided import GuidedDiffusionTeacher
 
 
 def emit(**kw):

@@ -35,13 +35,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import Config  # noqa: E402
-from common.pool import make_pool  # noqa: E402
-from common.teachers import make_teacher  # noqa: E402
-from student_trainer.distill import build_session, num_slots_for, train_step  # noqa: E402
-from student_trainer.ray_train import Prefetcher, TeacherSpec, build_trainer  # noqa: E402
-from student_trainer.run import load_run_config  # noqa: E402
-from teacher_workers.group import TeacherGroup  # noqa: E402
+from common.config import Config
+from common.pool import make_pool
+from common.teachers import make_teacher
+from student_trainer.distill import build_session, num_slots_for, train_step
+from student_trainer.ray_train import Prefetcher, TeacherSpec, build_trainer
+from student_trainer.run import load_run_config
+from teacher_workers.group import TeacherGroup
 
 BENCH_OVERRIDES = ["run.progress=false", "metrics.enabled=false", "distill.steps=100000", "pool.shards=2"]
 

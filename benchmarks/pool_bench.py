@@ -144,10 +144,10 @@ def client_loop(pool, phase: str, b: int, iters: int, shape, barrier, seed: int,
             t0, moved = time.time(), 0
             for _ in range(n):
                 if kind != "pool":
-                    held = ceiling_copy(heap if kind == "heap" else shared.store)  # noqa: F841 - held on purpose
+                    held = ceiling_copy(heap if kind == "heap" else shared.store)
                     moved += b
                 else:
-                    k, held = _one_call(pool, phase, b, batch)  # noqa: F841 - a drawn batch is held like a copy's
+                    k, held = _one_call(pool, phase, b, batch)
                     moved += k
             out.append((kind, moved, t0, time.time()))
     if shared is not None:

@@ -31,13 +31,13 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from common.config import Config, load_config  # noqa: E402
-from common.data import load_dataset, mix_datasets  # noqa: E402
-from common.images import save_grid  # noqa: E402
-from common.teachers import make_teacher  # noqa: E402
-from student_trainer import experiments as ex  # noqa: E402
+from common.config import Config, load_config
+from common.data import load_dataset, mix_datasets
+from common.images import save_grid
+from common.teachers import make_teacher
+from student_trainer import experiments as ex
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS_TEACHER = ROOT / "common" / "assets" / "digits_teacher"

@@ -136,7 +136,7 @@ class DataConfig(_Strict):
     synth_sampler: Literal["ancestral", "ddim"] = "ancestral"
     synth_steps: str = "100"
     shard_size: int = Field(1024, ge=1)
-    real_percent: float = Field(0.0, ge=0, le=100)   # data-limited: P% real images mixed into the synthetic set
+    real_percent: float = Field(0.0, ge=0, le=100)   # data-limited: P% of the set real, the rest synthetic
 
 
 class RunConfig(_Strict):

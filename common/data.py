@@ -345,19 +345,26 @@ def load_shards(folder: str | os.PathLike) -> Dataset:
 
 def mix_datasets(real: Dataset, synthetic: Dataset, percent: float,
                  generator: torch.Generator | None = None) -> Dataset:
-    """The data-limited training set: the synthetic set plus ``percent`` % of the real one (paper Sec. 5.1).
+    """The data-limited training set of N = len(real) images, P = ``percent`` % of them real (paper Sec. 5.1).
 
-    ``round(percent / 100 * N_real)`` real images are drawn uniformly without replacement
-    (with ``generator``) and appended after all synthetic images. Labels are kept only when
-    both sets have them. Returns ``(x [N_syn + n_real, C, H, W], y or None)``.
+    As the reference's ``datasets/mix.py``: ``n = round(P / 100 * N)`` real images and ``N - n``
+    synthetic ones, each drawn uniformly without replacement (with ``generator``, real first), so
+    the set keeps the real set's size and its real share is P. Labels are kept only when both sets
+    have them. Returns ``(x [N, C, H, W], y [N] or None)``, the real images first.
     """
     if not 0.0 <= percent <= 100.0:
         raise ValueError(f"percent must be in [0, 100], got {percent}")
     (xr, yr), (xs, ys) = real, synthetic
     if xr.shape[1:] != xs.shape[1:]:
         raise ValueError(f"real images {tuple(xr.shape[1:])} and synthetic images {tuple(xs.shape[1:])} differ in shape")
-    n_real = int(round(percent / 100.0 * len(xr)))
-    idx = torch.randperm(len(xr), generator=generator)[:n_real]
-    x = torch.cat([xs, xr[idx].to(xs.dtype)])
-    y = torch.cat([ys, yr[idx]]) if yr is not None and ys is not None else None
+    n = len(xr)
+    n_real = round(percent / 100.0 * n)
+    n_syn = n - n_real
+    if n_syn > len(xs):
+        raise ValueError(f"the {percent:g}% data-limited set of {n} images needs {n_syn} synthetic images, "
+                         f"but the synthetic set has {len(xs)}")
+    idx_real = torch.randperm(n, generator=generator)[:n_real]
+    idx_syn = torch.randperm(len(xs), generator=generator)[:n_syn]
+    x = torch.cat([xr[idx_real].to(xs.dtype), xs[idx_syn]])
+    y = torch.cat([yr[idx_real], ys[idx_syn]]) if yr is not None and ys is not None else None
     return x, y

@@ -8,6 +8,7 @@ Exit status 0 when healthy, 1 otherwise (with one line on stderr saying why).
 
 from __future__ import annotations
 
+import os
 import sys
 import urllib.request
 from pathlib import Path
@@ -15,10 +16,22 @@ from pathlib import Path
 DEFAULT_HEAD_URL = "http://127.0.0.1:8265/api/version"
 
 
+def ray_token() -> str | None:
+    """The cluster's token as Ray reads it (RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH), or None."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return Path(path).read_text().strip() if path else None
+
+
 def head_ok(url: str = DEFAULT_HEAD_URL) -> str | None:
-    """None when the job server answers ``url``, else the reason."""
+    """None when the job server answers ``url`` (with the cluster's token, when token auth is on), else the reason."""
+    request = urllib.request.Request(url)
+    token = ray_token() if os.environ.get("RAY_AUTH_MODE") == "token" else None
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(url, timeout=3) as resp:
+        with urllib.request.urlopen(request, timeout=3) as resp:
             return None if resp.status == 200 else f"{url} answered {resp.status}"
     except OSError as err:
         return f"{url}: {err}"

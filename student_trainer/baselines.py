@@ -2,7 +2,7 @@
 
 - data-based: IDDPM's hybrid objective on real data (``dkdm train``);
 - data-free: the teacher first generates a synthetic set (``dkdm synth``), then standard training on it;
-- data-limited: P% real images mixed into the synthetic set.
+- data-limited: as many images as the real set, P% of them real and the rest synthetic (the reference's mix.py).
 
 The digits teacher used by demos and tests is trained by ``dkdm train`` on sklearn's digits.
 """
@@ -17,10 +17,11 @@ from common.config import Config
 from common.data import SyntheticShardWriter, load_dataset, load_shards, mix_datasets
 from common.diffusion import make_diffusion
 from common.images import save_grid
+from common.seeds import data_mix_seed, data_seed, eval_seed, student_init_seed
 from common.teachers import make_teacher
 from student_trainer.checkpoints import load_checkpoint, model_config, save_checkpoint
 from student_trainer.distill import resolve_device
-from student_trainer.losses import data_batch
+from student_trainer.losses import HYBRID_V_BOUND, data_batch
 from student_trainer.run_dir import RunDir
 from student_trainer.sampling import sample_images, sample_teacher
 from student_trainer.student import build_student
@@ -36,14 +37,14 @@ def training_set(cfg: Config) -> tuple[torch.Tensor, torch.Tensor | None]:
     if dc.real_percent > 0:
         if not dc.synthetic_dir:
             raise ValueError("data.real_percent > 0 (data-limited) needs data.synthetic_dir")
-        gen = torch.Generator().manual_seed(cfg.run.seed)
+        gen = torch.Generator().manual_seed(data_mix_seed(cfg.run.seed))
         return mix_datasets(load_dataset(dc.dataset, dc.image_size), load_shards(dc.synthetic_dir), dc.real_percent, gen)
     return load_dataset(dc.dataset, dc.image_size)
 
 
 def train_on_data(cfg: Config, data: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict:
     """Standard training of the student on a data set (hybrid objective, Eq. 13)."""
-    torch.manual_seed(cfg.run.seed)
+    torch.manual_seed(student_init_seed(cfg.run.seed))
     device = resolve_device(cfg.run.device)
     x, y = data if data is not None else training_set(cfg)
     if not cfg.data.class_cond:
@@ -57,12 +58,13 @@ def train_on_data(cfg: Config, data: tuple[torch.Tensor, torch.Tensor | None] | 
     o = cfg.distill
     trainer = StudentTrainer(model, d, var_type=dc.var_type, lr=o.lr, weight_decay=o.weight_decay, ema_rate=o.ema_rate,
                              grad_clip=o.grad_clip, lambda_vlb=o.lambda_vlb * HYBRID_LAMBDA_PER_UNIT, bf16=o.bf16,
-                             device=device)
+                             device=device, v_bound=HYBRID_V_BOUND)
     run = RunDir(cfg)
-    gen = torch.Generator().manual_seed(cfg.run.seed)
+    gen = torch.Generator().manual_seed(data_seed(cfg.run.seed))
     if run.has_checkpoint():
         gen.set_state(load_checkpoint(run, trainer)["data"])
-    config = model_config(build, d, dc.schedule, dc.var_type, dc.clip_denoised, image_shape, num_classes)
+    config = model_config(build, d, dc.schedule, dc.var_type, dc.clip_denoised, image_shape, num_classes,
+                          v_bound=trainer.v_bound)
     bar = None
     if cfg.run.progress:
         from tqdm import tqdm
@@ -85,7 +87,8 @@ def train_on_data(cfg: Config, data: tuple[torch.Tensor, torch.Tensor | None] | 
         bar.close()
     ckpt = save_checkpoint(run, trainer, config, {"data": gen.get_state()})
     samples, _ = sample_images(trainer.ema_model(), d, dc.var_type, cfg.sample, image_shape, num_classes,
-                               seed=cfg.run.seed, device=device, clip_denoised=dc.clip_denoised)
+                               seed=eval_seed(cfg.run.seed), device=device, clip_denoised=dc.clip_denoised,
+                               v_bound=trainer.v_bound)
     grid = save_grid(samples, run.samples / "final.png")
     return {"run_dir": str(run.root), "checkpoint": str(ckpt), "samples": str(grid),
             "metrics": str(run.metrics_path), "steps": trainer.step}

@@ -19,14 +19,15 @@ from student_trainer.trainer import StudentTrainer
 
 
 def model_config(build: dict, d: Diffusion, schedule: str, var_type: str, clip_denoised: bool,
-                 image_shape: tuple[int, int, int], num_classes: int | None, **extra) -> dict:
-    """The network's build flags plus everything that defines its diffusion (exact betas included)."""
+                 image_shape: tuple[int, int, int], num_classes: int | None, *, v_bound: str, **extra) -> dict:
+    """The network's build flags plus everything that defines its diffusion (exact betas included) and the
+    bound its Eq. 12 v was trained with (``v_bound``, applied again when it is sampled)."""
     return {**build,
             "diffusion": {"schedule": schedule, "num_timesteps": int(d.num_timesteps), "var_type": var_type,
                           "prediction": "eps", "clip_denoised": clip_denoised,
                           "betas": [float(b) for b in d.betas],
                           "timestep_map": [int(v) for v in d.timestep_map]},
-            "image_shape": list(image_shape), "num_classes": num_classes, **extra}
+            "image_shape": list(image_shape), "num_classes": num_classes, "v_bound": v_bound, **extra}
 
 
 def save_checkpoint(run: RunDir, trainer: StudentTrainer, config: dict, rng: dict[str, torch.Tensor],

@@ -23,6 +23,7 @@ from common.config import Config
 from common.images import save_grid
 from common.pool import make_pool, pool_size
 from common.pool.base import Pool, PoolTimeout
+from common.seeds import eval_seed, student_init_seed, teacher_seed
 from common.teachers import Teacher, make_teacher
 from student_trainer.checkpoints import load_checkpoint, model_config, save_checkpoint
 from student_trainer.run_dir import RunDir
@@ -71,7 +72,7 @@ def build_session(cfg: Config) -> Session:
                      num_timesteps=teacher.diffusion.num_timesteps, seed=cfg.run.seed)
     if cfg.pool.group is not None:      # issue 8: draw as a consumer group (student_trainer/sweep.py)
         pool.attach_group(cfg.pool.group, cfg.pool.group_policy, cfg.pool.group_max_lag)
-    worker = TeacherWorker(teacher, pool, microbatch=cfg.distill.teacher_microbatch, seed=cfg.run.seed,
+    worker = TeacherWorker(teacher, pool, microbatch=cfg.distill.teacher_microbatch, seed=teacher_seed(cfg.run.seed),
                            warmup="noise" if cfg.distill.variant == "iterative" else "shuffle",
                            claim_timeout_s=cfg.pool.claim_timeout_s)
     return student_session(cfg, teacher, pool, worker, device)
@@ -79,7 +80,7 @@ def build_session(cfg: Config) -> Session:
 
 def student_session(cfg: Config, teacher: Teacher, pool: Pool, worker: TeacherWorker, device: torch.device) -> Session:
     """A Session for one student on a given teacher, pool and worker (the sweep shares them between students)."""
-    torch.manual_seed(cfg.run.seed)        # the student's initialisation depends on its seed only
+    torch.manual_seed(student_init_seed(cfg.run.seed))    # the student's initialisation depends on its seed only
     model, student_config = build_student_for(cfg.student, teacher)
     trainer = StudentTrainer.from_config(model, teacher.diffusion, cfg.distill, student_var_type(teacher), device)
     return Session(cfg, RunDir(cfg), teacher, pool, worker, trainer, student_config, device)
@@ -88,7 +89,8 @@ def student_session(cfg: Config, teacher: Teacher, pool: Pool, worker: TeacherWo
 def _checkpoint(s: Session) -> Path:
     t = s.teacher
     config = model_config(s.student_config, t.diffusion, s.cfg.teacher.diffusion.schedule, s.trainer.var_type,
-                          t.clip_denoised, t.image_shape, t.num_classes, teacher_identity=t.identity())
+                          t.clip_denoised, t.image_shape, t.num_classes, v_bound=s.trainer.v_bound,
+                          teacher_identity=t.identity())
     rng = {"worker": s.worker.gen.get_state(), "torch": torch.get_rng_state()}
     return save_checkpoint(s.run, s.trainer, config, rng, pool=s.pool)
 
@@ -101,8 +103,8 @@ def _resume(s: Session) -> None:
 
 def write_samples(s: Session, tag: str) -> Path:
     x, _ = sample_images(s.trainer.ema_model(), s.teacher.diffusion, s.trainer.var_type, s.cfg.sample,
-                         s.teacher.image_shape, s.teacher.num_classes, seed=s.cfg.run.seed, device=s.device,
-                         clip_denoised=s.teacher.clip_denoised)
+                         s.teacher.image_shape, s.teacher.num_classes, seed=eval_seed(s.cfg.run.seed), device=s.device,
+                         clip_denoised=s.teacher.clip_denoised, v_bound=s.trainer.v_bound)
     path = s.run.samples / f"{tag}.png"
     save_grid(x, path)
     return path

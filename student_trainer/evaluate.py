@@ -38,10 +38,10 @@ def load_samples(path: str) -> np.ndarray:
         return f["arr_0"]
 
 
-def evaluate_samples(samples: str, reference: str, features: str = "digits") -> dict:
+def evaluate_samples(samples: str, reference: str, features: str = "digits", device: str = "cpu") -> dict:
     """FID, sFID, IS, precision/recall of an .npz of samples against a reference data set."""
     ref, _ = load_dataset(reference)
-    return evaluate(load_samples(samples), ref, get_feature_net(features))
+    return evaluate(load_samples(samples), ref, get_feature_net(features, device=device))
 
 
 def exact_metrics(x: torch.Tensor, mixture: GaussianMixture, seed: int = 0, num_reference: int = 4096) -> dict:

@@ -13,9 +13,11 @@ import torch
 
 from common.config import AnalyticConfig, Config
 from common.teachers import make_teacher
+from common.teachers.dkdm_teacher import checkpoint_v_bound
 from student_trainer.baselines import train_on_data
 from student_trainer.distill import distill, resolve_device
 from student_trainer.evaluate import exact_metrics, mixture_of
+from student_trainer.losses import DKDM_V_BOUND
 from student_trainer.sampling import sample_teacher
 from student_trainer.student import build_student_for, student_var_type
 from common.models.checkpoint import from_pretrained
@@ -23,9 +25,10 @@ from student_trainer.sampling import sample_images
 
 
 def _score_checkpoint(cfg: Config, folder: str, chain, var_type: str, teacher) -> dict:
-    model, _ = from_pretrained(folder, use_ema=True)
+    model, config = from_pretrained(folder, use_ema=True)
     x, _ = sample_images(model, chain, var_type, cfg.sample, teacher.image_shape, None, seed=cfg.run.seed + 7,
-                         device=resolve_device(cfg.run.device), clip_denoised=teacher.clip_denoised)
+                         device=resolve_device(cfg.run.device), clip_denoised=teacher.clip_denoised,
+                         v_bound=checkpoint_v_bound(config))
     return exact_metrics(x, mixture_of(cfg.teacher.analytic), seed=cfg.run.seed)
 
 
@@ -62,7 +65,8 @@ def compare_on_mixture(cfg: Config, methods=("dkdm", "data_free", "data_based", 
         elif method == "untrained":
             model, _ = build_student_for(cfg.student, teacher)
             x, _ = sample_images(model, teacher.diffusion, student_var_type(teacher), cfg.sample, teacher.image_shape,
-                                 None, seed=cfg.run.seed + 7, device=device, clip_denoised=teacher.clip_denoised)
+                                 None, seed=cfg.run.seed + 7, device=device, clip_denoised=teacher.clip_denoised,
+                                 v_bound=DKDM_V_BOUND)
             res = exact_metrics(x, mixture, seed=cfg.run.seed)
         elif method == "teacher":
             x, _ = sample_teacher(teacher, cfg.sample, seed=cfg.run.seed + 7)
@@ -171,9 +175,9 @@ def digits_scorer(feature_net=None, reference: str = "digits") -> Scorer:
 
 
 def _student_samples(model: torch.nn.Module, chain, var_type: str, cfg: Config, image_shape, num_classes,
-                     clip_denoised: bool) -> torch.Tensor:
+                     clip_denoised: bool, v_bound: str) -> torch.Tensor:
     x, _ = sample_images(model, chain, var_type, cfg.sample, image_shape, num_classes, seed=cfg.run.seed + 7,
-                         device=resolve_device(cfg.run.device), clip_denoised=clip_denoised)
+                         device=resolve_device(cfg.run.device), clip_denoised=clip_denoised, v_bound=v_bound)
     return x
 
 
@@ -195,7 +199,8 @@ def distill_with_curve(cfg: Config, score: Scorer, eval_at: Iterable[int] = ()) 
 
         def samples() -> torch.Tensor:
             return _student_samples(s.trainer.ema_model(), s.teacher.diffusion, s.trainer.var_type, cfg,
-                                    s.teacher.image_shape, s.teacher.num_classes, s.teacher.clip_denoised)
+                                    s.teacher.image_shape, s.teacher.num_classes, s.teacher.clip_denoised,
+                                    s.trainer.v_bound)
 
         curve, eval_s = [], 0.0
         while s.trainer.step < cfg.distill.steps:
@@ -233,7 +238,7 @@ def train_on_set(cfg: Config, x: torch.Tensor, score: Scorer, y: torch.Tensor | 
     dc = cfg.teacher.diffusion
     num_classes = mcfg.get("num_classes")
     samples = _student_samples(model, make_diffusion(dc.schedule, dc.num_timesteps), dc.var_type, cfg,
-                               tuple(x.shape[1:]), num_classes, dc.clip_denoised)
+                               tuple(x.shape[1:]), num_classes, dc.clip_denoised, checkpoint_v_bound(mcfg))
     return {"metrics": score(samples), "samples": samples, "train_s": train_s, "checkpoint": out["checkpoint"]}
 
 
@@ -248,4 +253,4 @@ def teacher_samples(teacher, cfg: Config, num: int | None = None, steps: str | N
 def untrained_samples(cfg: Config, teacher) -> torch.Tensor:
     model, _ = build_student_for(cfg.student, teacher)
     return _student_samples(model, teacher.diffusion, student_var_type(teacher), cfg, teacher.image_shape,
-                            teacher.num_classes, teacher.clip_denoised)
+                            teacher.num_classes, teacher.clip_denoised, DKDM_V_BOUND)

@@ -23,6 +23,7 @@ import time
 
 from common.config import Config
 from common.pool.base import Pool, PoolError
+from common.seeds import teacher_seed
 
 
 class PoolCliError(PoolError):
@@ -72,7 +73,7 @@ def create(cfg: Config) -> dict:
                                     seed=cfg.run.seed, detached=True)
     t0 = time.time()
     if not pool.stats().warm:        # new, or a previous create died during the warm-up
-        worker = TeacherWorker(teacher, pool, microbatch=cfg.distill.teacher_microbatch, seed=cfg.run.seed,
+        worker = TeacherWorker(teacher, pool, microbatch=cfg.distill.teacher_microbatch, seed=teacher_seed(cfg.run.seed),
                                warmup="noise" if cfg.distill.variant == "iterative" else "shuffle",
                                claim_timeout_s=cfg.pool.claim_timeout_s)
         worker.fill_all(n, progress=cfg.run.progress)

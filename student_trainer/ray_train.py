@@ -33,6 +33,7 @@ from common.config import Config, config_from_dict
 from common.diffusion import Diffusion
 from common.images import save_grid, save_npz
 from common.pool.base import Pool
+from common.seeds import eval_seed, student_init_seed
 from common.teachers.base import Teacher
 from student_trainer.checkpoints import load_checkpoint, model_config, save_checkpoint
 from student_trainer.sampling import sample_images
@@ -89,7 +90,7 @@ class DDPStudentTrainer(StudentTrainer):
 
 
 def build_trainer(cfg: Config, spec: TeacherSpec, device: torch.device) -> tuple[DDPStudentTrainer, dict]:
-    torch.manual_seed(cfg.run.seed)     # same initial weights on every rank (and as the single-process run)
+    torch.manual_seed(student_init_seed(cfg.run.seed))   # same initial weights on every rank (and as the single-process run)
     model, student_config = build_student(cfg.student, spec.image_shape, spec.learned_variance, spec.num_classes)
     trainer = DDPStudentTrainer.from_config(model, spec.diffusion, cfg.distill, student_var_type(spec), device)
     trainer.wrap(trainer.model)
@@ -98,7 +99,7 @@ def build_trainer(cfg: Config, spec: TeacherSpec, device: torch.device) -> tuple
 
 def checkpoint_config(student_config: dict, spec: TeacherSpec, trainer: StudentTrainer) -> dict:
     return model_config(student_config, spec.diffusion, spec.schedule, trainer.var_type, spec.clip_denoised,
-                        spec.image_shape, spec.num_classes, teacher_identity=spec.identity)
+                        spec.image_shape, spec.num_classes, v_bound=trainer.v_bound, teacher_identity=spec.identity)
 
 
 def write_checkpoint(folder: Path, trainer: StudentTrainer, config: dict, pool: Pool | None) -> None:
@@ -231,7 +232,8 @@ def report(trainer: StudentTrainer, ck_config: dict, pool: Pool, rank: int, out:
 def write_samples(cfg: Config, spec: TeacherSpec, trainer: StudentTrainer, run_root: Path, device) -> Path:
     """EMA samples -> samples/final.png (grid), final.npz (uint8, ADM layout) and final_float.npy ([N, C, H, W])."""
     x, y = sample_images(trainer.ema_model(), spec.diffusion, trainer.var_type, cfg.sample, spec.image_shape,
-                         spec.num_classes, seed=cfg.run.seed, device=device, clip_denoised=spec.clip_denoised)
+                         spec.num_classes, seed=eval_seed(cfg.run.seed), device=device, clip_denoised=spec.clip_denoised,
+                         v_bound=trainer.v_bound)
     folder = run_root / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     save_npz(x, folder / "final.npz", labels=y)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from common import metrics
 from common.config import Config, config_from_dict, load_config
-from student_trainer.cli import UserError, add_config_args, report, run_cli
+from student_trainer.cli import UserError, add_config_args, config_path, report, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NAME = "train"       # Ray Train's run name inside the run folder: <out_dir>/<run.name>/train/checkpoint_*
@@ -64,10 +64,18 @@ def load_run_config(path: str | None, overrides: list[str]) -> Config:
             key, value = parse_override(item)
             _set_dotted(tree, key, value)
         return config_from_dict(tree)
-    cfg = load_config(path, overrides)
+    cfg = load_config(config_path(path), overrides)
     if "backend" not in cfg.pool.model_fields_set:
         cfg.pool.backend = "ray"
     return cfg
+
+
+def service_num_slots(cfg: Config, num_timesteps: int) -> int:
+    """|B+| of the service: round(rho * T) * b slots per trainer worker (b its batch), so each worker draws
+    from the paper's B+ as each rank of the reference holds its own; ``pool.num_slots`` is the whole pool's."""
+    from student_trainer.distill import num_slots_for
+    n = num_slots_for(cfg, num_timesteps)
+    return n if cfg.pool.num_slots is not None else n * cfg.ray.num_workers
 
 
 def check_sizes(cfg: Config, num_slots: int) -> None:
@@ -203,7 +211,6 @@ def distill_on_ray(cfg: Config) -> dict:
     from ray.train.torch import TorchTrainer
 
     from common.teachers import make_teacher
-    from student_trainer.distill import num_slots_for
     from student_trainer.ray_train import TeacherSpec, train_loop
     from student_trainer.run_dir import RunDir
     from teacher_workers.group import TeacherGroup
@@ -213,7 +220,7 @@ def distill_on_ray(cfg: Config) -> dict:
     run = RunDir(cfg)
     teacher = make_teacher(cfg.teacher, "cpu")
     spec = TeacherSpec.of(teacher, cfg.teacher.diffusion.schedule)
-    num_slots = num_slots_for(cfg, spec.diffusion.num_timesteps)
+    num_slots = service_num_slots(cfg, spec.diffusion.num_timesteps)
     from common.pool.identity import teacher_pool_identity
     identity = teacher_pool_identity(teacher, num_slots, cfg.pool.storage_dtype, cfg.pool.rho, cfg.pool.samples_per_insert)
     check_sizes(cfg, num_slots)

@@ -7,19 +7,21 @@ from typing import Callable
 import torch
 
 from common.config import SampleConfig
-from common.diffusion import Diffusion, ancestral_sample, ddim_sample, respace, space_timesteps
+from common.diffusion import Diffusion, ancestral_sample, bound_v, ddim_sample, respace, space_timesteps
 from common.teachers.base import Teacher
 from student_trainer.losses import split_output
 
 
-def network_denoiser(model: torch.nn.Module, d: Diffusion, channels: int) -> Callable:
-    """A network called with original timesteps -> the samplers' denoise(x_t, t[, y]) on d's chain indices."""
+def network_denoiser(model: torch.nn.Module, d: Diffusion, channels: int, v_bound: str) -> Callable:
+    """A network called with original timesteps -> the samplers' denoise(x_t, t[, y]) on d's chain indices;
+    its Eq. 12 v bounded as in training (``bound_v``)."""
 
     @torch.no_grad()
     def denoise(x_t, t, y=None):
         ts = d.map_timesteps(t)
         out = model(x_t, ts, y) if y is not None else model(x_t, ts)
-        return split_output(out.float(), channels)
+        eps, var_values = split_output(out.float(), channels)
+        return eps, (None if var_values is None else bound_v(var_values, v_bound))
 
     return denoise
 
@@ -61,10 +63,11 @@ def run_sampler(d: Diffusion, denoise: Callable, var_type: str, cfg: SampleConfi
 def sample_images(model: torch.nn.Module, chain: Diffusion, var_type: str, cfg: SampleConfig,
                   image_shape: tuple[int, int, int], num_classes: int | None, seed: int,
                   device: torch.device, num_samples: int | None = None, progress: bool = False,
-                  clip_denoised: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Samples of a network trained on ``chain``, on the respacing ``cfg.steps`` of it."""
+                  clip_denoised: bool = True, *, v_bound: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Samples of a network trained on ``chain``, on the respacing ``cfg.steps`` of it, its v bounded by
+    ``v_bound`` (the trainer's, or a checkpoint's ``checkpoint_v_bound``)."""
     d = respace(chain, cfg.steps)
-    denoise = network_denoiser(model.eval(), d, image_shape[0])
+    denoise = network_denoiser(model.eval(), d, image_shape[0], v_bound)
     return run_sampler(d, denoise, var_type, cfg, image_shape, num_classes, seed, device, num_samples, progress,
                        clip_denoised)
 

@@ -31,6 +31,7 @@ import torch
 from common.config import Config, ConfigError, _set_dotted, config_from_dict
 from common.pool import make_pool
 from common.pool.base import PoolError
+from common.seeds import teacher_seed
 from common.teachers import make_teacher
 from student_trainer.checkpoints import model_config, save_checkpoint
 from student_trainer.distill import Session, num_slots_for, student_session, pool_summary, refill, resolve_device, train_step, write_samples
@@ -59,7 +60,8 @@ def save_student(s: Session) -> Path:
     """Config + weights + trainer state, as distill's checkpoint minus the pool snapshot (the pool is shared)."""
     t = s.teacher
     config = model_config(s.student_config, t.diffusion, s.cfg.teacher.diffusion.schedule, s.trainer.var_type,
-                          t.clip_denoised, t.image_shape, t.num_classes, teacher_identity=t.identity())
+                          t.clip_denoised, t.image_shape, t.num_classes, v_bound=s.trainer.v_bound,
+                          teacher_identity=t.identity())
     return save_checkpoint(s.run, s.trainer, config, {"torch": torch.get_rng_state()}, pool=None)
 
 
@@ -96,7 +98,7 @@ def sweep(cfg: Config, students: list[dict[str, Any]]) -> dict:
                      has_logvar=teacher.learned_variance, has_label=teacher.num_classes is not None,
                      num_timesteps=teacher.diffusion.num_timesteps, seed=cfg.run.seed)
     try:
-        worker = TeacherWorker(teacher, pool, microbatch=cfg.distill.teacher_microbatch, seed=cfg.run.seed,
+        worker = TeacherWorker(teacher, pool, microbatch=cfg.distill.teacher_microbatch, seed=teacher_seed(cfg.run.seed),
                                warmup="noise" if cfg.distill.variant == "iterative" else "shuffle",
                                claim_timeout_s=cfg.pool.claim_timeout_s)
         sessions = [student_session(c, teacher, pool, worker, device) for c in scfgs]

@@ -17,7 +17,7 @@ from common import metrics
 from common.config import DistillConfig
 from common.diffusion import Diffusion
 from common.records import RecordBatch
-from student_trainer.losses import dkdm_loss, hybrid_loss
+from student_trainer.losses import DKDM_V_BOUND, dkdm_loss, hybrid_loss
 
 
 def update_ema(ema: dict[str, torch.Tensor], model: torch.nn.Module, rate: float) -> None:
@@ -47,11 +47,15 @@ class StudentTrainer:
     """Student network + AdamW + EMA over a fixed diffusion chain ``d``.
 
     ``timestep_map``: the student is always called with the chain's original timesteps.
+    ``v_bound``: the bound on the student's Eq. 12 v (``bound_v``) under either objective; checkpoints
+    record it so that sampling applies the same one.
     """
 
     def __init__(self, model: torch.nn.Module, d: Diffusion, *, var_type: str, lr: float, weight_decay: float,
-                 ema_rate: float, grad_clip: float | None, lambda_vlb: float, bf16: bool, device: torch.device):
+                 ema_rate: float, grad_clip: float | None, lambda_vlb: float, bf16: bool, device: torch.device,
+                 v_bound: str = DKDM_V_BOUND):
         self.model, self.d, self.var_type, self.device = model.to(device), d, var_type, device
+        self.v_bound = v_bound
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
         self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.ema_rate, self.grad_clip, self.lambda_vlb, self.bf16 = ema_rate, grad_clip, lambda_vlb, bf16
@@ -90,7 +94,7 @@ class StudentTrainer:
         self.model.train()
         out = self._forward(rec.x_t, rec.t, rec.y)
         losses = dkdm_loss(self.d, out, rec, student_var_type=self.var_type, teacher_clip=teacher_clip,
-                           lambda_vlb=self.lambda_vlb)
+                           lambda_vlb=self.lambda_vlb, v_bound=self.v_bound)
         return self._optimize(losses)
 
     def data_step(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
@@ -99,7 +103,8 @@ class StudentTrainer:
         self.model.train()
         out = self._forward(x_t.to(self.device), t.to(self.device), None if y is None else y.to(self.device))
         losses = hybrid_loss(self.d, out, x0.to(self.device), x_t.to(self.device), t.to(self.device),
-                             noise.to(self.device), var_type=self.var_type, lambda_vlb=self.lambda_vlb)
+                             noise.to(self.device), var_type=self.var_type, lambda_vlb=self.lambda_vlb,
+                             v_bound=self.v_bound)
         return self._optimize(losses)
 
     def ema_model(self) -> torch.nn.Module:

@@ -32,12 +32,13 @@ import torch
 from common import metrics
 from common.config import Config
 from common.pool.base import Pool, PoolError, PoolTimeout
+from common.seeds import teacher_seed
 from common.teachers import make_teacher
 from teacher_workers.worker import TeacherWorker
 
 # A claim that finds no REFILL slot waits this long before the loop looks at its stop flag again.
 IDLE_POLL_S = 0.5
-# A restarted actor draws fresh noise: seed = run.seed + worker index + RESTART_SEED_STRIDE * restarts.
+# A restarted actor draws fresh noise: seed = teacher_seed(run.seed) + worker index + RESTART_SEED_STRIDE * restarts.
 RESTART_SEED_STRIDE = 100_003
 
 
@@ -72,7 +73,7 @@ class TeacherActor:
             metrics.inc(metrics.TEACHER_RESTARTS_TOTAL, self.restarts, worker=index)
         teacher = make_teacher(cfg.teacher)
         self.worker = TeacherWorker(teacher, pool, microbatch=cfg.distill.teacher_microbatch,
-                                    seed=cfg.run.seed + RESTART_SEED_STRIDE * self.restarts,
+                                    seed=teacher_seed(cfg.run.seed) + RESTART_SEED_STRIDE * self.restarts,
                                     worker_index=index,
                                     warmup="noise" if cfg.distill.variant == "iterative" else "shuffle",
                                     claim_timeout_s=cfg.pool.claim_timeout_s)

@@ -6,25 +6,37 @@ teacher forward: the stored ``eps``/``logvar`` of a returned slot give the
 denoising step x_t -> x_{t-1} without another forward, and the forward at the
 new state is both the next step's means and the student's target.
 
-Empty slots (``t = EMPTY_T``) are filled by the shuffle-denoise warm-up: a
-working set of states, each with its own uniformly drawn end index, is
-denoised in micro-batches that mix timesteps, so every forward is a full
-micro-batch and the finished records' t is uniform over the chain.
+Empty slots (``t = EMPTY_T``) are filled by the shuffle-denoise warm-up: every
+empty slot a teacher claims gets its own chain from fresh noise at T-1 with a
+uniformly drawn end index, denoised in micro-batches that mix timesteps until it
+reaches that end (the reference's B+: t is exactly uniform over the chain when
+the pool is READY, and the dynamic loop keeps it so). Chains start only for
+claimed slots, so any number of teachers sharing a pool start exactly one chain
+per empty slot.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import time
-from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from common import metrics
-from common.diffusion import Diffusion, model_log_variance, p_mean_variance, predict_xstart_from_eps, q_posterior_mean_variance
-from common.pool.base import Pool, PoolTimeout
+from common.diffusion import (
+    Diffusion,
+    model_log_variance,
+    p_mean_variance,
+    predict_xstart_from_eps,
+    q_posterior_mean_variance,
+)
+from common.pool.base import Claim, Pool, PoolTimeout
 from common.records import EMPTY_T, RecordBatch
 from common.teachers.base import Teacher
+
+logger = logging.getLogger(__name__)
 
 
 def teacher_record(teacher: Teacher, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> RecordBatch:
@@ -48,31 +60,81 @@ def denoise_step(d: Diffusion, rec: RecordBatch, var_type: str, clip_denoised: b
     return mean + nonzero * torch.exp(0.5 * logvar) * noise
 
 
+class InjectedFault(RuntimeError):
+    """The failure ``teacher.fault`` asks for (tests of the service's recovery, docs/faults.md)."""
+
+
 @dataclass
-class _Warm:
-    """Working set of the shuffle-denoise warm-up: states at mixed t with their end indices."""
+class _Chains:
+    """The warm-up's working set: one chain per claimed empty slot, each denoised from T-1 to its own end.
+
+    ``claim`` [n] and ``pos`` [n] (CPU) say which open claim the chain's slot belongs to and where in it.
+    """
 
     x: torch.Tensor
     t: torch.Tensor
     end: torch.Tensor
     y: torch.Tensor | None
+    claim: torch.Tensor
+    pos: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.t.shape[0])
+
+    def index(self, keep: torch.Tensor) -> _Chains:
+        k = keep.cpu()
+        return _Chains(self.x[keep], self.t[keep], self.end[keep], None if self.y is None else self.y[keep],
+                       self.claim[k], self.pos[k])
+
+    @staticmethod
+    def cat(a: _Chains | None, b: _Chains) -> _Chains:
+        if a is None or len(a) == 0:
+            return b
+        return _Chains(torch.cat([a.x, b.x]), torch.cat([a.t, b.t]), torch.cat([a.end, b.end]),
+                       None if a.y is None else torch.cat([a.y, b.y]), torch.cat([a.claim, b.claim]),
+                       torch.cat([a.pos, b.pos]))
+
+
+@dataclass
+class _OpenClaim:
+    """A claim with empty slots whose chains still run; its finished records wait here for the fill."""
+
+    claim: Claim
+    parts: list[tuple[torch.Tensor, RecordBatch]] = field(default_factory=list)   # (positions in the claim, records)
+    left: int = 0                                                                    # chains still running
 
 
 class TeacherWorker:
-    """Fills and refills pool slots with one teacher. ``warmup`` = "shuffle" (uniform end t) or "noise" (all at T-1)."""
+    """Fills and refills pool slots with one teacher. ``warmup`` = "shuffle" (uniform end t) or "noise" (all at T-1).
+
+    The warm-up gives every empty slot it claims its own chain with a uniformly drawn end index and
+    denoises every chain to its end (the reference's B+, exactly uniform in t). Chains start only for
+    claimed slots, so however many teachers share the pool, no chain is started for a slot that is
+    not owed; the working set holds at most ``microbatch`` chains, topped up by claiming more empty
+    slots as chains end, and the last forwards of the warm-up run part-empty. A claim is filled
+    when its last chain ends, so it must outlive T teacher forwards: ``pool.claim_timeout_s``.
+    """
 
     def __init__(self, teacher: Teacher, pool: Pool, *, microbatch: int = 256, seed: int = 0,
-                 worker_index: int = 0, warmup: str = "shuffle", claim_timeout_s: float = 60.0):
+                 worker_index: int = 0, warmup: str = "shuffle", claim_timeout_s: float = 60.0,
+                 fail_after_forwards: int | None = None):
         if warmup not in ("shuffle", "noise"):
             raise ValueError(f"warmup must be 'shuffle' or 'noise', got {warmup!r}")
         self.teacher, self.pool, self.microbatch = teacher, pool, microbatch
         self.warmup_mode, self.claim_timeout_s = warmup, claim_timeout_s
+        self.fail_after_forwards = fail_after_forwards
+        self.index = worker_index
         self.worker = str(worker_index)
         self.device = teacher.device
         # STYLE: seeds are base seed plus worker index, so no two teachers draw the same noise.
         self.gen = torch.Generator(device="cpu").manual_seed(seed + worker_index)
-        self._warm: _Warm | None = None
-        self._finished: deque[RecordBatch] = deque()
+        self._chains: _Chains | None = None
+        self._open: dict[int, _OpenClaim] = {}
+        self._seq = itertools.count()
+        # Top the working set up once this many chains have ended: a claim (and later a fill) per
+        # forward for one or two slots would cost more pool calls than the part-empty forwards save.
+        self._min_top_up = max(1, microbatch // 16)
+        self._warned_expiry = False
         self.forwards = 0
         self.records = 0
         self.busy_s = 0.0
@@ -87,59 +149,111 @@ class TeacherWorker:
         return None if k is None else torch.randint(0, k, (n,), generator=self.gen).to(self.device)
 
     def _forward(self, x, t, y) -> RecordBatch:
+        if self.fail_after_forwards is not None and self.forwards >= self.fail_after_forwards:
+            raise InjectedFault(f"teacher.fault: injected failure after {self.forwards} forwards")
         rec = teacher_record(self.teacher, x, t, y)
         self.forwards += len(t)
         metrics.inc(metrics.TEACHER_FORWARDS_TOTAL, len(t), worker=self.worker)
         return rec
 
-    # --- shuffle-denoise warm-up ------------------------------------------
-    def _top_up_working_set(self) -> None:
-        T = self.teacher.diffusion.num_timesteps
-        have = 0 if self._warm is None else len(self._warm.t)
-        n = self.microbatch - have
-        if n <= 0:
-            return
-        shape = (n, *self.teacher.image_shape)
+    @property
+    def chains_running(self) -> int:
+        return 0 if self._chains is None else len(self._chains)
+
+    @property
+    def slots_held(self) -> int:
+        """Slots of this worker's open warm-up claims (claimed, not yet filled)."""
+        return sum(len(o.claim) for o in self._open.values())
+
+    # --- claims ---------------------------------------------------------------
+    def _claim(self, n: int, timeout_s: float | None) -> int:
+        """Claim up to n REFILL slots: returned ones are advanced now, empty ones start their chains.
+        A claim with no empty slot is filled at once. Returns the records filled."""
+        claim = self.pool.claim_refill(n, timeout_s=timeout_s)
+        start = time.perf_counter()
+        prev = claim.batch.to(self.device, dtype=torch.float32)
+        empty = prev.t == EMPTY_T
+        open_claim = _OpenClaim(claim, left=int(empty.sum()))
+        if (~empty).any():
+            for chunk in (~empty).nonzero().flatten().split(self.microbatch):
+                open_claim.parts.append((chunk.cpu(), self._advance(prev.index(chunk))))
+        filled = 0
+        if open_claim.left:
+            seq = next(self._seq)
+            self._open[seq] = open_claim
+            self._start_chains(seq, empty.nonzero().flatten().cpu())
+        else:
+            filled = self._fill(open_claim)
+        self.busy_s += time.perf_counter() - start
+        return filled
+
+    def _start_chains(self, seq: int, pos: torch.Tensor) -> None:
+        """One fresh chain at t = T-1 per claimed empty slot, ending at a uniform index (or at T-1: "noise")."""
+        n, T = len(pos), self.teacher.diffusion.num_timesteps
         if self.warmup_mode == "shuffle":
             end = torch.randint(0, T, (n,), generator=self.gen).to(self.device)
         else:
             end = torch.full((n,), T - 1, dtype=torch.long, device=self.device)
-        fresh = _Warm(self._randn(shape), torch.full((n,), T - 1, dtype=torch.long, device=self.device), end, self._labels(n))
-        if self._warm is None:
-            self._warm = fresh
-        else:
-            w = self._warm
-            self._warm = _Warm(torch.cat([w.x, fresh.x]), torch.cat([w.t, fresh.t]), torch.cat([w.end, fresh.end]),
-                               None if w.y is None else torch.cat([w.y, fresh.y]))
+        fresh = _Chains(self._randn((n, *self.teacher.image_shape)), torch.full((n,), T - 1, dtype=torch.long, device=self.device),
+                        end, self._labels(n), torch.full((n,), seq, dtype=torch.long), pos)
+        self._chains = _Chains.cat(self._chains, fresh)
 
-    def _warm_forward(self) -> int:
-        """One micro-batch forward of the working set; finished states become records. Returns records finished."""
-        self._top_up_working_set()
-        w = self._warm
-        rec = self._forward(w.x, w.t, w.y)
-        done = w.t == w.end
+    def _fill(self, open_claim: _OpenClaim) -> int:
+        """All records of a claim, in its slot order, into the pool. Returns the records accepted."""
+        order = torch.cat([p for p, _ in open_claim.parts])
+        new = RecordBatch.cat([b for _, b in open_claim.parts]).index(torch.argsort(order).to(self.device))
+        if self.pool.fill(open_claim.claim.claim_id, new.to("cpu")) is False:
+            # The claim expired (we were too slow or were presumed dead): its slots went back to REFILL and
+            # another claim will refill them; these records are dropped.
+            return 0
+        self.records += len(order)
+        metrics.inc(metrics.TEACHER_RECORDS_TOTAL, len(order), worker=self.worker)
+        return len(order)
+
+    # --- shuffle-denoise warm-up ------------------------------------------
+    def _warm_step(self) -> int:
+        """One forward of every running chain (in micro-batches); ended chains become their slots' records,
+        claims whose chains have all ended are filled, claims past their deadline are given up.
+        Returns the records filled."""
+        start = time.perf_counter()
+        c = self._chains
+        rec = RecordBatch.cat([self._forward(c.x[i], c.t[i], None if c.y is None else c.y[i])
+                               for i in torch.arange(len(c), device=self.device).split(self.microbatch)])
+        done = c.t == c.end
+        filled = 0
         if done.any():
-            self._finished.append(rec.index(done))
+            ended, seqs = rec.index(done), c.claim[done.cpu()]
+            pos = c.pos[done.cpu()]
+            for seq in seqs.unique().tolist():
+                mine = seqs == seq
+                o = self._open[seq]
+                o.parts.append((pos[mine], ended.index(mine.to(self.device))))
+                o.left -= int(mine.sum())
+                if o.left == 0:
+                    filled += self._fill(self._open.pop(seq))
         keep = ~done
         step = rec.index(keep)
         x_next = denoise_step(self.teacher.diffusion, step, self.teacher.var_type, self.teacher.clip_denoised,
                               self._randn(step.x_t.shape))
-        self._warm = _Warm(x_next, step.t - 1, w.end[keep], None if w.y is None else w.y[keep])
-        return int(done.sum())
+        kept = c.index(keep)
+        self._chains = _Chains(x_next, step.t - 1, kept.end, kept.y, kept.claim, kept.pos)
+        self._give_up_expired()
+        self.busy_s += time.perf_counter() - start
+        return filled
 
-    def _take_warm(self, n: int) -> RecordBatch:
-        """n finished warm-up records, running the warm-up until there are enough."""
-        while sum(len(b) for b in self._finished) < n:
-            self._warm_forward()
-        out, got = [], 0
-        while got < n:
-            b = self._finished.popleft()
-            if got + len(b) > n:
-                self._finished.appendleft(b.index(slice(n - got, None)))
-                b = b.index(slice(0, n - got))
-            out.append(b)
-            got += len(b)
-        return RecordBatch.cat(out)
+    def _give_up_expired(self) -> None:
+        """Stop the chains of claims past their deadline: the pool has sent those slots back to REFILL."""
+        now = time.time()
+        late = [seq for seq, o in self._open.items() if o.claim.deadline < now]
+        if not late:
+            return
+        slots = sum(len(self._open.pop(seq).claim) for seq in late)
+        self._chains = self._chains.index(~torch.isin(self._chains.claim, torch.tensor(late)).to(self.device))
+        log = logger.debug if self._warned_expiry else logger.warning
+        self._warned_expiry = True
+        log("teacher %s: %d claimed slot(s) expired before their warm-up chains ended (pool.claim_timeout_s=%g s "
+            "is shorter than %d teacher forwards); they go back to REFILL and are warmed up again: raise "
+            "pool.claim_timeout_s", self.worker, slots, self.claim_timeout_s, self.teacher.diffusion.num_timesteps)
 
     # --- refill ---------------------------------------------------------------
     def _advance(self, prev: RecordBatch) -> RecordBatch:
@@ -159,44 +273,48 @@ class TeacherWorker:
             y[restart] = self._labels(int(restart.sum()))
         return self._forward(x_next, t_next, y)
 
+    def step(self, timeout_s: float | None = None, max_claim: int | None = None) -> int:
+        """One unit of the teacher's loop: claim what the working set has room for, then one warm-up forward.
+
+        With chains running the claim does not wait (timeout 0); with none it waits up to ``timeout_s``
+        and its PoolTimeout reaches the caller (nothing to do). ``max_claim`` caps the slots claimed.
+        Returns the records filled.
+        """
+        running = self.chains_running
+        room = self.microbatch - running
+        if max_claim is not None:
+            room = min(room, max_claim)
+        filled = 0
+        if room > 0 and (room >= self._min_top_up or running == 0):
+            try:
+                filled += self._claim(room, timeout_s=0.0 if running else timeout_s)
+            except PoolTimeout:
+                if not running:
+                    raise
+        if self.chains_running:
+            filled += self._warm_step()
+        return filled
+
     def refill_once(self, n: int | None = None, timeout_s: float | None = None) -> int:
-        """Claim up to n REFILL slots, compute their new records, fill. Returns the number filled."""
-        n = n or self.microbatch
-        claim = self.pool.claim_refill(n, timeout_s=timeout_s)
-        start = time.perf_counter()
-        prev = claim.batch.to(self.device, dtype=torch.float32)
-        empty = prev.t == EMPTY_T
-        parts: list[tuple[torch.Tensor, RecordBatch]] = []
-        if (~empty).any():
-            idx = (~empty).nonzero().flatten()
-            for chunk in idx.split(self.microbatch):
-                parts.append((chunk, self._advance(prev.index(chunk))))
-        if empty.any():
-            idx = empty.nonzero().flatten()
-            parts.append((idx, self._take_warm(len(idx))))
-        order = torch.cat([i for i, _ in parts])
-        new = RecordBatch.cat([b for _, b in parts]).index(torch.argsort(order))
-        accepted = self.pool.fill(claim.claim_id, new.to("cpu"))
-        self.busy_s += time.perf_counter() - start
-        if accepted is False:
-            # The claim expired (we were too slow or were presumed dead): its slots went back to REFILL and
-            # another claim will refill them; these records are dropped.
-            return 0
-        self.records += len(order)
-        metrics.inc(metrics.TEACHER_RECORDS_TOTAL, len(order), worker=self.worker)
-        metrics.inc(metrics.TEACHER_BUSY_SECONDS_TOTAL, time.perf_counter() - start, worker=self.worker)
-        return len(order)
+        """Claim up to n REFILL slots and fill them (empty ones denoised to their ends first). Returns the number filled."""
+        filled = self._claim(n or self.microbatch, timeout_s=timeout_s)
+        while self.chains_running:
+            filled += self._warm_step()
+        return filled
 
     def fill_all(self, num_slots: int, progress: bool = False, timeout_s: float = 1.0) -> None:
-        """Warm-up: refill until ``num_slots`` records were written or no REFILL slot is left."""
+        """Warm-up: fill until ``num_slots`` records were written or no REFILL slot is left to claim."""
         bar = None
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=num_slots, desc="shuffle-denoise warm-up", unit="slot", dynamic_ncols=True)
         done, t0, f0 = 0, time.perf_counter(), self.forwards
         while done < num_slots:
+            owed = num_slots - done - self.slots_held
+            if owed <= 0 and not self.chains_running:
+                break
             try:
-                k = self.refill_once(min(self.microbatch, num_slots - done), timeout_s=timeout_s)
+                k = self.step(timeout_s=timeout_s, max_claim=max(owed, 0))
             except PoolTimeout:
                 break
             done += k

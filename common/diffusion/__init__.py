@@ -2,8 +2,10 @@
 
 from common.diffusion.gaussian import (
     PREDICTION_TYPES,
+    V_BOUNDS,
     VAR_TYPES,
     Diffusion,
+    bound_v,
     eps_from_prediction,
     make_diffusion,
     model_log_variance,
@@ -35,8 +37,8 @@ from common.diffusion.schedules import (
 )
 
 __all__ = [
-    "PREDICTION_TYPES", "SCHEDULE_NAMES", "VAR_TYPES", "Diffusion",
-    "ancestral_sample", "ancestral_step", "approx_standard_normal_cdf", "betas_for_alpha_bar",
+    "PREDICTION_TYPES", "SCHEDULE_NAMES", "VAR_TYPES", "V_BOUNDS", "Diffusion",
+    "ancestral_sample", "ancestral_step", "approx_standard_normal_cdf", "betas_for_alpha_bar", "bound_v",
     "ddim_sample", "ddim_step", "discretized_gaussian_log_likelihood", "eps_from_prediction",
     "get_named_beta_schedule", "make_diffusion", "mean_flat", "model_log_variance", "normal_kl",
     "p_mean_variance", "p_sample", "predict_eps_from_xstart", "predict_xstart_from_eps",

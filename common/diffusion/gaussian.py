@@ -20,6 +20,7 @@ from common.diffusion.schedules import get_named_beta_schedule, space_timesteps
 
 VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
 PREDICTION_TYPES = ("eps", "v", "x0")
+V_BOUNDS = ("none", "clamp", "tanh")
 
 
 @dataclass(frozen=True, eq=False)
@@ -226,6 +227,22 @@ def model_log_variance(d: Diffusion, t: torch.Tensor, var_type: str, var_values:
         return (frac * max_log + (1 - frac) * min_log).expand(shape)
     name = "posterior_log_variance_clipped" if var_type == "fixed_small" else "fixed_large_log_variance"
     return _extract(d, name, t, shape, device).expand(shape)
+
+
+def bound_v(var_values: torch.Tensor, v_bound: str) -> torch.Tensor:
+    """A network's raw Eq. 12 value [N, C, H, W] -> the v that ``model_log_variance`` interpolates with.
+
+    ``none``: as is (IDDPM). ``clamp``: clamped to [-1, 1], so log Sigma stays between log beta_tilde_t
+    and log beta_t. ``tanh``: tanh(v), the same range with a gradient everywhere. Training and sampling
+    must apply the same bound, or the variance sampled is not the one the loss fitted.
+    """
+    if v_bound == "none":
+        return var_values
+    if v_bound == "clamp":
+        return var_values.clamp(-1.0, 1.0)
+    if v_bound == "tanh":
+        return torch.tanh(var_values)
+    raise ValueError(f"unknown v_bound {v_bound!r}; expected one of {', '.join(V_BOUNDS)}")
 
 
 def _model_variance(d: Diffusion, t: torch.Tensor, var_type: str, log_variance: torch.Tensor) -> torch.Tensor:

@@ -532,7 +532,7 @@ def load_guided_diffusion(checkpoint_path: str, flags: dict) -> UNetModel:
         raise TeacherLoadError(f"guided-diffusion checkpoint not found: {checkpoint_path}")
     try:
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TeacherLoadError(f"cannot read {checkpoint_path} as a torch state dict: {first}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -11,12 +11,26 @@ Layouts accepted (all local; nothing is fetched from a hub):
 The scheduler config becomes a float64 ``Diffusion`` (the network's full chain, then respaced
 when asked). The network's prediction (epsilon, v_prediction, sample) is converted to eps at
 this boundary, so the rest of the code sees one contract (``common/teachers/base.py``).
+
+Respacing (``teacher.diffusion.respacing``) against diffusers' ``timestep_spacing`` for
+``num_inference_steps = N`` of a T-step chain (docs/diffusers.md):
+- ``"leading"`` (steps_offset 0) is ``"ddimN"``, but only when N divides T (else ddimN's stride differs);
+- ``"linspace"`` is ``"N"`` (guided-diffusion's one-section spacing, both round i (T - 1) / (N - 1));
+- ``"trailing"`` and any ``steps_offset`` > 0 have no respacing string; loading such a scheduler
+  says so in one warning line, and the chain follows ``teacher.diffusion.respacing``.
+
+``variance_type="fixed_large_log"`` (GLIDE's max_log: log beta_t) is fixed_large's variance in log
+form, so it is mapped to ``fixed_large`` explicitly: both add noise of variance beta_t at every
+step t >= 1, and neither adds noise at t = 0 (where this project's fixed_large keeps
+posterior_variance[1] for the decoder likelihood, as improved-diffusion). ``fixed_small_log`` is
+``fixed_small``'s standard deviation taken through a log: the same variance.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +41,11 @@ import torch
 from common.diffusion import Diffusion, eps_from_prediction, get_named_beta_schedule, respace
 from common.teachers.base import Teacher, TeacherLoadError
 
+logger = logging.getLogger(__name__)
+
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+# diffusers' variance types in guided-diffusion's terms; the *_log forms carry the same variance
+# (see the module docstring for fixed_large_log).
 _VAR_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
               "fixed_large": "fixed_large", "fixed_large_log": "fixed_large",
               "learned": "learned", "learned_range": "learned_range"}
@@ -83,9 +101,17 @@ def scheduler_settings(config: dict) -> SchedulerSettings:
     if clip and clip_range != 1.0:
         raise TeacherLoadError(f"unsupported scheduler clip_sample_range {clip_range}; only 1.0 (x0 clipped to [-1, 1]) is supported")
 
+    if variance_type == "fixed_large_log":
+        logger.info("scheduler variance_type fixed_large_log is taken as fixed_large (variance beta_t at t >= 1)")
+    spacing, offset = config.get("timestep_spacing", "leading"), int(config.get("steps_offset", 0) or 0)
+    if spacing not in ("leading", "linspace") or offset:
+        logger.warning("scheduler timestep_spacing=%r with steps_offset=%d has no respacing string: the chain "
+                       "follows teacher.diffusion.respacing ('ddimN' = leading when N divides T, 'N' = linspace)",
+                       spacing, offset)
     summary = {"_class_name": config.get("_class_name"), "num_train_timesteps": T, "beta_schedule": beta_schedule,
                "beta_start": beta_start, "beta_end": beta_end, "trained_betas": trained is not None,
-               "prediction_type": prediction_type, "variance_type": variance_type, "clip_sample": clip}
+               "prediction_type": prediction_type, "variance_type": variance_type, "clip_sample": clip,
+               "timestep_spacing": spacing, "steps_offset": offset}
     return SchedulerSettings(betas=betas, prediction=_PREDICTIONS[prediction_type], var_type=_VAR_TYPES[variance_type],
                              clip_denoised=clip, learned_is_variance=(variance_type == "learned"), summary=summary)
 
@@ -107,6 +133,10 @@ class DiffusersTeacher(Teacher):
         self.settings = settings
         self.diffusion: Diffusion = respace(Diffusion.from_betas(settings.betas), respacing)
         self.respacing = respacing
+        count = respacing[len("ddim"):] if respacing.startswith("ddim") else ""
+        if count.isdigit() and len(settings.betas) % int(count):
+            logger.warning("respacing %r: %d steps do not divide %d, so the chain is not diffusers' leading spacing "
+                           "of num_inference_steps=%s", respacing, int(count), len(settings.betas), count)
         self.prediction = settings.prediction
         self.var_type = settings.var_type
         self.clip_denoised = settings.clip_denoised

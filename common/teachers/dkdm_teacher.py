@@ -5,7 +5,9 @@ A checkpoint folder (``common.models.checkpoint``) holds ``config.json`` + ``mod
 - ``diffusion``: the ``DiffusionConfig`` fields of the chain the network was trained on, and
   optionally that chain's exact ``betas`` and ``timestep_map`` (student_trainer/checkpoints.py
   writes them, so a student trained on a respaced chain is rebuilt on exactly that chain);
-- ``image_shape`` [C, H, W] and ``num_classes`` (null when unconditional).
+- ``image_shape`` [C, H, W] and ``num_classes`` (null when unconditional);
+- ``v_bound``: the bound on the Eq. 12 v the network was trained with (``bound_v``), applied to its
+  output here as in training; ``none`` where absent (checkpoints written before it was recorded).
 The network follows the student contract (common/models/__init__.py): ``forward(x, t, y=None)``
 on original timesteps returns eps [N, C, H, W] or eps and the variance values [N, 2C, H, W].
 """
@@ -19,7 +21,7 @@ import torch
 from pydantic import ValidationError
 
 from common.config import DiffusionConfig
-from common.diffusion import Diffusion, eps_from_prediction, make_diffusion, respace
+from common.diffusion import V_BOUNDS, Diffusion, bound_v, eps_from_prediction, make_diffusion, respace
 from common.teachers.base import Teacher, TeacherLoadError
 
 
@@ -44,6 +46,14 @@ def checkpoint_diffusion(section: dict, source: str = "config.json") -> tuple[Di
     except ValueError as err:
         raise TeacherLoadError(f"{source}: diffusion.betas: {err}") from None
     return cfg, d
+
+
+def checkpoint_v_bound(config: dict, source: str = "config.json") -> str:
+    """A checkpoint config's ``v_bound`` (``none`` when absent), checked against ``V_BOUNDS``."""
+    v_bound = config.get("v_bound", "none")
+    if v_bound not in V_BOUNDS:
+        raise TeacherLoadError(f"{source}: v_bound must be one of {', '.join(V_BOUNDS)}, got {v_bound!r}")
+    return v_bound
 
 
 class DKDMTeacher(Teacher):
@@ -74,6 +84,7 @@ class DKDMTeacher(Teacher):
         self.image_shape = tuple(int(s) for s in shape)
         k = config.get("num_classes")
         self.num_classes = int(k) if k is not None else None
+        self.v_bound = checkpoint_v_bound(config, f"{source}/config.json")
 
     @classmethod
     def from_folder(cls, path: str, device: torch.device | str = "cpu", use_ema: bool = True,
@@ -108,7 +119,7 @@ class DKDMTeacher(Teacher):
         if out.shape[1] != want:
             raise ValueError(f"checkpoint {self.source!r}: the network returns {out.shape[1]} channels but "
                              f"var_type {self.var_type!r} with {c} image channels needs {want}")
-        out, var_values = (out[:, :c], out[:, c:]) if self.learned_variance else (out, None)
+        out, var_values = (out[:, :c], bound_v(out[:, c:], self.v_bound)) if self.learned_variance else (out, None)
         eps = eps_from_prediction(self.diffusion, x, t, out, self.prediction)
         cast = lambda v: None if v is None else v.to(device=x_t.device, dtype=x_t.dtype)  # noqa: E731
         return cast(eps), cast(var_values)

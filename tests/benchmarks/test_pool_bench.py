@@ -14,7 +14,7 @@ from common.config import PoolConfig
 from common.pool import make_pool
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import pool_bench  # noqa: E402
+import pool_bench
 
 SHAPE = (3, 4, 4)
 

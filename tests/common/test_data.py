@@ -184,18 +184,23 @@ def test_shard_writer_float_input_and_errors(tmp_path):
 # --- data-limited mix ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("percent", [0, 5, 10, 15, 20, 100])
-def test_mix_percentages(percent):
-    real = (torch.ones(200, 1, 4, 4), torch.arange(200))
-    synthetic = (-torch.ones(300, 1, 4, 4), torch.full((300,), -1))
-    g = torch.Generator().manual_seed(0)
-    x, y = mix_datasets(real, synthetic, percent, g)
-    n_real = round(percent / 100 * 200)
-    assert len(x) == 300 + n_real
-    assert int((x[:, 0, 0, 0] > 0).sum()) == n_real
-    real_labels = y[y >= 0]
-    assert len(set(real_labels.tolist())) == n_real          # without replacement
-    x2, _ = mix_datasets(real, synthetic, percent, torch.Generator().manual_seed(0))
-    assert torch.equal(x, x2)
+def test_mix_keeps_n_images_with_real_share(percent):
+    """As the reference's mix.py: N images, round(P N) real and N - round(P N) synthetic, no duplicates."""
+    n = 200
+    real = (torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 4, 4), torch.arange(n))
+    synthetic = (-1 - torch.arange(300, dtype=torch.float32).view(300, 1, 1, 1).expand(300, 1, 4, 4),
+                 -1 - torch.arange(300))
+    x, y = mix_datasets(real, synthetic, percent, torch.Generator().manual_seed(0))
+    n_real = round(percent / 100 * n)
+    assert x.shape == (n, 1, 4, 4) and y.shape == (n,)
+    ids = y.tolist()
+    assert len(set(ids)) == n                                  # without replacement, in both sets
+    assert sum(i >= 0 for i in ids) == n_real                  # the real share is P
+    assert torch.equal(x[:, 0, 0, 0], y.float())               # images stay with their labels
+    x2, y2 = mix_datasets(real, synthetic, percent, torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    _, y3 = mix_datasets(real, synthetic, percent, torch.Generator().manual_seed(1))
+    assert not torch.equal(y, y3)                             # the draw depends on the generator
 
 
 def test_mix_drops_labels_and_checks():
@@ -205,6 +210,9 @@ def test_mix_drops_labels_and_checks():
         mix_datasets((torch.zeros(10, 1, 2, 2), None), (torch.zeros(5, 1, 2, 2), None), 150)
     with pytest.raises(ValueError, match="shape"):
         mix_datasets((torch.zeros(10, 1, 2, 2), None), (torch.zeros(5, 3, 2, 2), None), 5)
+    with pytest.raises(ValueError, match="needs 9 synthetic images, but the synthetic set has 5") as e:
+        mix_datasets((torch.zeros(10, 1, 2, 2), None), (torch.zeros(5, 1, 2, 2), None), 10)
+    assert "\n" not in str(e.value)
 
 
 # --- images -------------------------------------------------------------------------------------

@@ -250,3 +250,42 @@ def test_identity_is_stable_and_tracks_weights_and_chain(tmp_path):
     spaced = DiffusersTeacher.from_folder(path, respacing="10").identity()
     assert spaced["weights_sha256"] == a1["weights_sha256"]
     assert spaced["chain_fingerprint"] != a1["chain_fingerprint"] and spaced["chain_length"] == 10
+
+
+def test_spacings_the_chain_cannot_reproduce_are_named_in_one_line(caplog):
+    caplog.set_level("INFO", logger="common.teachers.diffusers_teacher")
+    for config in ({"timestep_spacing": "trailing"}, {"steps_offset": 1}):
+        caplog.clear()
+        scheduler_settings(config)
+        assert len(caplog.records) == 1 and "has no respacing string" in caplog.records[0].getMessage()
+    caplog.clear()
+    scheduler_settings({"timestep_spacing": "linspace"})
+    scheduler_settings({"variance_type": "fixed_large_log"})
+    assert [r.getMessage() for r in caplog.records] == [
+        "scheduler variance_type fixed_large_log is taken as fixed_large (variance beta_t at t >= 1)"]
+
+
+@pytest.mark.parametrize("respacing,num_steps,warns", [("ddim10", 10, False), ("10", 10, False), ("ddim7", 7, True)])
+def test_respacing_strings_match_diffusers_spacings(tmp_path, caplog, respacing, num_steps, warns):
+    """"ddimN" is leading when N divides T, "N" is linspace; ddimN otherwise differs and says so."""
+    spacing = "linspace" if respacing[0].isdigit() else "leading"
+    scheduler = DDPMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
+    path = save_pipeline(tmp_path / "p", tiny_unet(), scheduler)
+    teacher = DiffusersTeacher.from_folder(path, device="cpu", respacing=respacing)
+    scheduler.set_timesteps(num_steps)
+    same = sorted(int(t) for t in scheduler.timesteps) == [int(t) for t in teacher.diffusion.timestep_map]
+    assert same != warns
+    assert ("do not divide" in caplog.text) == warns
+
+
+def test_fixed_large_log_samples_as_fixed_large(tmp_path):
+    """The same variance at every step that adds noise: identical ancestral samples from one generator."""
+    unet = tiny_unet(seed=9)
+    samples = []
+    for variance_type in ("fixed_large", "fixed_large_log"):
+        path = save_pipeline(tmp_path / variance_type, unet, DDPMScheduler(num_train_timesteps=T,
+                                                                            variance_type=variance_type))
+        teacher = DiffusersTeacher.from_folder(path, device="cpu", respacing="ddim10")
+        samples.append(ancestral_sample(teacher.diffusion, teacher.predict, (2, 3, 8, 8), teacher.var_type,
+                                        teacher.clip_denoised, noise=torch.Generator().manual_seed(3)))
+    assert torch.equal(*samples)

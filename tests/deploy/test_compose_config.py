@@ -1,4 +1,4 @@
-"""The Compose file, the Prometheus and Grafana provisioning, and the code's defaults agree.
+"""The Compose file, the Prometheus and Grafana provisioning, and the code's defaults agree; the file is safe by default.
 
 No Docker engine runs here: these tests validate the files (with Debian's
 ``docker-compose`` and ``promtool``) and compare them with the code, they do not
@@ -8,6 +8,7 @@ build or run images.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -27,20 +28,42 @@ COMPOSE = ROOT / "docker-compose.yml"
 PROM = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 DOCS = ROOT / "docs" / "local_cluster.md"
 RAY_NODES = ("ray-head", "ray-teacher", "ray-trainer", "ray-teacher-gpu", "ray-trainer-gpu")
+# The secrets the user must set: the file is refused without any of them.
+SECRETS = {"RAY_AUTH_TOKEN_FILE": "/run/user/token-file", "GRAFANA_ADMIN_PASSWORD": "g-secret",
+           "REDIS_PASSWORD": "r-secret"}
 
 
-def _compose_config(*options: str, profile: str | None = "gpu") -> str:
+def _run_compose(*options: str, profile: str | None = "gpu", **env: str | None) -> subprocess.CompletedProcess:
     profiles = ["--profile", profile] if profile else []
-    proc = subprocess.run(["docker-compose", "-f", str(COMPOSE), *profiles, "config", *options], capture_output=True,
-                          text=True, cwd=ROOT, timeout=60)
+    environ = {k: v for k, v in os.environ.items() if k not in SECRETS and k != "DKDM_PUBLISH_HOST"}
+    environ.update({k: v for k, v in {**SECRETS, **env}.items() if v is not None})
+    return subprocess.run(["docker-compose", "-f", str(COMPOSE), *profiles, "config", *options], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60, env=environ)
+
+
+def _compose_config(*options: str, profile: str | None = "gpu", **env: str | None) -> str:
+    proc = _run_compose(*options, profile=profile, **env)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    """The file as docker-compose resolves it (anchors merged, defaults substituted)."""
+    """The file as docker-compose resolves it (anchors merged, the user's secrets set)."""
     return yaml.safe_load(_compose_config())
+
+
+def _ports(service: dict) -> list[tuple[str, int, int]]:
+    """(host ip, published, target) of each published port, in either of docker-compose's output forms."""
+    out = []
+    for p in service.get("ports", []):
+        if isinstance(p, dict):
+            out.append((p.get("host_ip", "0.0.0.0"), int(p["published"]), int(p["target"])))
+        else:
+            parts = p.split("/")[0].split(":")
+            host = parts[0] if len(parts) == 3 else "0.0.0.0"
+            out.append((host, int(parts[-2]), int(parts[-1])))
+    return out
 
 
 def _flags(command: list[str]) -> dict[str, str]:
@@ -67,17 +90,59 @@ def test_docker_compose_accepts_the_file():
                         "redis", "prometheus", "grafana"}
 
 
-def test_no_credentials_in_the_compose_file():
+def test_no_credentials_and_no_default_passwords_in_the_compose_file(compose):
     text = COMPOSE.read_text()
-    assert "${GRAFANA_ADMIN_PASSWORD:-admin}" in text
-    values = re.findall(r"(?im)^\s*-?\s*[\w.-]*(?:password|secret|token)[\w.-]*\s*[:=]\s*(.*)$", text)
-    assert values and all(v.startswith("${") for v in values), f"a literal credential in docker-compose.yml: {values}"
+    # a secret substituted with a default (${X:-admin}) would be a default password
+    assert not re.findall(r"\$\{\w*(?:PASSWORD|TOKEN|SECRET)\w*:?-", text)
+    for name, svc in compose["services"].items():
+        for key, value in (svc.get("environment") or {}).items():
+            if re.search(r"PASSWORD|TOKEN|SECRET|_AUTH$", key) and not key.endswith(("_PATH", "_MODE")):
+                assert value in SECRETS.values(), f"{name}: {key} is not one of the user's secrets"
+
+
+@pytest.mark.parametrize("missing", sorted(SECRETS))
+def test_compose_refuses_to_start_without_each_secret(missing):
+    proc = _run_compose(**{missing: None})
+    assert proc.returncode != 0 and missing in proc.stderr, proc.stderr
+
+
+def test_every_published_port_is_on_loopback_unless_opened_deliberately(compose):
+    published = [(name, *p) for name, svc in compose["services"].items() for p in _ports(svc)]
+    assert {name for name, *_ in published} == {"ray-head", "prometheus", "grafana"}
+    assert all(host == "127.0.0.1" for _, host, _, _ in published), published
+    assert "ports" not in compose["services"]["redis"]            # Redis stays inside the Compose network
+    opened = yaml.safe_load(_compose_config(DKDM_PUBLISH_HOST="0.0.0.0"))
+    assert {h for svc in opened["services"].values() for h, _, _ in _ports(svc)} == {"0.0.0.0"}
+
+
+def test_every_ray_node_runs_with_token_authentication(compose):
+    secret = compose["secrets"]["ray_auth_token"]
+    assert secret["file"] == SECRETS["RAY_AUTH_TOKEN_FILE"]       # the user's file, mounted as a Compose secret
+    for name in RAY_NODES:
+        svc = compose["services"][name]
+        env = svc["environment"]
+        assert env["RAY_AUTH_MODE"] == "token", name
+        mounted = {(s["source"] if isinstance(s, dict) else s) for s in svc["secrets"]}
+        assert "ray_auth_token" in mounted and env["RAY_AUTH_TOKEN_PATH"] == "/run/secrets/ray_auth_token", name
+        assert "RAY_AUTH_TOKEN" not in env, name                  # the token is a file, not an inspectable variable
+
+
+def test_redis_and_grafana_take_the_users_passwords(compose):
+    s = compose["services"]
+    redis_cmd = " ".join(s["redis"]["command"]).replace("$$", "$")     # Compose escapes a literal $ as $$
+    assert '--requirepass "$REDIS_PASSWORD"' in redis_cmd and SECRETS["REDIS_PASSWORD"] not in redis_cmd
+    assert s["redis"]["environment"]["REDIS_PASSWORD"] == SECRETS["REDIS_PASSWORD"]
+    assert s["redis"]["environment"]["REDISCLI_AUTH"] == SECRETS["REDIS_PASSWORD"]    # the health check authenticates
+    for name in RAY_NODES:
+        assert s[name]["environment"]["DKDM_REDIS_PASSWORD"] == SECRETS["REDIS_PASSWORD"], name
+    assert s["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == SECRETS["GRAFANA_ADMIN_PASSWORD"]
 
 
 def test_redis_matches_the_pool_default(compose):
     default = urlparse(PoolConfig().redis_url)
     redis = compose["services"]["redis"]
-    cmd = redis["command"]
+    cmd = shlex.split(redis["command"][-1])
+    assert cmd[0] == "exec" and cmd[1] == "redis-server"
     assert cmd[cmd.index("--port") + 1] == str(default.port)
     assert cmd[cmd.index("--appendonly") + 1] == "yes"
     assert redis["healthcheck"]["test"][-1] == "ping"
@@ -90,7 +155,7 @@ def test_ray_ports_match_ray_defaults(compose):
     assert int(head["port"]) == ray_constants.DEFAULT_PORT
     assert int(head["dashboard-port"]) == ray_constants.DEFAULT_DASHBOARD_PORT
     assert head["dashboard-host"] == "0.0.0.0"
-    published = {(p["published"], p["target"]) for p in s["ray-head"]["ports"]}
+    published = {(p, t) for _, p, t in _ports(s["ray-head"])}
     assert (ray_constants.DEFAULT_DASHBOARD_PORT, ray_constants.DEFAULT_DASHBOARD_PORT) in published
     for name in RAY_NODES[1:]:
         flags = _flags(s[name]["command"])
@@ -109,7 +174,7 @@ def test_metrics_ports_and_discovery_folders_agree(compose):
     # the driver's endpoint (role driver, index 0) is published at MetricsConfig.port
     base = MetricsConfig().port
     assert metrics_discovery.preferred_port(base, "driver", 0) == base
-    assert {(p["published"], p["target"]) for p in s["ray-head"]["ports"]} >= {(base, base)}
+    assert {(p, t) for _, p, t in _ports(s["ray-head"])} >= {(base, base)}
     prom_cfg = yaml.safe_load(PROM.read_text())
     jobs = {j["job_name"]: j for j in prom_cfg["scrape_configs"]}
     prom_mounts = _mounts(s["prometheus"])
@@ -139,7 +204,6 @@ def test_grafana_provisioning_points_at_the_services(compose):
     assert g_mounts[str(ROOT / "deploy/grafana/provisioning")] == "/etc/grafana/provisioning"
     dash = json.loads((ROOT / "deploy/grafana/dashboards/dkdm.json").read_text())
     assert {p["datasource"]["uid"] for p in dash["panels"] if "datasource" in p} == {ds["uid"]}
-    assert s["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "admin"   # the documented local default
 
 
 def test_promtool_accepts_the_prometheus_config():

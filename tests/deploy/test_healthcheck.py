@@ -15,7 +15,7 @@ import healthcheck  # noqa: E402
 
 
 class _Version(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 - http.server's name
+    def do_GET(self):
         code = 200 if self.path == "/api/version" else 404
         self.send_response(code)
         self.end_headers()

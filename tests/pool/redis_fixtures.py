@@ -264,19 +264,18 @@ class _ProcessWorker:
 
 def corrupt_redis_records(pool, slots: list[int]) -> None:
     """Damage stored records in Redis itself: a flipped byte (checksum), a truncation, foreign bytes."""
-    client = pool._clients
     for j, slot in enumerate(slots):
         shard = next(i for i, (lo, hi) in enumerate(pool.ranges) if lo <= slot < hi)
-        key = pool.keys(shard)[6]
-        c = client[pool._server(shard)]
-        blob = bytearray(c.hget(key, str(slot)))
+        key = pool._key(shard, f"r:{slot}")
+        c = pool._clients[pool._server(shard)]
+        blob = bytearray(c.get(key))
         if j % 3 == 0:
             blob[len(blob) - 5] ^= 0xFF
         elif j % 3 == 1:
             blob = blob[: len(blob) // 2]
         else:
             blob = bytearray(b"\x93\x01\x02\x03 a foreign value")
-        c.hset(key, str(slot), bytes(blob))
+        c.set(key, bytes(blob))
 
 
 if Harness is not None:

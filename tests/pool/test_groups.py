@@ -33,13 +33,6 @@ def consume(pool, group: str, n: int, b: int = 4) -> list[int]:
 
 @pytest.fixture
 def groups_harness(harness):
-    if harness.name == "redis":
-        pool = harness.make(num_slots=8, shards=2)
-        with pytest.raises(PoolError, match="consumer groups are not supported by the redis backend yet"):
-            pool.attach_group("a")
-        with pytest.raises(PoolError, match="not supported by the redis backend"):
-            pool.draw(1, group="a")
-        pytest.skip("redis: consumer groups not implemented (the clear error is checked above)")
     return harness
 
 

@@ -54,9 +54,9 @@ def test_sweep_students_match_separate_runs_at_half_the_teacher_forwards(tmp_pat
     sample_cfg = cfg.sample.model_copy(update={"num_samples": 512, "steps": "20"})
 
     def quality(checkpoint):
-        model, _ = from_pretrained(checkpoint, use_ema=True)
+        model, config = from_pretrained(checkpoint, use_ema=True)
         x, _ = sample_images(model, teacher.diffusion, "learned_range", sample_cfg, teacher.image_shape, None,
-                             seed=11, device=torch.device("cpu"))
+                             seed=11, device=torch.device("cpu"), v_bound=config["v_bound"])
         return score_error(model, teacher, mix, num=512), exact_metrics(x, mix)["sliced_wasserstein"]
 
     # The sweep: two students (seeds 0 and 1) on one pool, one consumer group each.
