@@ -62,7 +62,7 @@ from common.pool.base import (
 )
 from common.pool.codec import batch_over, check_batch, new_arrays, to_arrays, write_snapshot
 from common.pool.local import load_snapshot_for, merge_groups, merge_stats, shard_lag, snapshot_header, surplus_inserted
-from common.pool.memory import ShardMemory, tune_malloc
+from common.pool.memory import FLAG_CLOSED, ShardMemory, tune_malloc
 from common.pool.shard import SHARD_COUNTERS, OwnerOnly, PoolShard
 from common.records import RecordBatch
 
@@ -284,23 +284,28 @@ class RayPool(Pool):
 
     def _view(self, i: int) -> PoolShard | None:
         """Shard i's slots mapped in this process, or None (it is reached by RPC). A view whose actor died
-        is dropped; the shard is located again (its restarted actor has new memory) at the next call."""
+        is dropped and the shard located again (its restarted actor has new memory)."""
         if not self.cfg.shared_memory:
             return None
+        v = self.views.get(i)
+        if v is not None and not v.mem.owner_alive():
+            dropped = v.mem.flags & FLAG_CLOSED
+            v.mem.close()
+            del self.views[i]
+            if dropped:
+                raise PoolError(f"pool {self.cfg.name!r}: a shard actor died for good (shard {i}: the pool was dropped)")
         if i not in self.views:
             try:
                 self.views[i] = self._map(i)
             except ray.exceptions.ActorUnavailableError:     # restarting: an RPC now, located at a later call
                 return None
-        v = self.views[i]
-        if v is not None and not v.mem.owner_alive():
-            v.mem.close()
-            del self.views[i]
-            return None
-        return v
+        return self.views[i]
 
     def _map(self, i: int) -> PoolShard | None:
-        info = self._get(self.handles[i].where.remote(), "locate a shard")
+        ref = self.handles[i].where.remote()
+        if not ray.wait([ref], timeout=DOWN_WAIT_S)[0]:
+            raise ray.exceptions.ActorUnavailableError("restarting", None)
+        info = self._get(ref, "locate a shard")
         if info["path"] is None:
             if info["note"]:
                 warnings.warn(f"pool {self.cfg.name!r} shard {i} uses RPCs: {info['note']}", stacklevel=4)
@@ -367,6 +372,19 @@ class RayPool(Pool):
             if not isinstance(cause, (PoolError, ValueError)):
                 raise
             raise type(cause)(str(cause)) from None
+
+    def _call_all(self, method: str, *args, what: str, per_shard=None) -> list:
+        """``method`` on every shard actor -> their answers; a shard that is restarting is asked again
+        once it is back. ``per_shard(i)``: extra arguments of shard i."""
+        end = time.monotonic() + 60
+        while True:
+            refs = [getattr(h, method).remote(*args, *(per_shard(i) if per_shard else ())) for i, h in enumerate(self.handles)]
+            try:
+                return self._get(refs, what)
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > end:
+                    raise PoolError(f"pool {self.cfg.name!r}: a shard actor stayed unreachable for 60 s while trying to {what}") from None
+                time.sleep(0.2)
 
     # --- the contract ---------------------------------------------------------------------
 
@@ -452,7 +470,8 @@ class RayPool(Pool):
 
     def release(self, lease_id: str) -> None:
         shards = self.leases.pop(lease_id, range(len(self.handles)))   # unknown here: ask every shard (idempotent)
-        self._on_shards([(i, "release", (lease_id,), {}) for i in shards], "release a lease")
+        # a shard that does not answer soon is restarting (the lease died with it) or still gets the call in order
+        self._on_shards([(i, "release", (lease_id,), {}) for i in shards], "release a lease", DOWN_WAIT_S)
 
     def claim_refill(self, n: int, timeout_s: float | None = None) -> Claim:
         if n < 1:
@@ -506,7 +525,7 @@ class RayPool(Pool):
             self.handles[0].add_time.remote(side, blocked_s, call_s, rejected)
 
     def stats(self) -> PoolStats:
-        per = self._get([h.stats.remote() for h in self.handles], "read stats")
+        per = self._call_all("stats", what="read stats")
         inserted = sum(p["inserted"] for p in per)
         st = merge_stats(self.num_slots, per, inserted >= self.min_ready, self.t_buckets, per[0]["blocked"], per[0]["seconds"])
         st.fill_rejected_total += per[0]["fill_rejected_client"]
@@ -516,25 +535,25 @@ class RayPool(Pool):
 
     def bind_identity(self, identity: dict) -> dict:
         """Every shard keeps the identity, so a restarted shard leaves it with the others."""
-        held = self._get([h.bind_identity.remote(identity) for h in self.handles], "store the pool identity")
+        held = self._call_all("bind_identity", identity, what="store the pool identity")
         for h in held:
             check_identity(self.cfg.name, h, identity)
         return held[0]
 
     def identity(self) -> dict | None:
-        held = self._get([h.get_identity.remote() for h in self.handles], "read the pool identity")
+        held = self._call_all("get_identity", what="read the pool identity")
         return next((h for h in held if h is not None), None)
 
     def attach_group(self, group: str, policy: str = "wait", max_lag: int | None = None) -> None:
         n = len(self.handles)
-        self._get([h.attach_group.remote(group, policy, shard_lag(max_lag, i, n)) for i, h in enumerate(self.handles)],
-                  f"attach consumer group {group!r}")
+        self._call_all("attach_group", group, policy, what=f"attach consumer group {group!r}",
+                       per_shard=lambda i: (shard_lag(max_lag, i, n),))
 
     def detach_group(self, group: str) -> None:
-        self._get([h.detach_group.remote(group) for h in self.handles], f"detach consumer group {group!r}")
+        self._call_all("detach_group", group, what=f"detach consumer group {group!r}")
 
     def groups(self) -> dict[str, dict]:
-        return merge_groups(self._get([h.group_stats.remote() for h in self.handles], "read the consumer groups"))
+        return merge_groups(self._call_all("group_stats", what="read the consumer groups"))
 
     def snapshot(self, path: str) -> None:
         inserted = sum(c["inserted"] for c in self._counts())
