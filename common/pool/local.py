@@ -48,30 +48,14 @@ def merge_stats(num_slots: int, shard_stats: list[dict], warm: bool, t_buckets: 
     tot = {k: sum(s[k] for s in shard_stats) for k in SHARD_COUNTERS}
     counts = {n: sum(s["counts"][n] for s in shard_stats) for n in STATE_NAMES}
     hist = np.sum([s["t_histogram"] for s in shard_stats], axis=0).astype(int).tolist() if t_buckets else []
-    st = PoolStats(
-        num_slots=num_slots,
-        counts=counts,
-        shard_counts=[dict(s["counts"]) for s in shard_stats],
-        produced_total=tot["produced"],
-        consumed_total=tot["consumed"],
-        bytes_in_total=tot["bytes_in"],
-        bytes_out_total=tot["bytes_out"],
-        draw_blocked_seconds_total=blocked.get("draw", 0.0),
-        fill_blocked_seconds_total=blocked.get("fill", 0.0),
-        t_histogram=hist,
-        extra={"inserted_total": tot["inserted"]},
-        warm=warm,
-        released_total=tot["released"],
-        expired_leases_total=tot["expired_leases"],
-        expired_claims_total=tot["expired_claims"],
-        corrupt_total=tot["corrupt"],
-        fill_rejected_total=tot["fill_rejected"],
-        draw_seconds_total=seconds.get("draw", 0.0),
-        fill_seconds_total=seconds.get("fill", 0.0),
-        draws_total=tot["draws"],
-        fills_total=tot["fills"],
-        record_age_mean=tot["age_sum"] / max(tot["consumed"], 1),
-    )
+    names = ("produced", "consumed", "bytes_in", "bytes_out", "released", "expired_leases", "expired_claims", "corrupt",
+             "fill_rejected", "draws", "fills")
+    st = PoolStats(num_slots=num_slots, counts=counts, shard_counts=[dict(s["counts"]) for s in shard_stats],
+                   t_histogram=hist, extra={"inserted_total": tot["inserted"]}, warm=warm,
+                   **{f"{k}_total": tot[k] for k in names},
+                   draw_blocked_seconds_total=blocked.get("draw", 0.0), fill_blocked_seconds_total=blocked.get("fill", 0.0),
+                   draw_seconds_total=seconds.get("draw", 0.0), fill_seconds_total=seconds.get("fill", 0.0),
+                   record_age_mean=tot["age_sum"] / max(tot["consumed"], 1))
     groups = merge_groups([s.get("groups") or {} for s in shard_stats])
     if groups:       # consumer groups (issue 8): their lag and progress
         st.extra["groups"] = groups

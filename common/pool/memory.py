@@ -45,7 +45,6 @@ import time
 import zlib
 
 import numpy as np
-import torch
 
 from common.metrics_discovery import pid_alive
 from common.pool.base import PoolError
@@ -131,7 +130,6 @@ class ShardMemory:
         self.a = arrays
         self.path, self.lock, self.owner = path, lock, owner
         self._mm, self._fd = mm, fd
-        self.storage_dtype = None
         self._checked, self._alive = -math.inf, True
 
     # --- construction ----------------------------------------------------------------------
@@ -187,7 +185,6 @@ class ShardMemory:
         if h[_H_MAGIC] != MAGIC or h[_H_UID] != uid or h[_H_LAYOUT] != want:
             mem.close()
             raise PoolError(f"pool shard memory {path} is not the expected segment (magic, uid or layout differ)")
-        mem.storage_dtype = storage_dtype
         return mem
 
     @classmethod
@@ -203,17 +200,8 @@ class ShardMemory:
         h[_H_MAGIC], h[_H_VERSION], h[_H_N], h[_H_PID] = MAGIC, VERSION, n, os.getpid()
         h[_H_UID] = int.from_bytes(os.urandom(7), "little")
         h[_H_LAYOUT] = layout_fingerprint(n, record_shape, storage_dtype, has_logvar, has_label, counters)
-        self.storage_dtype = storage_dtype
 
     # --- views -------------------------------------------------------------------------------
-
-    def tensor(self, name: str) -> torch.Tensor | None:
-        """A record field as a torch tensor over the memory (bf16 viewed from its int16 bits)."""
-        a = self.a.get(name)
-        if a is None:
-            return None
-        t = torch.from_numpy(a)
-        return t.view(torch.bfloat16) if self.storage_dtype == "bf16" and name in ("x_t", "eps", "logvar") else t
 
     @property
     def uid(self) -> int:

@@ -38,6 +38,7 @@ import os
 import threading
 import time
 import warnings
+from functools import partial
 
 import numpy as np
 import ray
@@ -70,6 +71,7 @@ logger = logging.getLogger(__name__)
 
 SHARD_NUM_CPUS = 0.05
 POOL_NAMESPACE = "dkdm_pools"     # detached (persistent) pools: any driver finds them whatever its namespace
+_SERVER_METHODS = ("stats", "bind_identity", "get_identity")    # ShardServer's own; the rest are PoolShard's (call)
 DOWN_WAIT_S = 1.0                 # a poll reads the other shards' counts when one answers no sooner (restarting)
 
 
@@ -143,28 +145,13 @@ class ShardServer:
     def get_identity(self) -> dict | None:
         return self.identity_
 
-    def counts(self, group: str | None = None) -> dict:
-        return self.shard.counts(group=group)
-
-    def draw(self, m: int, lease_id: str, group: str | None = None, count_call: bool = True) -> tuple[np.ndarray, dict]:
-        slots, batch = self.shard.draw(m, lease_id, group=group, count_call=count_call)
-        return slots, to_arrays(batch, self.shard.storage_dtype)
-
-    def claim(self, m: int, claim_id: str) -> tuple[np.ndarray, dict]:
-        slots, batch = self.shard.claim(m, claim_id)
-        return slots, to_arrays(batch, self.shard.storage_dtype)
-
-    def release(self, lease_id: str) -> int:
-        return self.shard.release(lease_id)
-
-    def claim_size(self, claim_id: str) -> int:
-        return self.shard.claim_size(claim_id)
-
-    def fill(self, claim_id: str, records: dict, count_call: bool = True) -> bool:
-        return self.shard.fill(claim_id, records, count_call=count_call)
-
-    def add_time(self, side: str, blocked_s: float, call_s: float, rejected: int = 0) -> None:
-        self.shard.add_time(side, blocked_s, call_s, rejected)
+    def call(self, method: str, *args, **kw):
+        """Run a PoolShard method (a transition, counts, groups, snapshot, restore); a draw's or claim's records
+        go back as numpy arrays (zero-copy pickle-5 buffers)."""
+        out = getattr(self.shard, method)(*args, **kw)
+        if method in ("draw", "claim"):
+            return out[0], to_arrays(out[1], self.shard.storage_dtype)
+        return out
 
     def stats(self) -> dict:
         self.shard.expire()
@@ -172,21 +159,15 @@ class ShardServer:
         return {**self.shard.stats(), "blocked": blocked, "seconds": seconds, "fill_rejected_client": rejected,
                 "restarted": int(self.restarted), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
-    def attach_group(self, group: str, policy: str, max_lag: int | None) -> None:
-        self.shard.attach_group(group, policy, max_lag)
 
-    def detach_group(self, group: str) -> bool:
-        return self.shard.detach_group(group)
-
-    def group_stats(self) -> dict:
-        self.shard.expire()
-        return self.shard.group_stats()
-
-    def snapshot(self):
-        return self.shard.snapshot()
-
-    def restore(self, arrays, bad, inserted_extra: int = 0) -> None:
-        self.shard.restore(arrays, bad, inserted_extra)
+def _shard_kw(meta: dict, i: int, seed: int) -> dict:
+    """PoolShard's arguments for shard i of the pool ``meta`` describes."""
+    cfg = meta["cfg"]
+    lo, hi = shard_ranges(meta["num_slots"], cfg["shards"])[i]
+    return dict(shard_id=i, lo=lo, n=hi - lo, record_shape=tuple(meta["record_shape"]), storage_dtype=cfg["storage_dtype"],
+                has_logvar=meta["has_logvar"], has_label=meta["has_label"], lease_timeout_s=cfg["lease_timeout_s"],
+                claim_timeout_s=cfg["claim_timeout_s"], samples_per_insert=cfg["samples_per_insert"],
+                num_timesteps=meta["num_timesteps"], t_buckets=meta["t_buckets"], seed=seed)
 
 
 def _find_actor(name: str, i: int):
@@ -230,11 +211,8 @@ class RayPool(Pool):
         if detached:
             opts.update(lifetime="detached", namespace=POOL_NAMESPACE)
         handles, refs = [], []
-        for i, (lo, hi) in enumerate(shard_ranges(int(num_slots), cfg.shards)):
-            shard_kw = dict(shard_id=i, lo=lo, n=hi - lo, record_shape=tuple(record_shape), storage_dtype=cfg.storage_dtype,
-                            has_logvar=has_logvar, has_label=has_label, lease_timeout_s=cfg.lease_timeout_s,
-                            claim_timeout_s=cfg.claim_timeout_s, samples_per_insert=cfg.samples_per_insert,
-                            num_timesteps=num_timesteps, t_buckets=t_buckets, seed=seed)
+        for i in range(cfg.shards):
+            shard_kw = _shard_kw(meta, i, seed)
             h = _find_actor(cfg.name, i)
             if h is not None and not reuse_actors:
                 raise PoolError(f"a Ray pool named {cfg.name!r} already exists; attach with RayPool.attach({cfg.name!r}) or pick another pool.name")
@@ -312,14 +290,10 @@ class RayPool(Pool):
             return None
         if info["node_id"] != ray.get_runtime_context().get_node_id() or not os.path.exists(info["path"]):
             return None
-        lo, hi = self.ranges[i]
-        mem = ShardMemory.attach(info["path"], hi - lo, self.record_shape, self.storage_dtype, self.has_logvar,
-                                 self.has_label, len(SHARD_COUNTERS), info["uid"])
-        return PoolShard(shard_id=i, lo=lo, n=hi - lo, record_shape=self.record_shape, storage_dtype=self.storage_dtype,
-                         has_logvar=self.has_logvar, has_label=self.has_label, lease_timeout_s=self.cfg.lease_timeout_s,
-                         claim_timeout_s=self.cfg.claim_timeout_s, samples_per_insert=self.cfg.samples_per_insert,
-                         num_timesteps=self.num_timesteps, t_buckets=self.t_buckets,
-                         seed=int.from_bytes(os.urandom(4), "little"), memory=mem, view=True)
+        kw = _shard_kw(self.meta, i, seed=int.from_bytes(os.urandom(4), "little"))
+        mem = ShardMemory.attach(info["path"], kw["n"], kw["record_shape"], kw["storage_dtype"], kw["has_logvar"],
+                                 kw["has_label"], len(SHARD_COUNTERS), info["uid"])
+        return PoolShard(**kw, memory=mem, view=True)
 
     def transports(self) -> list[str]:
         """How this client reaches each shard: "shared_memory" or "rpc"."""
@@ -340,7 +314,7 @@ class RayPool(Pool):
                 except OwnerOnly:          # consumer groups attached: their bookkeeping lives in the actor
                     pass
             kw = {key: val for key, val in kw.items() if key != "out"}
-            remote.append((k, getattr(self.handles[i], method).remote(*args, **kw)))
+            remote.append((k, self.handles[i].call.remote(method, *args, **kw)))
         if remote:
             for (k, _), res in zip(remote, self._get_each([r for _, r in remote], what, wait_s)):
                 out[k] = None if res is None else (False, res)
@@ -378,7 +352,8 @@ class RayPool(Pool):
         once it is back. ``per_shard(i)``: extra arguments of shard i."""
         end = time.monotonic() + 60
         while True:
-            refs = [getattr(h, method).remote(*args, *(per_shard(i) if per_shard else ())) for i, h in enumerate(self.handles)]
+            refs = [(getattr(h, method).remote if method in _SERVER_METHODS else partial(h.call.remote, method))(
+                *args, *(per_shard(i) if per_shard else ())) for i, h in enumerate(self.handles)]
             try:
                 return self._get(refs, what)
             except ray.exceptions.ActorUnavailableError:
@@ -522,7 +497,7 @@ class RayPool(Pool):
         if self._view(0) is not None:
             self._on_shards([(0, "add_time", (side, blocked_s, call_s, rejected), {})], "add time")
         else:
-            self.handles[0].add_time.remote(side, blocked_s, call_s, rejected)
+            self.handles[0].call.remote("add_time", side, blocked_s, call_s, rejected)
 
     def stats(self) -> PoolStats:
         per = self._call_all("stats", what="read stats")
@@ -557,14 +532,13 @@ class RayPool(Pool):
 
     def snapshot(self, path: str) -> None:
         inserted = sum(c["inserted"] for c in self._counts())
-        frames = (self._get(h.snapshot.remote(), "snapshot a shard") for h in self.handles)   # one shard at a time
+        frames = (self._get(h.call.remote("snapshot"), "snapshot a shard") for h in self.handles)   # one shard at a time
         write_snapshot(path, snapshot_header(self, inserted), frames)
 
     def restore(self, path: str) -> None:
         header, parts = load_snapshot_for(self, path, self.ranges)
         extra = surplus_inserted(header, parts)
-        self._get([h.restore.remote(a, bad, extra if i == 0 else 0) for i, (h, (a, bad)) in enumerate(zip(self.handles, parts))],
-                  "restore the shards")
+        self._call_all("restore", what="restore the shards", per_shard=lambda i: (*parts[i], extra if i == 0 else 0))
         self.leases.clear()
         self.claims.clear()
 

@@ -1,6 +1,6 @@
 """The Redis backend of the pool: each shard a group of keys, each transition one Lua call.
 
-The slot life cycle is the one base.py specifies; ``common/pool/lua/`` implements it per shard (lib.lua
+The slot life cycle is the one states.py specifies; ``common/pool/lua/`` implements it per shard (lib.lua
 lists the keys). Every key of a shard carries the hash tag ``{<pool name>:<shard>}``, so each call
 touches one Redis Cluster hash slot; with several comma-separated URLs shard i lives on server i mod n.
 

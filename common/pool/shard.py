@@ -326,7 +326,11 @@ class PoolShard(ShardGroups):
 
     attach_group = _locked(ShardGroups.attach_group)
     detach_group = _locked(ShardGroups.detach_group)
-    group_stats = _locked(ShardGroups.group_stats)
+
+    @_locked
+    def group_stats(self) -> dict[str, dict]:
+        self.expire()
+        return ShardGroups.group_stats(self)
 
     # --- stats, snapshot, restore ----------------------------------------------------------
 

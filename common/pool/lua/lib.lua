@@ -1,6 +1,6 @@
 -- One pool shard in Redis: keys, helpers and the plain slot transitions.
 -- The slot life cycle these scripts implement (READY -> LEASED -> REFILL -> FILLING -> READY, expiry,
--- samples per insert, consumer groups) is specified once, in common/pool/base.py's module docstring;
+-- samples per insert, consumer groups) is specified once, in common/pool/states.py;
 -- common/pool/shard.py and groups.py implement the same machine on numpy arrays.
 --
 -- lib.lua, groups.lua and ops.lua are concatenated into one script (redis_backend.py). KEYS[1] is the

@@ -1,4 +1,4 @@
--- The entry points of one pool shard (spec: common/pool/base.py). ARGV[1] names the operation; every
+-- The entry points of one pool shard (spec: common/pool/states.py). ARGV[1] names the operation; every
 -- operation but init first checks that the shard exists (error DKDMNOINIT: the server lost it, the
 -- client re-creates it empty) and expires overdue leases (-> READY, or pending again for a group) and
 -- claims (-> REFILL).
