@@ -96,9 +96,15 @@ class PoolConfig(_Strict):
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_retry_timeout_s: float = Field(30.0, gt=0)   # connection loss: retry with backoff, then PoolError
     name: str = "dkdm"
-    # ray backend: clients on a shard actor's node map its slots (a file in /dev/shm) and run draws, releases,
-    # claims and fills themselves under the file's lock, with no RPC (docs/pool.md). false: every call is an RPC.
+    # ray backend: clients on a shard actor's node map its slots (a memfd) and run draws, releases, claims
+    # and fills themselves under the file's lock, with no RPC (docs/pool.md). false: every call is an RPC.
     shared_memory: bool = True
+    # ray backend, where the shard actors go: "spread" over nodes (Ray's SPREAD) or Ray's default packing;
+    # ``shard_resources`` pins them to nodes offering a custom resource, e.g. {"pool": 1}; a killed shard
+    # actor is restarted empty up to ``shard_max_restarts`` times (-1: always)
+    shard_strategy: Literal["default", "spread"] = "default"
+    shard_resources: dict[str, float] = Field(default_factory=dict)
+    shard_max_restarts: int = Field(-1, ge=-1)
     # Consumer groups (issue 8, docs/shared_pools.md): several students on one pool, each record trained on
     # once by every group. None: a plain consumer. ``group_max_lag`` (records) is needed by policy "skip".
     group: str | None = None

@@ -25,6 +25,7 @@ POOL_READY_T = "dkdm_pool_ready_t"                               # gauge{shard,b
 POOL_CORRUPT_TOTAL = "dkdm_pool_corrupt_records_total"           # counter{shard}
 POOL_EXPIRED_TOTAL = "dkdm_pool_expired_total"                   # counter{kind=lease|claim}
 POOL_GROUP_LAG = "dkdm_pool_group_lag_records"                   # gauge{shard,group}: records waiting for that group alone
+POOL_SHARD_RESTARTS_TOTAL = "dkdm_pool_shard_restarts_total"     # counter{shard}: ray shard actors restarted empty
 # --- teachers -------------------------------------------------------------
 TEACHER_RECORDS_TOTAL = "dkdm_teacher_records_total"             # counter{worker}
 TEACHER_FORWARDS_TOTAL = "dkdm_teacher_forwards_total"           # counter{worker}
@@ -64,6 +65,7 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], tuple | None]] = {
     POOL_CORRUPT_TOTAL: ("counter", "Records that failed to decode", ("shard",), None),
     POOL_EXPIRED_TOTAL: ("counter", "Expired leases and claims", ("kind",), None),
     POOL_GROUP_LAG: ("gauge", "Records every other consumer group is done with, waiting for this group", ("shard", "group"), None),
+    POOL_SHARD_RESTARTS_TOTAL: ("counter", "Ray pool shard actors restarted (empty) after their process died", ("shard",), None),
     TEACHER_RECORDS_TOTAL: ("counter", "Records produced by a teacher", ("worker",), None),
     TEACHER_FORWARDS_TOTAL: ("counter", "Teacher forward passes (samples)", ("worker",), None),
     TEACHER_BUSY_SECONDS_TOTAL: ("counter", "Time a teacher spent computing", ("worker",), None),

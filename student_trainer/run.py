@@ -236,16 +236,14 @@ def open_pool(cfg: Config, spec, num_slots: int, identity: dict | None = None):
     ``identity`` (common/pool/identity.py): the pool must have been built for this teacher, chain and
     layout; a pool made by ``dkdm pool create`` is attached to warm, another identity is refused.
     """
-    from common.pool import make_pool
+    from common.pool import attach_pool, make_pool, open_named_pool
     if identity is not None:
-        from common.pool.identity import open_named_pool
         return open_named_pool(cfg.pool, identity, num_slots, spec.image_shape, spec.learned_variance,
                                spec.num_classes is not None, spec.diffusion.num_timesteps, seed=cfg.run.seed)
     if cfg.pool.backend == "ray":
-        from common.pool.ray_backend import RayPool
         from common.pool.base import PoolError
         try:
-            pool = RayPool.attach(cfg.pool.name)
+            pool = attach_pool(cfg.pool)
         except PoolError:
             pool = None
         if pool is not None:
