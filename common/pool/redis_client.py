@@ -87,8 +87,7 @@ class RedisShards:
                 return
             now = time.monotonic()
             first.append(now)
-            if server not in self._down:
-                self._down[server] = now
+            if self._down.setdefault(server, now) == now:        # the first failure of this outage
                 logger.warning("pool %r: redis server %s unreachable (%s); retrying with backoff for up to %gs "
                                "(pool.redis_retry_timeout_s)", self.cfg.name, url, self._scrub(str(err)),
                                self.cfg.redis_retry_timeout_s)
