@@ -57,8 +57,7 @@ class RedisShards:
                             is_retryable=lambda err: not isinstance(err, redis.AuthenticationError))
         self._down: dict[int, float] = {}       # server -> when its outage was first seen (monotonic)
         self._lock = threading.Lock()
-        # replies are MB-sized batches of records: read them in 1 MiB pieces, not redis-py's default 64 KiB
-        opts = {"socket_connect_timeout": 2.0, "socket_timeout": 60.0, "socket_read_size": 1 << 20}
+        opts = {"socket_connect_timeout": 2.0, "socket_timeout": 60.0}
         if self.cluster:
             self.clients = [RedisCluster.from_url("redis://" + self.urls[0][len(CLUSTER_SCHEME):], **opts)]
         else:
