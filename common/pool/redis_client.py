@@ -57,8 +57,7 @@ class RedisShards:
                             is_retryable=lambda err: not isinstance(err, redis.AuthenticationError))
         self._down: dict[int, float] = {}       # server -> when its outage was first seen (monotonic)
         self._lock = threading.Lock()
-        # replies are MB-sized batches of records: read them in 1 MiB pieces, not redis-py's default 64 KiB
-        opts = {"socket_connect_timeout": 2.0, "socket_timeout": 60.0, "socket_read_size": 1 << 20}
+        opts = {"socket_connect_timeout": 2.0, "socket_timeout": 60.0}
         if self.cluster:
             self.clients = [RedisCluster.from_url("redis://" + self.urls[0][len(CLUSTER_SCHEME):], **opts)]
         else:
@@ -87,8 +86,7 @@ class RedisShards:
                 return
             now = time.monotonic()
             first.append(now)
-            if server not in self._down:
-                self._down[server] = now
+            if self._down.setdefault(server, now) == now:        # the first failure of this outage
                 logger.warning("pool %r: redis server %s unreachable (%s); retrying with backoff for up to %gs "
                                "(pool.redis_retry_timeout_s)", self.cfg.name, url, self._scrub(str(err)),
                                self.cfg.redis_retry_timeout_s)

@@ -122,8 +122,8 @@ end
 -- staging keys (f:<claim>:<slot>) -> records accepted (0: unknown or expired claim, staging deleted)
 function ops.fill()
   local id, n = ARGV[2], (#ARGV - 3) / 3
-  local members, ok = split(redis.call('HGET', CLAIMS, id)), true
-  ok = #members == n
+  local members = split(redis.call('HGET', CLAIMS, id))
+  local ok = #members == n
   for i = 1, n do
     local m = ARGV[1 + 3 * i]
     ok = ok and members[i] == m and redis.call('EXISTS', staged(id, m)) == 1
@@ -134,14 +134,16 @@ function ops.fill()
     return 0
   end
   redis.call('HDEL', CLAIMS, id); redis.call('ZREM', CLAIMED, id)
-  local produced, names = stat('produced'), group_names()
+  local produced, t, uses, born = stat('produced'), {}, {}, {}
   for i = 1, n do
     local m = ARGV[1 + 3 * i]
-    redis.call('RENAME', staged(id, m), rec(m)); redis.call('PERSIST', rec(m))
-    redis.call('HSET', T, m, ARGV[2 + 3 * i]); redis.call('HSET', USES, m, ARGV[3 + 3 * i])
-    redis.call('HSET', BORN, m, produced)
-    for _, name in ipairs(names) do redis.call('SADD', gp(name), m) end
+    redis.call('RENAME', staged(id, m), rec(m))
+    t[2 * i - 1], t[2 * i] = m, ARGV[2 + 3 * i]
+    uses[2 * i - 1], uses[2 * i] = m, ARGV[3 + 3 * i]
+    born[2 * i - 1], born[2 * i] = m, produced
   end
+  each('HSET', T, t); each('HSET', USES, uses); each('HSET', BORN, born)
+  for _, name in ipairs(group_names()) do each('SADD', gp(name), members) end
   each('SADD', READY, members)
   bump('filling', -n); bump('produced', n); bump('inserted', n)
   bump('bytes_in', n * stat('record_bytes')); bump('fills', tonumber(ARGV[3]))
