@@ -32,6 +32,7 @@ import torch
 
 from common import metrics
 from common.config import Config
+from common.pool import attach_pool
 from common.pool.base import Pool, PoolError, PoolTimeout
 from common.seeds import teacher_seed
 from common.teachers import make_teacher
@@ -95,8 +96,7 @@ class TeacherActor:
 
     def __init__(self, cfg: Config, pool: Pool | str, index: int, ledger=None, start: bool = True):
         if isinstance(pool, str):             # a Ray pool's name (TeacherGroup: no handles in restartable actors' args)
-            from common.pool.ray_backend import RayPool
-            pool = RayPool.attach(pool)
+            pool = attach_pool(cfg.pool.model_copy(update={"backend": "ray", "name": pool}))
         if isinstance(ledger, str):
             ledger = ray.get_actor(ledger)
         self.cfg, self.pool, self.index, self.ledger = cfg, pool, index, ledger
@@ -234,8 +234,8 @@ class TeacherGroup:
         self.ledger = ray.remote(TeacherLedger).options(num_cpus=0, name=ledger_name).remote()
         # Restartable actors get names, not actor handles, as constructor arguments: Ray keeps such
         # arguments in the object store and logs an error (core_worker.cc) that a restart may not find them.
-        from common.pool.ray_backend import RayPool
-        pool_arg = cfg.pool.name if isinstance(pool, RayPool) else pool
+        pool_cfg = getattr(pool, "cfg", None)          # a Ray pool is passed by name, any other pool as itself
+        pool_arg = pool_cfg.name if getattr(pool_cfg, "backend", None) == "ray" else pool
         actor_cls = ray.remote(TeacherActor)
         self.actors = [
             actor_cls.options(num_gpus=r.teacher_num_gpus, num_cpus=r.teacher_num_cpus, resources=r.teacher_resources,
