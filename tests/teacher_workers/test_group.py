@@ -103,7 +103,7 @@ def test_pool_timeout_says_whether_teachers_are_alive(ray_cluster):
     from student_trainer.run import PoolStarved, fit_watching
 
     cfg = tiny_config("grp_starve")
-    cfg.teacher.fault.raise_after_forwards = 0        # every incarnation fails at its first forward
+    cfg.teacher.fault.raise_after_forwards = 300      # every incarnation fails before any of its claims is filled
     cfg.ray.max_restarts = 20
     pool, group = build(cfg, num_teachers=1)
 
@@ -115,7 +115,7 @@ def test_pool_timeout_says_whether_teachers_are_alive(ray_cluster):
 
     try:
         with pytest.raises(PoolStarved, match=r"pool timed out after 3s waiting for .*: [01] of 1 teachers alive "
-                                              r"\(teacher 0: .*InjectedFault: teacher.fault: injected after 0 forwards"):
+                                              r"\(teacher 0: .*InjectedFault: teacher.fault: injected after 300 forwards"):
             fit_watching(FirstDraw(), group)
     finally:
         group.stop()
