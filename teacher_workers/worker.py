@@ -64,6 +64,15 @@ class InjectedFault(RuntimeError):
     """The failure ``teacher.fault`` asks for (tests of the service's recovery, docs/faults.md)."""
 
 
+class ClaimTimeoutTooShort(RuntimeError):
+    """Warm-up claims keep expiring before their chains end: the warm-up cannot finish (a config error)."""
+
+
+# Warm-up claims that may expire in a row (no warm-up claim filled between them) before the teacher stops:
+# one can be bad luck on a loaded machine, several mean pool.claim_timeout_s is shorter than a chain.
+MAX_EXPIRED_IN_A_ROW = 3
+
+
 @dataclass
 class _Chains:
     """The warm-up's working set: one chain per claimed empty slot, each denoised from T-1 to its own end.
@@ -135,6 +144,7 @@ class TeacherWorker:
         # forward for one or two slots would cost more pool calls than the part-empty forwards save.
         self._min_top_up = max(1, microbatch // 16)
         self._warned_expiry = False
+        self._expired_in_a_row = 0
         self.forwards = 0
         self.records = 0
         self.busy_s = 0.0
@@ -207,6 +217,7 @@ class TeacherWorker:
             # another claim will refill them; these records are dropped.
             return 0
         self.records += len(order)
+        self._expired_in_a_row = 0
         metrics.inc(metrics.TEACHER_RECORDS_TOTAL, len(order), worker=self.worker)
         return len(order)
 
@@ -261,6 +272,16 @@ class TeacherWorker:
             return
         slots = sum(len(self._open.pop(seq).claim) for seq in late)
         self._chains = self._chains.index(~torch.isin(self._chains.claim, torch.tensor(late)).to(self.device))
+        self._expired_in_a_row += len(late)
+        T = self.teacher.diffusion.num_timesteps
+        if self._expired_in_a_row >= MAX_EXPIRED_IN_A_ROW:
+            # Every chain would be cut short again: stop (the actor dies, and with its restarts spent the
+            # driver ends the run with this line) rather than warm up forever.
+            per_forward = self.busy_s / max(1, self.forwards / self.microbatch)
+            raise ClaimTimeoutTooShort(
+                f"pool.claim_timeout_s={self.claim_timeout_s:g} s is shorter than a warm-up claim takes (its chains "
+                f"run up to T={T} teacher forwards, about {T * per_forward:.0f} s here): {self._expired_in_a_row} "
+                f"warm-up claims expired in a row; set pool.claim_timeout_s to at least {max(2 * T * per_forward, 2 * self.claim_timeout_s):.0f}")
         log = logger.debug if self._warned_expiry else logger.warning
         self._warned_expiry = True
         log("teacher %s: %d claimed slot(s) expired before their warm-up chains ended (pool.claim_timeout_s=%g s "

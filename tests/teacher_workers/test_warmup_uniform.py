@@ -34,12 +34,12 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def setup(num_slots: int, name: str):
+def setup(num_slots: int, name: str, claim_timeout_s: float = 600.0):
     cfg = config_from_dict({
         "teacher": {"kind": "analytic", "device": "cpu",
                     "diffusion": {"num_timesteps": T, "schedule": "cosine", "var_type": "learned_range"},
                     "analytic": {"num_components": 4, "channels": 1, "image_size": 2}},
-        "pool": {"backend": "local", "name": name, "num_slots": num_slots, "claim_timeout_s": 600.0},
+        "pool": {"backend": "local", "name": name, "num_slots": num_slots, "claim_timeout_s": claim_timeout_s},
         "metrics": {"enabled": False},
     })
     teacher = make_teacher(cfg.teacher, "cpu")
@@ -116,3 +116,15 @@ def test_warmup_records_end_where_their_chain_ends():
     d = pool.draw(64, timeout_s=1)
     assert w.forwards == int((T - d.batch.t.long()).sum())
     assert torch.isfinite(d.batch.x_t).all()
+
+
+def test_warm_up_stops_with_one_line_when_claims_keep_expiring():
+    """A claim timeout shorter than a chain would cut every warm-up short forever: the teacher says so and stops."""
+    from teacher_workers.worker import MAX_EXPIRED_IN_A_ROW, ClaimTimeoutTooShort
+
+    teacher, pool = setup(64, "short_claims", claim_timeout_s=1e-3)   # every claim is late at its first forward
+    worker = TeacherWorker(teacher, pool, microbatch=8, seed=3, claim_timeout_s=1e-3)
+    with pytest.raises(ClaimTimeoutTooShort, match=r"pool.claim_timeout_s=0.001 s is shorter than a warm-up claim"):
+        worker.fill_all(pool.num_slots, timeout_s=1.0)
+    assert worker.records == 0 and worker._expired_in_a_row >= MAX_EXPIRED_IN_A_ROW
+    pool.stats().check_invariant()
