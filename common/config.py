@@ -51,6 +51,14 @@ class AnalyticConfig(_Strict):
     class_conditional: bool = False       # labels y are the mixture components (num_classes = K)
 
 
+class FaultConfig(_Strict):
+    """Fault injection for the tests of the service's recovery (docs/faults.md); off unless set."""
+
+    raise_after_forwards: int | None = Field(None, ge=0)   # a teacher's forward raises once it has made this many
+    incarnations: int | None = Field(None, ge=1)           # only each actor's first n incarnations raise (None: all)
+    teachers: list[int] | None = None                      # only these teacher indices raise (None: all)
+
+
 class TeacherConfig(_Strict):
     kind: Literal["analytic", "guided_diffusion", "diffusers", "dkdm"] = "analytic"
     path: str | None = None               # checkpoint file or folder (local only)
@@ -59,6 +67,7 @@ class TeacherConfig(_Strict):
     analytic: AnalyticConfig = Field(default_factory=AnalyticConfig)
     use_ema: bool = True                  # dkdm checkpoints: load ema.safetensors when present
     device: str = "auto"
+    fault: FaultConfig = Field(default_factory=FaultConfig)
 
     @model_validator(mode="after")
     def _path_needed(self):
@@ -87,9 +96,15 @@ class PoolConfig(_Strict):
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_retry_timeout_s: float = Field(30.0, gt=0)   # connection loss: retry with backoff, then PoolError
     name: str = "dkdm"
-    # ray backend: clients on a shard actor's node map its slots (a file in /dev/shm) and run draws, releases,
-    # claims and fills themselves under the file's lock, with no RPC (docs/pool.md). false: every call is an RPC.
+    # ray backend: clients on a shard actor's node map its slots (a memfd) and run draws, releases, claims
+    # and fills themselves under the file's lock, with no RPC (docs/pool.md). false: every call is an RPC.
     shared_memory: bool = True
+    # ray backend, where the shard actors go: "spread" over nodes (Ray's SPREAD) or Ray's default packing;
+    # ``shard_resources`` pins them to nodes offering a custom resource, e.g. {"pool": 1}; a killed shard
+    # actor is restarted empty up to ``shard_max_restarts`` times (-1: always)
+    shard_strategy: Literal["default", "spread"] = "default"
+    shard_resources: dict[str, float] = Field(default_factory=dict)
+    shard_max_restarts: int = Field(-1, ge=-1)
     # Consumer groups (issue 8, docs/shared_pools.md): several students on one pool, each record trained on
     # once by every group. None: a plain consumer. ``group_max_lag`` (records) is needed by policy "skip".
     group: str | None = None
@@ -140,7 +155,9 @@ class RunConfig(_Strict):
     device: str = "auto"
     log_every: int = Field(10, ge=1)
     sample_every: int = Field(0, ge=0)          # 0: only at the end
-    ckpt_every: int = Field(0, ge=0)            # 0: only at the end
+    ckpt_every: int = Field(0, ge=0)            # steps; 0: by time only (ckpt_every_s)
+    # Time-based cadence (the distributed service): a killed trainer worker redoes at most this much training.
+    ckpt_every_s: float = Field(180.0, ge=0)    # 0: no time-based checkpoints
     progress: bool = True
 
 
@@ -154,6 +171,20 @@ class RayConfig(_Strict):
     worker_num_cpus: float = Field(1.0, gt=0)
     max_restarts: int = Field(3, ge=0)
     max_failures: int = Field(2, ge=0)
+    # Placement: custom resources each teacher actor / Ray Train worker requests on top of its CPUs and GPUs,
+    # e.g. {teacher: 1} and {trainer: 1} for the Compose cluster's nodes (docs/local_cluster.md).
+    teacher_resources: dict[str, float] = Field(default_factory=dict)
+    worker_resources: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _custom_resources_only(self):
+        for field in ("teacher_resources", "worker_resources"):
+            for name, amount in getattr(self, field).items():
+                if name in ("CPU", "GPU"):
+                    raise ValueError(f"ray.{field}: {name} has its own field (ray.teacher_num_cpus, ray.use_gpu, ...)")
+                if amount < 0:
+                    raise ValueError(f"ray.{field}.{name}: must be >= 0, got {amount}")
+        return self
 
 
 class MetricsConfig(_Strict):

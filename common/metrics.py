@@ -25,11 +25,13 @@ POOL_READY_T = "dkdm_pool_ready_t"                               # gauge{shard,b
 POOL_CORRUPT_TOTAL = "dkdm_pool_corrupt_records_total"           # counter{shard}
 POOL_EXPIRED_TOTAL = "dkdm_pool_expired_total"                   # counter{kind=lease|claim}
 POOL_GROUP_LAG = "dkdm_pool_group_lag_records"                   # gauge{shard,group}: records waiting for that group alone
+POOL_SHARD_RESTARTS_TOTAL = "dkdm_pool_shard_restarts_total"     # counter{shard}: ray shard actors restarted empty
 # --- teachers -------------------------------------------------------------
 TEACHER_RECORDS_TOTAL = "dkdm_teacher_records_total"             # counter{worker}
 TEACHER_FORWARDS_TOTAL = "dkdm_teacher_forwards_total"           # counter{worker}
 TEACHER_BUSY_SECONDS_TOTAL = "dkdm_teacher_busy_seconds_total"   # counter{worker}
 TEACHER_RESTARTS_TOTAL = "dkdm_teacher_restarts_total"           # counter{worker}
+TEACHER_ERRORS_TOTAL = "dkdm_teacher_errors_total"               # counter{worker}: loop errors that ended an incarnation
 # --- trainer --------------------------------------------------------------
 TRAINER_STEP_SECONDS = "dkdm_trainer_step_seconds"               # histogram{worker}
 TRAINER_POOL_WAIT_SECONDS_TOTAL = "dkdm_trainer_pool_wait_seconds_total"  # counter{worker}
@@ -63,10 +65,12 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], tuple | None]] = {
     POOL_CORRUPT_TOTAL: ("counter", "Records that failed to decode", ("shard",), None),
     POOL_EXPIRED_TOTAL: ("counter", "Expired leases and claims", ("kind",), None),
     POOL_GROUP_LAG: ("gauge", "Records every other consumer group is done with, waiting for this group", ("shard", "group"), None),
+    POOL_SHARD_RESTARTS_TOTAL: ("counter", "Ray pool shard actors restarted (empty) after their process died", ("shard",), None),
     TEACHER_RECORDS_TOTAL: ("counter", "Records produced by a teacher", ("worker",), None),
     TEACHER_FORWARDS_TOTAL: ("counter", "Teacher forward passes (samples)", ("worker",), None),
     TEACHER_BUSY_SECONDS_TOTAL: ("counter", "Time a teacher spent computing", ("worker",), None),
     TEACHER_RESTARTS_TOTAL: ("counter", "Teacher actor restarts", ("worker",), None),
+    TEACHER_ERRORS_TOTAL: ("counter", "Teacher errors that ended an actor process (Ray restarts it)", ("worker",), None),
     TRAINER_STEP_SECONDS: ("histogram", "Student training step time", ("worker",), _LATENCY_BUCKETS),
     TRAINER_POOL_WAIT_SECONDS_TOTAL: ("counter", "Time the trainer waited for the pool", ("worker",), None),
     TRAINER_LOSS: ("gauge", "Loss terms", ("worker", "term"), None),

@@ -13,6 +13,7 @@ this one code path:
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from student_trainer.sampling import sample_images
 from student_trainer.student import build_student_for, student_var_type
 from student_trainer.trainer import StudentTrainer, record_step_metrics
 from teacher_workers.worker import TeacherWorker
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -161,7 +164,7 @@ def run_session(s: Session) -> dict:
     # 1. The enlarged batch set B+: restored from the checkpoint, or built by shuffle-denoise warm-up.
     if s.run.has_checkpoint():
         _resume(s)
-        print(f"resumed {s.run.root} at step {s.trainer.step} (pool restored, no warm-up)")
+        logger.info("resumed %s at step %d (pool restored, no warm-up)", s.run.root, s.trainer.step)
     else:
         s.worker.fill_all(s.pool.num_slots, progress=cfg.run.progress)
     # 2. Training: Algorithm 1's loop.

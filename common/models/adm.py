@@ -28,6 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
+from common.models.state import StateDictMismatch, TeacherLoadError, load_state_dict_strict
+
 NUM_CLASSES = 1000  # guided-diffusion's class_cond: ImageNet labels
 
 
@@ -521,9 +523,6 @@ def load_guided_diffusion(checkpoint_path: str, flags: dict) -> UNetModel:
     line) for a missing file, an unreadable file, unknown or missing flags, or a
     state dict whose keys or shapes do not match.
     """
-    from common.models.state import StateDictMismatch, load_state_dict_strict
-    from common.teachers.base import TeacherLoadError  # lazy: teachers import models
-
     try:
         check_model_flags(flags)
         model = create_model(**flags)

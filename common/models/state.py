@@ -14,6 +14,10 @@ import torch.nn as nn
 MAX_NAMED_KEYS = 5
 
 
+class TeacherLoadError(RuntimeError):
+    """A teacher could not be loaded (missing file, hub id, mismatched keys...): one line, names what is wrong."""
+
+
 class StateDictMismatch(ValueError):
     """A state dict does not fit a model: missing, unexpected or mis-shaped keys (one line)."""
 

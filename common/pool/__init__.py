@@ -1,6 +1,7 @@
-"""The record pool B+: ``make_pool`` picks a backend; callers only see ``common.pool.base.Pool``.
+"""The record pool B+: ``make_pool`` builds a backend, ``open_named_pool`` and ``attach_pool`` find a running
+one; callers only see ``common.pool.base.Pool``.
 
-Backends are imported lazily so that nobody pays for ray or redis unless they use it.
+Backends are imported when asked for, so that nobody pays for ray or redis unless they use it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,19 @@ def pool_size(cfg: PoolConfig, T: int, b: int) -> int:
     return n
 
 
+def _backend(name: str) -> type[Pool]:
+    if name == "local":
+        from common.pool.local import LocalPool
+        return LocalPool
+    if name == "ray":
+        from common.pool.ray_backend import RayPool
+        return RayPool
+    if name == "redis":
+        from common.pool.redis_backend import RedisPool
+        return RedisPool
+    raise PoolError(f"pool.backend={name!r} is not one of local, ray, redis")
+
+
 def make_pool(
     cfg: PoolConfig,
     num_slots: int,
@@ -40,18 +54,46 @@ def make_pool(
     **backend_kw,
 ) -> Pool:
     """Build the pool ``cfg.backend`` names; ``backend_kw`` go to that backend only (e.g. ray's ``detached``)."""
-    kw = dict(num_slots=num_slots, record_shape=tuple(record_shape), has_logvar=has_logvar, has_label=has_label,
-              num_timesteps=num_timesteps, seed=seed, t_buckets=t_buckets, **backend_kw)
+    return _backend(cfg.backend)(cfg, num_slots=num_slots, record_shape=tuple(record_shape), has_logvar=has_logvar,
+                                 has_label=has_label, num_timesteps=num_timesteps, seed=seed, t_buckets=t_buckets,
+                                 **backend_kw)
+
+
+def attach_pool(cfg: PoolConfig) -> Pool:
+    """A client of the running pool ``cfg.name`` (ray: its shard actors; redis: its keys). PoolError if there is none."""
     if cfg.backend == "local":
-        from common.pool.local import LocalPool
-
-        return LocalPool(cfg, **kw)
+        raise PoolError("pool.backend=local lives inside one process: there is no running pool to attach to")
     if cfg.backend == "ray":
-        from common.pool.ray_backend import RayPool
+        return _backend("ray").attach(cfg.name)
+    return _backend(cfg.backend).attach(cfg)
 
-        return RayPool(cfg, **kw)
-    if cfg.backend == "redis":
-        from common.pool.redis_backend import RedisPool
 
-        return RedisPool(cfg, **kw)
-    raise PoolError(f"pool.backend={cfg.backend!r} is not one of local, ray, redis")
+def open_named_pool(cfg: PoolConfig, identity: dict, num_slots: int, record_shape, has_logvar: bool, has_label: bool,
+                    num_timesteps: int, seed: int = 0, detached: bool = False) -> tuple[Pool, bool]:
+    """Attach to the pool ``cfg.name`` if one is running (it must have this identity), else create it.
+
+    -> (pool, created). Ray: a running pool of that name (this driver's namespace, or a persistent
+    one made by ``dkdm pool create``) is attached to; ``detached`` makes a new one outlive this
+    driver. Redis: the pool's keys are shared by name; it existed if it already holds an identity.
+    Local: always a new in-process pool. A pool of another identity raises PoolError (one line).
+    """
+    if cfg.backend == "ray":
+        try:
+            pool = attach_pool(cfg)
+        except PoolError as err:
+            if "no Ray pool named" not in str(err):
+                raise
+        else:
+            pool.bind_identity(identity)
+            return pool, False
+    kw = {"detached": detached} if cfg.backend == "ray" else {}
+    pool = make_pool(cfg, num_slots=num_slots, record_shape=record_shape, has_logvar=has_logvar, has_label=has_label,
+                     num_timesteps=num_timesteps, seed=seed, **kw)
+    existed = cfg.backend == "redis" and pool.identity() is not None
+    try:
+        pool.bind_identity(identity)
+    except PoolError:
+        if cfg.backend != "redis":
+            pool.close()
+        raise
+    return pool, not existed

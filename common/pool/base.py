@@ -1,114 +1,48 @@
 """The pool contract: one narrow interface over every backend.
 
-Slot life cycle (issue 4):
+The slot life cycle and the rules every backend follows are specified in states.py.
+On top of them (the conformance suite, tests/pool, checks both):
 
-    REFILL --claim_refill--> FILLING --fill--> READY --draw--> LEASED --release--> REFILL
-                                 |  (claim deadline passes)     ^         |  (uses left > 0)
-                                 +-------------> REFILL          +---------+  READY
-                                                          (lease deadline passes: READY)
+* Global slot ids are ``0 .. num_slots-1``; shard ``i`` owns the contiguous range
+  ``shard_ranges(num_slots, shards)[i]``.
+* ``draw(b)`` returns exactly ``b`` records or raises PoolTimeout; ``claim_refill(n)``
+  returns between 1 and ``n`` slots or raises PoolTimeout. ``timeout_s=None`` means the
+  config's ``block_timeout_s``. A draw waits until the pool is warm and has b READY
+  slots, a claim until a slot is in REFILL; seconds spent waiting are summed per side
+  in ``PoolStats`` and in the metric ``POOL_BLOCKED_SECONDS_TOTAL{side}``.
+* Drawn and claimed records come back with float tensors in the storage dtype (fp32,
+  fp16 or bf16) on the CPU; the caller casts.
+* Corruption: a stored record that fails to decode never reaches a caller; its slot
+  goes to REFILL with t = EMPTY_T and ``corrupt_total`` counts it.
+* ``snapshot(path)`` writes the whole pool shard by shard; ``restore(path)`` replaces
+  the contents (slot count and record layout must match).
 
-Every slot starts in REFILL holding no record (t = EMPTY_T): the teacher that
-claims it runs the shuffle-denoise warm-up for it. A claimed slot hands the
-teacher its previous record, so the teacher can take the denoising step from
-the stored eps/logvar and then needs exactly one forward for the new record.
-The number of slots never changes; every slot is in exactly one state.
-
-Rules every backend follows (the conformance suite, tests/pool, checks them):
-
-* Global slot ids are ``0 .. num_slots-1``; shard ``i`` owns the contiguous
-  range ``shard_ranges(num_slots, shards)[i]``.
-* Every public call first expires overdue leases (LEASED -> READY, the record
-  is still valid and its use is refunded) and overdue claims
-  (FILLING -> REFILL); ``stats()`` included. Deadlines are wall-clock
-  (``time.time()``) so that several processes agree on them.
-* ``release`` is idempotent: an unknown, already released or expired lease is
-  a no-op. ``fill`` with an unknown or expired claim is a no-op returning
-  False (the teacher drops its records and claims again).
-* ``draw(b)`` returns exactly ``b`` records, uniformly at random without
-  replacement over all READY slots of all shards, or raises PoolTimeout.
-  ``claim_refill(n)`` returns between 1 and ``n`` slots, or raises PoolTimeout.
-  ``timeout_s=None`` means the config's ``block_timeout_s``.
-* Drawn and claimed records come back with float tensors in the storage dtype
-  (fp32, fp16 or bf16) on the CPU; the caller casts.
-
-Rate limiting, in the manner of DeepMind Reverb's rate limiters:
-
-* Warm-up (Reverb's MinSize): no draw is served before ``min_ready`` records
-  have ever been inserted (``min_ready = ceil(min_ready_fraction * num_slots)``,
-  at least 1). Inserts only grow, so once warm the pool stays warm; records
-  restored from a snapshot count as inserted.
-* Samples per insert k >= 1 (Reverb's SampleToInsertRatio, enforced per record
-  rather than by a global counter, so shards need no coordination): a filled
-  record receives a budget of ``record_uses(k, rng)`` uses, ``floor(k)`` plus
-  one more with probability ``k - floor(k)``, so records are drawn k times on
-  average. ``release`` spends one use: a slot with uses left goes back to
-  READY (the same record will be drawn again), one with none goes to REFILL.
-  An expired lease refunds nothing because nothing was spent. Hence
-  ``consumed <= k * produced`` up to the rounding, exactly Reverb's bound with
-  no error buffer. k = 1 (the paper): each record is trained on exactly once.
-  k < 1 would mean discarding teacher forwards unread and is refused.
-* Blocking: a draw waits until the pool is warm and has b READY slots; a claim
-  waits until a slot is in REFILL. Both wait at most their timeout and then
-  raise PoolTimeout naming what they waited for and the state counts. Seconds
-  spent waiting are summed per side in ``PoolStats`` and in the metric
-  ``POOL_BLOCKED_SECONDS_TOTAL{side}``.
-
-Corruption: a stored record that fails to decode (RecordCorrupt) never reaches
-a caller; its slot goes to REFILL with t = EMPTY_T, ``corrupt_total`` and the
-metric ``POOL_CORRUPT_TOTAL`` count it, and a draw tops the batch up from other
-READY slots. In-memory backends can only meet corruption in a snapshot file:
-records whose checksum fails are restored as empty REFILL slots (counted); a
-file whose structure is broken raises RecordCorrupt naming the file.
-
-Snapshots: ``snapshot(path)`` writes the whole pool shard by shard (each shard
-stops only for the copy of its own arrays), LEASED slots written as READY and
-FILLING as REFILL (what they become after expiry). ``restore(path)`` replaces
-the contents; the slot count and record layout must match.
-
-Backend constructors take ``(cfg: PoolConfig, num_slots, record_shape,
-has_logvar, has_label, num_timesteps=1000, seed=0, t_buckets=10)`` as keyword
-arguments (``make_pool`` in ``common.pool`` calls them so).
-
-Trainers and teachers only ever import this module (and ``make_pool``); no
-backend module (redis, ray) is imported outside ``common/pool``.
+Backend constructors take ``(cfg: PoolConfig, num_slots, record_shape, has_logvar,
+has_label, num_timesteps=1000, seed=0, t_buckets=10)`` as keyword arguments; trainers
+and teachers reach them only through ``common.pool`` (``make_pool``, ``open_named_pool``,
+``attach_pool``) and see only this module's ``Pool``.
 """
 
 from __future__ import annotations
 
-import enum
-import itertools
 import math
-import os
+import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from common.pool.errors import PoolError, PoolTimeout, RecordCorrupt  # noqa: F401 - part of the contract
+from common.pool.identity import check_identity
+from common.pool.states import (  # noqa: F401 - re-exported for the backends
+    STATE_NAMES,
+    SlotState,
+    check_samples_per_insert,
+    min_ready_slots,
+    record_uses,
+)
 from common.records import RecordBatch
-
-
-class SlotState(enum.IntEnum):
-    READY = 0
-    LEASED = 1
-    REFILL = 2
-    FILLING = 3
-
-
-STATE_NAMES: tuple[str, ...] = tuple(s.name for s in SlotState)   # index = SlotState value
-
-
-class PoolError(RuntimeError):
-    """Base class of the pool's errors."""
-
-
-class PoolTimeout(PoolError):
-    """A blocking call waited past its timeout (the message says what it waited for)."""
-
-
-class RecordCorrupt(PoolError):
-    """A stored record failed to decode or its checksum did not match."""
-
 
 STORAGE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -149,7 +83,6 @@ class PoolStats:
     fill_blocked_seconds_total: float = 0.0
     t_histogram: list[int] = field(default_factory=list)   # READY slots per chain index bucket over [0, T)
     extra: dict = field(default_factory=dict)
-    # refinements (all optional for backends; defaults mean "not measured")
     warm: bool = False                          # min_ready records have been inserted
     released_total: int = 0                     # uses spent by release
     expired_leases_total: int = 0               # slots whose lease expired (LEASED -> READY)
@@ -160,13 +93,11 @@ class PoolStats:
     fill_seconds_total: float = 0.0             # time inside fill calls
     draws_total: int = 0                        # draw calls served
     fills_total: int = 0                        # fill calls accepted
-    record_age_mean: float = 0.0                # mean age of drawn records (see ``record age`` below)
-
-    # Record age: records produced in the same shard between a record's fill and its draw
-    # (a pool-operation clock; about steps * b / shards in the dynamic loop with k = 1).
+    # mean age of drawn records: records produced in the same shard between a record's fill and its draw
+    record_age_mean: float = 0.0
 
     def check_invariant(self) -> None:
-        """Raise PoolError unless every slot is in exactly one state (issue 4's invariant)."""
+        """Raise PoolError unless every slot is in exactly one state (states.py's invariant)."""
         total = sum(self.counts.get(n, 0) for n in STATE_NAMES)
         if total != self.num_slots or any(v < 0 for v in self.counts.values()):
             raise PoolError(f"pool invariant broken: state counts {self.counts} do not sum to {self.num_slots} slots")
@@ -211,15 +142,13 @@ class Pool(ABC):
     def close(self) -> None:
         pass
 
-    # --- identity and consumer groups (issue 8; common/pool/identity.py, docs/shared_pools.md) ---
+    # --- identity and consumer groups (identity.py, groups.py, docs/shared_pools.md) ---
 
     def bind_identity(self, identity: dict) -> dict:
         """Store ``identity`` with the pool if it has none; refuse (PoolError) if it holds another one.
 
         Returns the identity the pool now holds. Backends keep it where their slots live.
         """
-        from common.pool.identity import check_identity
-
         held = getattr(self, "_identity", None)
         if held is None:
             self._identity = dict(identity)
@@ -232,7 +161,7 @@ class Pool(ABC):
         return getattr(self, "_identity", None)
 
     def attach_group(self, group: str, policy: str = "wait", max_lag: int | None = None) -> None:
-        """Attach a consumer group: from now on it trains on every record once (see shard.py)."""
+        """Attach a consumer group: from now on it trains on every record once (groups.py)."""
         raise PoolError(f"consumer groups are not supported by the {type(self).__name__} backend yet")
 
     def detach_group(self, group: str) -> None:
@@ -246,6 +175,11 @@ class Pool(ABC):
 # --- shared pieces every backend uses -------------------------------------------------
 
 
+def new_key() -> str:
+    """A lease or claim id, unique across processes."""
+    return uuid.uuid4().hex
+
+
 def shard_ranges(num_slots: int, shards: int) -> list[tuple[int, int]]:
     """Contiguous global slot ranges [lo, hi) per shard; the first ``num_slots % shards`` get one more."""
     if shards < 1 or num_slots < shards:
@@ -257,46 +191,6 @@ def shard_ranges(num_slots: int, shards: int) -> list[tuple[int, int]]:
         out.append((lo, hi))
         lo = hi
     return out
-
-
-def min_ready_slots(min_ready_fraction: float, num_slots: int) -> int:
-    """Reverb's MinSize: READY records inserted before the first draw (at least 1)."""
-    return max(1, min(num_slots, math.ceil(min_ready_fraction * num_slots - 1e-9)))
-
-
-def check_samples_per_insert(k: float) -> float:
-    if not k >= 1.0:
-        raise PoolError(f"pool.samples_per_insert={k} is below 1: a slot pool cannot discard teacher records unread")
-    return float(k)
-
-
-class _Keys:
-    """Lease and claim ids: 32 hex digits, a random 64-bit prefix per process (drawn again in a forked
-    child) and a counter. Unique across processes as uuid4 is, at a fifth of its cost on a draw's hot
-    path (uuid4 reads os.urandom every call: 14 us after a batch copy has evicted the caches, 3 us here)."""
-
-    def __init__(self):
-        self.renew()
-        os.register_at_fork(after_in_child=self.renew)
-
-    def renew(self) -> None:
-        self.prefix, self.count = os.urandom(8).hex(), itertools.count()
-
-    def __call__(self) -> str:
-        return f"{self.prefix}{next(self.count):016x}"
-
-
-new_key = _Keys()
-
-
-def record_uses(k: float, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Use budget of n fresh records [n] int32: floor(k) plus one with probability k - floor(k)."""
-    whole = math.floor(k)
-    frac = k - whole
-    uses = np.full(n, whole, dtype=np.int32)
-    if frac > 0:
-        uses += (rng.random(n) < frac).astype(np.int32)
-    return uses
 
 
 def t_histogram(t: np.ndarray, num_timesteps: int, buckets: int) -> list[int]:

@@ -1,6 +1,6 @@
 """Consumer groups of a shard (issue 8): several students train on every record of one pool.
 
-Opt-in: a pool without attached groups behaves exactly as base.py says. Once a group is
+Opt-in: a pool without attached groups behaves exactly as states.py says. Once a group is
 attached, every draw names its group, and per group and slot the shard keeps whether the
 group still has to train on the slot's record (``pending``) and whether it holds it leased.
 The slot's global state follows from the groups (``_settle``): LEASED while any group holds
@@ -24,10 +24,9 @@ import time
 import numpy as np
 
 from common import metrics
-from common.pool.base import PoolError, SlotState
+from common.pool.errors import PoolError
 from common.pool.memory import FLAG_GROUPS
-
-READY, LEASED, REFILL, FILLING = (int(s) for s in SlotState)
+from common.pool.states import LEASED, READY, REFILL
 
 GROUP_POLICIES = ("wait", "skip")
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from common.pool.base import PoolError
+from common.pool.errors import PoolError
 
 IDENTITY_VERSION = 1
 
@@ -89,39 +89,3 @@ def teacher_pool_identity(teacher, num_slots: int, storage_dtype: str, rho: floa
                          has_logvar=teacher.learned_variance, has_label=teacher.num_classes is not None,
                          num_timesteps=teacher.diffusion.num_timesteps, rho=rho,
                          samples_per_insert=samples_per_insert)
-
-
-def open_named_pool(cfg, identity: dict, num_slots: int, record_shape, has_logvar: bool, has_label: bool,
-                    num_timesteps: int, seed: int = 0, detached: bool = False):
-    """Attach to the pool ``cfg.name`` if one is running (it must have this identity), else create it.
-
-    -> (pool, created). Ray: a running pool of that name (this driver's namespace, or a persistent
-    one made by ``dkdm pool create``) is attached to; ``detached`` makes a new one outlive this
-    driver. Redis: the pool's keys are shared by name; it existed if it already holds an identity.
-    Local: always a new in-process pool. A pool of another identity raises PoolError (one line).
-    """
-    from common.pool import make_pool
-
-    if cfg.backend == "ray":
-        from common.pool.ray_backend import RayPool
-
-        try:
-            pool = RayPool.attach(cfg.name)
-        except PoolError as err:
-            if "no Ray pool named" not in str(err):
-                raise
-            pool = None
-        if pool is not None:
-            pool.bind_identity(identity)
-            return pool, False
-    kw = {"detached": detached} if cfg.backend == "ray" else {}
-    pool = make_pool(cfg, num_slots=num_slots, record_shape=record_shape, has_logvar=has_logvar, has_label=has_label,
-                     num_timesteps=num_timesteps, seed=seed, **kw)
-    existed = cfg.backend == "redis" and pool.identity() is not None
-    try:
-        pool.bind_identity(identity)
-    except PoolError:
-        if cfg.backend != "redis":
-            pool.close()
-        raise
-    return pool, not existed

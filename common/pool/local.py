@@ -12,7 +12,6 @@ lock and encode and write outside it.
 from __future__ import annotations
 
 import json
-
 import threading
 import time
 
@@ -35,7 +34,8 @@ from common.pool.base import (
     split_draw,
     timeout_message,
 )
-from common.pool.codec import read_snapshot, write_snapshot
+from common.pool.codec import SlotArrays, batch_over, check_batch, new_arrays, read_snapshot, to_arrays, write_snapshot
+from common.pool.identity import identity_diff
 from common.pool.memory import tune_malloc
 from common.pool.shard import SHARD_COUNTERS, PoolShard
 from common.records import RecordBatch
@@ -48,30 +48,14 @@ def merge_stats(num_slots: int, shard_stats: list[dict], warm: bool, t_buckets: 
     tot = {k: sum(s[k] for s in shard_stats) for k in SHARD_COUNTERS}
     counts = {n: sum(s["counts"][n] for s in shard_stats) for n in STATE_NAMES}
     hist = np.sum([s["t_histogram"] for s in shard_stats], axis=0).astype(int).tolist() if t_buckets else []
-    st = PoolStats(
-        num_slots=num_slots,
-        counts=counts,
-        shard_counts=[dict(s["counts"]) for s in shard_stats],
-        produced_total=tot["produced"],
-        consumed_total=tot["consumed"],
-        bytes_in_total=tot["bytes_in"],
-        bytes_out_total=tot["bytes_out"],
-        draw_blocked_seconds_total=blocked.get("draw", 0.0),
-        fill_blocked_seconds_total=blocked.get("fill", 0.0),
-        t_histogram=hist,
-        extra={"inserted_total": tot["inserted"]},
-        warm=warm,
-        released_total=tot["released"],
-        expired_leases_total=tot["expired_leases"],
-        expired_claims_total=tot["expired_claims"],
-        corrupt_total=tot["corrupt"],
-        fill_rejected_total=tot["fill_rejected"],
-        draw_seconds_total=seconds.get("draw", 0.0),
-        fill_seconds_total=seconds.get("fill", 0.0),
-        draws_total=tot["draws"],
-        fills_total=tot["fills"],
-        record_age_mean=tot["age_sum"] / max(tot["consumed"], 1),
-    )
+    names = ("produced", "consumed", "bytes_in", "bytes_out", "released", "expired_leases", "expired_claims", "corrupt",
+             "fill_rejected", "draws", "fills")
+    st = PoolStats(num_slots=num_slots, counts=counts, shard_counts=[dict(s["counts"]) for s in shard_stats],
+                   t_histogram=hist, extra={"inserted_total": tot["inserted"]}, warm=warm,
+                   **{f"{k}_total": tot[k] for k in names},
+                   draw_blocked_seconds_total=blocked.get("draw", 0.0), fill_blocked_seconds_total=blocked.get("fill", 0.0),
+                   draw_seconds_total=seconds.get("draw", 0.0), fill_seconds_total=seconds.get("fill", 0.0),
+                   record_age_mean=tot["age_sum"] / max(tot["consumed"], 1))
     groups = merge_groups([s.get("groups") or {} for s in shard_stats])
     if groups:       # consumer groups (issue 8): their lag and progress
         st.extra["groups"] = groups
@@ -118,8 +102,6 @@ def check_snapshot_header(pool, header: dict, path: str) -> None:
         if header.get(key) != mine:
             raise PoolError(f"snapshot {path} has {key}={header.get(key)!r}, this pool has {key}={mine!r}")
     if "identity" in header:
-        from common.pool.identity import identity_diff
-
         theirs, mine = json.loads(header["identity"]), pool.identity()
         diff = None if mine is None else identity_diff(theirs, mine)
         if diff is not None:
@@ -130,8 +112,6 @@ def check_snapshot_header(pool, header: dict, path: str) -> None:
 
 def load_snapshot_for(pool, path: str, ranges: list[tuple[int, int]]):
     """Read a snapshot and cut it to this pool's shard ranges -> (header, [(arrays, bad)] per shard)."""
-    from common.pool.codec import SlotArrays
-
     header, frames = read_snapshot(path)
     check_snapshot_header(pool, header, path)
     parts = sorted(frames, key=lambda fb: fb[0].lo)
@@ -169,7 +149,7 @@ class LocalPool(Pool):
         self.cfg, self.num_slots = cfg, int(num_slots)
         self.record_shape = tuple(int(s) for s in record_shape)
         self.storage_dtype, self.has_logvar, self.has_label = cfg.storage_dtype, has_logvar, has_label
-        self.t_buckets = t_buckets
+        self.t_buckets, self.num_timesteps = t_buckets, num_timesteps
         self.ranges = shard_ranges(self.num_slots, cfg.shards)
         self.shards = [
             PoolShard(i, lo, hi - lo, self.record_shape, cfg.storage_dtype, has_logvar, has_label,
@@ -186,6 +166,9 @@ class LocalPool(Pool):
         self.fill_rejected = 0
 
     # --- helpers ------------------------------------------------------------------------
+
+    def _arrays(self, n: int) -> dict[str, np.ndarray]:
+        return new_arrays(n, self.record_shape, self.storage_dtype, self.has_logvar, self.has_label)
 
     def _counts(self, now: float, group: str | None = None) -> tuple[np.ndarray, np.ndarray, int, dict]:
         per = [s.counts(now, group) for s in self.shards]
@@ -233,16 +216,16 @@ class LocalPool(Pool):
             lease_id = new_key()
             take = split_draw(ready, b, self.rng)
             now = time.time()
-            out = self.shards[0].empty_batch(b)      # each shard gathers straight into its slice: one copy
+            out = self._arrays(b)      # each shard gathers straight into its rows: one copy
             parts, off = [], 0
             for i, m in enumerate(take.tolist()):
                 if m:
-                    parts.append(self.shards[i].draw(m, lease_id, now, out=out.index(slice(off, off + m)), group=group,
-                                                     count_call=not parts))      # one draw call, counted once
+                    parts.append(self.shards[i].draw(m, lease_id, now, out={k: v[off:] for k, v in out.items()},
+                                                     group=group, count_call=not parts))      # one draw call, counted once
                     off += m
             deadline = now + self.cfg.lease_timeout_s
         slots = torch.from_numpy(np.concatenate([p[0] for p in parts]))
-        batch = out
+        batch = batch_over(out, self.storage_dtype)
         dt = time.perf_counter() - t0
         self.seconds["draw"] += dt
         metrics.observe(metrics.POOL_DRAW_SECONDS, dt)
@@ -268,15 +251,15 @@ class LocalPool(Pool):
                 if m:
                     layout.append((i, m))
                     want -= m
-            out = self.shards[0].empty_batch(n - want, zeros=True)    # claim's ``out``: zero-filled
+            out = self._arrays(n - want)
             parts, off = [], 0
             for i, m in layout:
-                parts.append(self.shards[i].claim(m, claim_id, now, out=out.index(slice(off, off + m))))
+                parts.append(self.shards[i].claim(m, claim_id, now, out={k: v[off:] for k, v in out.items()}))
                 off += m
             self.claims[claim_id] = layout
             deadline = now + self.cfg.claim_timeout_s
         slots = torch.from_numpy(np.concatenate([p[0] for p in parts]))
-        batch = out
+        batch = batch_over(out, self.storage_dtype)
         return Claim(claim_id=claim_id, slots=slots, batch=batch, deadline=deadline)
 
     def fill(self, claim_id: str, batch: RecordBatch) -> bool:
@@ -290,11 +273,11 @@ class LocalPool(Pool):
                 self.claims.pop(claim_id, None)
                 self.fill_rejected += 1
                 return False
-            total = sum(m for _, m in layout)
-            self.shards[layout[0][0]].check_batch(batch, total)   # every shard has the same layout
-            off = 0
+            check_batch(batch, sum(m for _, m in layout), self.record_shape, self.has_logvar, self.has_label,
+                        self.num_timesteps)
+            records, off = to_arrays(batch, self.storage_dtype), 0
             for i, m in layout:
-                self.shards[i].fill(claim_id, batch.index(slice(off, off + m)), now, count_call=off == 0)
+                self.shards[i].fill(claim_id, {k: v[off:off + m] for k, v in records.items()}, now, count_call=off == 0)
                 off += m
             del self.claims[claim_id]
             self.cond.notify_all()

@@ -13,9 +13,7 @@ so a killed actor leaks nothing, and it is not bounded by a container's small
 
 File layout (every array 64-byte aligned, in this order):
 
-    header   int64[16]   MAGIC, VERSION, n, owner pid, segment uid, flags, record layout fingerprint,
-                         generation (bumped by a restore: fills copied in before it are refused)
-    clock    float64[4]  heartbeat (owner's time.time()), next deadline, reserved
+    header   int64[16]   MAGIC, VERSION, n, owner pid, segment uid, flags, record layout fingerprint
     counters int64[len(SHARD_COUNTERS)]
     seconds  float64[6]  blocked and call seconds per side, fill_rejected (pool-wide, kept on shard 0)
     state uint8[n], t int64[n], uses int32[n], produced_at int64[n], owner int64[n], deadline float64[n],
@@ -28,36 +26,36 @@ kernel drops the lock of a process that dies, so a killed client never wedges a
 shard; every transition writes a slot's owner and deadline before its state, so a
 client killed inside one leaves each slot in exactly one valid state.
 
-Lifetime: clients check the owner's pid (at most every 50 ms) and the header's
-closed flag before each call and treat a dead or closed owner as a dead shard.
+Lifetime: clients check the owner's pid (at most every 50 ms) and the header's closed flag
+before each call; a dead or closed owner means the shard actor died (Ray restarts it with a
+new segment, which the client then maps) or the pool was dropped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
-import functools
 import hashlib
 import math
 import mmap
 import os
 import threading
 import time
+import zlib
 
 import numpy as np
-import torch
 
 from common.metrics_discovery import pid_alive
 from common.pool.base import PoolError
+from common.pool.codec import WIRE_DTYPES
 
 MAGIC = 0x444B444D53484D31          # "DKDMSHM1"
-VERSION = 2
-_H_MAGIC, _H_VERSION, _H_N, _H_PID, _H_UID, _H_FLAGS, _H_LAYOUT, _H_GENERATION = range(8)
+VERSION = 3
+_H_MAGIC, _H_VERSION, _H_N, _H_PID, _H_UID, _H_FLAGS, _H_LAYOUT = range(7)
 FLAG_GROUPS = 1                      # consumer groups attached: only the owner may run transitions
 FLAG_CLOSED = 2
-_C_HEARTBEAT, _C_NEXT_DEADLINE = 0, 1
 SECONDS = ("draw_blocked", "fill_blocked", "draw", "fill", "fill_rejected", "reserved")
-WIRE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.int16}   # storage dtype -> numpy (bf16 as its bits)
 
 
 def _align(off: int) -> int:
@@ -69,16 +67,13 @@ _RECORD_PAGE_OFFSET = 2048
 
 def _align_records(off: int) -> int:
     """The next offset at 2048 bytes past a page boundary, for record arrays: a batch that numpy or
-    torch allocates starts 16 or 64 bytes past a page, and a memcpy whose destination lies just
-    past its source modulo 4 KiB ("4K aliasing") runs 3-4x slower (measured: a 128-row gather from
-    a page-aligned array into a batch at page + 16 took 1.07 ms instead of 0.3 ms)."""
+    torch allocates starts just past a page, and a memcpy whose destination lies just past its
+    source modulo 4 KiB ("4K aliasing") runs several times slower."""
     return off + (_RECORD_PAGE_OFFSET - off) % 4096
 
 
 def layout_fingerprint(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool, counters: int) -> int:
     """A 62-bit number that differs when anything about the arrays' layout differs."""
-    import zlib
-
     key = f"{n}|{tuple(record_shape)}|{storage_dtype}|{has_logvar}|{has_label}|{counters}|{VERSION}".encode()
     return zlib.crc32(key) | (len(key) << 32)
 
@@ -86,7 +81,7 @@ def layout_fingerprint(n: int, record_shape, storage_dtype: str, has_logvar: boo
 def _plan(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool, counters: int):
     """[(name, dtype, shape, offset)] and the total size in bytes."""
     rec = (n, *record_shape)
-    fields = [("header", np.int64, (16,)), ("clock", np.float64, (4,)), ("counters", np.int64, (counters,)),
+    fields = [("header", np.int64, (16,)), ("counters", np.int64, (counters,)),
               ("seconds", np.float64, (len(SECONDS),)), ("state", np.uint8, (n,)), ("t", np.int64, (n,)),
               ("uses", np.int32, (n,)), ("produced_at", np.int64, (n,)), ("owner", np.int64, (n,)),
               ("deadline", np.float64, (n,))]
@@ -135,7 +130,6 @@ class ShardMemory:
         self.a = arrays
         self.path, self.lock, self.owner = path, lock, owner
         self._mm, self._fd = mm, fd
-        self.storage_dtype = None
         self._checked, self._alive = -math.inf, True
 
     # --- construction ----------------------------------------------------------------------
@@ -191,7 +185,6 @@ class ShardMemory:
         if h[_H_MAGIC] != MAGIC or h[_H_UID] != uid or h[_H_LAYOUT] != want:
             mem.close()
             raise PoolError(f"pool shard memory {path} is not the expected segment (magic, uid or layout differ)")
-        mem.storage_dtype = storage_dtype
         return mem
 
     @classmethod
@@ -207,18 +200,8 @@ class ShardMemory:
         h[_H_MAGIC], h[_H_VERSION], h[_H_N], h[_H_PID] = MAGIC, VERSION, n, os.getpid()
         h[_H_UID] = int.from_bytes(os.urandom(7), "little")
         h[_H_LAYOUT] = layout_fingerprint(n, record_shape, storage_dtype, has_logvar, has_label, counters)
-        self.a["clock"][:] = [0.0, np.inf, 0.0, 0.0]
-        self.storage_dtype = storage_dtype
 
     # --- views -------------------------------------------------------------------------------
-
-    def tensor(self, name: str) -> torch.Tensor | None:
-        """A record field as a torch tensor over the memory (bf16 viewed from its int16 bits)."""
-        a = self.a.get(name)
-        if a is None:
-            return None
-        t = torch.from_numpy(a)
-        return t.view(torch.bfloat16) if self.storage_dtype == "bf16" and name in ("x_t", "eps", "logvar") else t
 
     @property
     def uid(self) -> int:
@@ -227,13 +210,6 @@ class ShardMemory:
     @property
     def owner_pid(self) -> int:
         return int(self.a["header"][_H_PID])
-
-    @property
-    def generation(self) -> int:
-        return int(self.a["header"][_H_GENERATION])
-
-    def bump_generation(self) -> None:
-        self.a["header"][_H_GENERATION] += 1
 
     @property
     def flags(self) -> int:
@@ -252,14 +228,6 @@ class ShardMemory:
             self._alive = pid_alive(self.owner_pid)
             self._checked = now
         return self._alive
-
-    @property
-    def next_deadline(self) -> float:
-        return float(self.a["clock"][_C_NEXT_DEADLINE])
-
-    @next_deadline.setter
-    def next_deadline(self, v: float) -> None:
-        self.a["clock"][_C_NEXT_DEADLINE] = v
 
     def close(self) -> None:
         """Close this process's handle (the owner first marks the memory closed for every client).
@@ -283,9 +251,8 @@ def tune_malloc(trim_bytes: int = 256 << 20, mmap_bytes: int = 32 << 20) -> bool
     """Let glibc keep freed memory for reuse (once per process; True if it was set now).
 
     A drawn batch is a few MB; by default glibc hands a freed batch back to the kernel (heap trim
-    above 2x the dynamic mmap threshold, or munmap) and the next draw faults its pages in again:
-    1,152 page faults per 4.7 MB batch, which doubled a draw's time (measured: 5 ms instead of
-    1.2 ms per 128-record draw). Allocations below ``mmap_bytes`` come from the heap and up to
+    above 2x the dynamic mmap threshold, or munmap) and the next draw faults every page of it in
+    again, which costs as much as the copy itself. Allocations below ``mmap_bytes`` come from the heap and up to
     ``trim_bytes`` of free heap stays mapped. A user who sets MALLOC_TRIM_THRESHOLD_ or
     MALLOC_MMAP_THRESHOLD_ (glibc's own variables) keeps them; other C libraries are left alone.
     """
@@ -294,8 +261,6 @@ def tune_malloc(trim_bytes: int = 256 << 20, mmap_bytes: int = 32 << 20) -> bool
         return False
     _MALLOC_TUNED = True
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3          # malloc.h
         return bool(libc.mallopt(m_mmap_threshold, mmap_bytes)) and bool(libc.mallopt(m_trim_threshold, trim_bytes))
@@ -315,10 +280,8 @@ def check_memory(size: int, what: str) -> None:
                         f"use fewer slots, more shards on more nodes, or pool.storage_dtype=fp16")
 
 
-@functools.lru_cache(maxsize=4096)
 def lease_key(lease_id: str) -> int:
-    """A lease or claim id -> the nonzero int64 stored as the owner of its slots (cached: a draw over S
-    shards asks for it 2 S times, lease and release)."""
+    """A lease or claim id -> the nonzero int64 stored as the owner of its slots."""
     k = int.from_bytes(hashlib.blake2b(lease_id.encode(), digest_size=8).digest(), "little", signed=True)
     return k or 1
 

@@ -1,6 +1,6 @@
 """The Redis backend of the pool: each shard a group of keys, each transition one Lua call.
 
-The slot life cycle is the one base.py specifies; ``common/pool/lua/`` implements it per shard (lib.lua
+The slot life cycle is the one states.py specifies; ``common/pool/lua/`` implements it per shard (lib.lua
 lists the keys), ``redis_client.RedisShards`` makes the calls (pipelines per server, retries, lost
 shards re-created) and ``redis_records`` stores a record per slot. Round trips:
 
@@ -49,7 +49,7 @@ from common.pool.base import (
     t_histogram,
     timeout_message,
 )
-from common.pool.codec import SlotArrays, from_numpy, to_numpy, write_snapshot
+from common.pool.codec import SlotArrays, check_batch, from_numpy, to_numpy, write_snapshot
 from common.pool.identity import check_identity
 from common.pool.local import (
     load_snapshot_for,
@@ -61,7 +61,6 @@ from common.pool.local import (
 from common.pool.memory import tune_malloc
 from common.pool.redis_client import RedisShards, queued
 from common.pool.redis_records import RecordCodec, mask_url
-from common.pool.shard import check_batch
 from common.records import EMPTY_T, RecordBatch
 
 logger = logging.getLogger(__name__)

@@ -14,10 +14,9 @@ from abc import ABC, abstractmethod
 import torch
 
 from common.diffusion import Diffusion
+from common.models.state import TeacherLoadError  # noqa: F401 - defined below the networks, which raise it too
 
 
-class TeacherLoadError(RuntimeError):
-    """A teacher could not be loaded (missing file, hub id, mismatched keys...): one line, names what is wrong."""
 
 
 class Teacher(ABC):

@@ -1,7 +1,5 @@
-"""The pool benchmark's copy ceilings (benchmarks/pool_bench.py): the Ray cases copy the same bytes in
-private memory ("heap") and in shared memory allocated as the pool's shards ("ceiling") before each block
-of pool calls. Here with a local pool, which needs no Ray cluster: the blocks and the storage are checked,
-not their speed."""
+"""The pool benchmark's pieces (benchmarks/pool_bench.py) with a local pool, which needs no Ray cluster:
+the ceiling's copies and the pools each phase starts from are checked, not their speed."""
 
 from __future__ import annotations
 
@@ -10,29 +8,29 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import PoolConfig
-from common.pool import make_pool
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import pool_bench
 
 SHAPE = (3, 4, 4)
 
 
-def test_shared_store_holds_the_values_in_pool_shard_memory():
-    like = [np.random.default_rng(i).standard_normal((16, *SHAPE), dtype=np.float32) for i in range(3)]
-    s = pool_bench.SharedStore(16, SHAPE, like)
-    assert s.mem.path is not None and s.mem.path.startswith("/proc/")       # a memfd, as a Ray shard's
-    for a, x, name in zip(s.store, like, ("x_t", "eps", "logvar")):
-        assert np.array_equal(a, x) and np.shares_memory(a, s.mem.a[name])
-    s.close()
+def test_ray_ceiling_copies_records_in_pool_shard_memory():
+    batch = pool_bench.make_batch(4, SHAPE, 0)
+    c = pool_bench.Ceiling("ray", None, 16, SHAPE, batch, seed=1)
+    assert c.mem.path is not None and c.mem.path.startswith("/proc/")       # a memfd, as a Ray shard's
+    got = c.call("draw", 4)
+    assert [a.shape for a in got] == [(4, *SHAPE)] * 3
+    c.call("refill", 4)
+    assert sum(np.isin(c.store[0].reshape(16, -1)[:, 0], batch.x_t.numpy()[:, 0, 0, 0]).tolist()) >= 4
+    c.close()
 
 
-def test_client_loop_runs_heap_ceiling_and_pool_blocks_in_each_round():
-    b, iters, rounds = 4, 4, 2
-    cfg = PoolConfig(backend="local", shards=1, num_slots=b * iters, min_ready_fraction=0.0, samples_per_insert=1e9)
-    pool = make_pool(cfg, b * iters, SHAPE, has_logvar=True, has_label=False)
-    out = pool_bench.client_loop(pool, "fill", b, iters, SHAPE, None, 0, ceiling_slots=32, rounds=rounds)
-    assert [k for k, *_ in out] == ["heap", "ceiling", "pool"] * rounds
-    assert all(moved == b * iters // rounds for _, moved, _, _ in out)
-    assert pool.stats().counts["READY"] == b * iters
+def test_phases_start_from_the_pools_they_measure():
+    pool = pool_bench.build_pool("local", None, 2, 16, SHAPE, "draw", b=4)
+    assert pool.stats().counts["READY"] == 16
+    assert len(pool_bench.pool_call(pool, "draw", 4, pool_bench.make_batch(4, SHAPE, 0))) == 4
+    assert pool.stats().counts["READY"] == 16, "draw+release leaves the slots READY (samples_per_insert = 1e9)"
+    pool = pool_bench.build_pool("local", None, 2, 16, SHAPE, "refill", b=4)
+    assert pool.stats().counts["REFILL"] == 16
+    prev = pool_bench.pool_call(pool, "refill", 4, pool_bench.make_batch(4, SHAPE, 0))
+    assert (prev.t >= 0).all(), "a steady-state claim hands over the slots' previous records"

@@ -230,6 +230,8 @@ def ray_cluster():
         # Workers inherit the environment of the local cluster: let them import the project uninstalled.
         root = str(HERE.parent.parent)
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        # A local test cluster needs no token; Ray 2.60 would otherwise write ~/.ray/auth_token for every later cluster.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)   # never a stray cluster
     # Worker processes import this module by value (tests/pool is not a package).
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -8,7 +8,8 @@ import pytest
 
 from common.config import AnalyticConfig, PoolConfig, TeacherConfig
 from common.pool.base import PoolError
-from common.pool.identity import identity_diff, identity_digest, open_named_pool, pool_identity, teacher_pool_identity
+from common.pool import attach_pool, open_named_pool
+from common.pool.identity import identity_diff, identity_digest, pool_identity, teacher_pool_identity
 from pool_conftest import fill_claim
 
 SHAPE = (1, 4, 4)
@@ -89,15 +90,13 @@ def test_named_ray_pool_attaches_warm(ray_cluster):
     pool = _attach_warm(cfg, detached=True)
     pool.drop()
     with pytest.raises(PoolError, match="no Ray pool named"):
-        from common.pool.ray_backend import RayPool
-        RayPool.attach(cfg.name)
+        attach_pool(cfg)
 
 
 def test_named_redis_pool_attaches_warm(redis_server):
     cfg = PoolConfig(backend="redis", redis_url=redis_server.url, name=f"ident-{uuid.uuid4().hex[:6]}", shards=2,
                      min_ready_fraction=1.0)
     pool = _attach_warm(cfg)
-    from common.pool.redis_backend import RedisPool
-    attached = RedisPool.attach(cfg)                        # layout read back from the marker hash
+    attached = attach_pool(cfg)                        # layout read back from the marker hash
     assert attached.num_slots == 12 and attached.identity() == ident() and attached.stats().counts["READY"] == 8   # 4 drawn above
     pool.destroy()
