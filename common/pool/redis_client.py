@@ -86,7 +86,9 @@ class RedisShards:
                 return
             now = time.monotonic()
             first.append(now)
-            if self._down.setdefault(server, now) == now:        # the first failure of this outage
+            # an outage is a failure that outlasts the first retry (a pooled connection that died while the
+            # server was away fails once and reconnects at once); threads sharing the client log it once
+            if len(first) == 2 and self._down.setdefault(server, first[0]) == first[0]:
                 logger.warning("pool %r: redis server %s unreachable (%s); retrying with backoff for up to %gs "
                                "(pool.redis_retry_timeout_s)", self.cfg.name, url, self._scrub(str(err)),
                                self.cfg.redis_retry_timeout_s)

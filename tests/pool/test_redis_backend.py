@@ -247,27 +247,6 @@ def test_free_port_gives_distinct_servers(tmp_path):
         a.kill()
 
 
-@pytest.mark.slow
-def test_pool_bench_quick_prints_one_json_line_per_case(capsys):
-    import json
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
-    import pool_bench
-
-    assert pool_bench.main(["--quick"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
-    assert [(r["backend"], r["shards"], r["clients"]) for r in rows] == [("redis", 1, 1), ("redis", 2, 1)]
-    for r in rows:
-        assert r["draw_release_records_s"] > 0 and r["claim_fill_records_s"] > 0
-        assert r["draw_ratio"] == pytest.approx(r["draw_release_records_s"] / r["ceiling_draw_records_s"], abs=1e-3)
-        assert r["draw_release_GB_s"] == pytest.approx(r["draw_release_records_s"] * r["record_bytes"] / 1e9, abs=1e-4)
-        # the steady-state refill (claims hand over previous records) against a GET then a SET of each record
-        assert r["refill_records_s"] > 0 and r["ceiling_refill_records_s"] > 0
-        assert r["refill_ratio"] == pytest.approx(r["refill_records_s"] / r["ceiling_refill_records_s"], abs=1e-3)
-
-
 def test_threads_sharing_one_pool_object_get_their_own_records(redis_server):
     """Threads share one pool object (redis-py hands each call a connection of its own)."""
     pool = make_redis_pool(redis_server, 64, record_shape=(3, 8, 8), shards=1, samples_per_insert=1e9)

@@ -102,7 +102,9 @@ def test_sigterm_with_aof_finds_the_pool_intact_and_held_leases_expire(redis_ser
     load = Load(pool)
     load.wait_for(draws=5, fills=5)
     before = pool.stats()
-    redis_server_aof.restart(kill=False)                 # SIGTERM: AOF written, then the same data back
+    redis_server_aof.stop()                              # SIGTERM: AOF written ...
+    time.sleep(0.5)
+    redis_server_aof.start()                             # ... and the same data back
     load.wait_for(draws=5, fills=5)
     load.join()
     after = pool.stats()
