@@ -51,6 +51,14 @@ class AnalyticConfig(_Strict):
     class_conditional: bool = False       # labels y are the mixture components (num_classes = K)
 
 
+class FaultConfig(_Strict):
+    """Fault injection for the tests of the service's recovery (docs/faults.md); off unless set."""
+
+    raise_after_forwards: int | None = Field(None, ge=0)   # a teacher's forward raises once it has made this many
+    incarnations: int | None = Field(None, ge=1)           # only each actor's first n incarnations raise (None: all)
+    teachers: list[int] | None = None                      # only these teacher indices raise (None: all)
+
+
 class TeacherConfig(_Strict):
     kind: Literal["analytic", "guided_diffusion", "diffusers", "dkdm"] = "analytic"
     path: str | None = None               # checkpoint file or folder (local only)
@@ -59,6 +67,7 @@ class TeacherConfig(_Strict):
     analytic: AnalyticConfig = Field(default_factory=AnalyticConfig)
     use_ema: bool = True                  # dkdm checkpoints: load ema.safetensors when present
     device: str = "auto"
+    fault: FaultConfig = Field(default_factory=FaultConfig)
 
     @model_validator(mode="after")
     def _path_needed(self):
@@ -146,7 +155,9 @@ class RunConfig(_Strict):
     device: str = "auto"
     log_every: int = Field(10, ge=1)
     sample_every: int = Field(0, ge=0)          # 0: only at the end
-    ckpt_every: int = Field(0, ge=0)            # 0: only at the end
+    ckpt_every: int = Field(0, ge=0)            # steps; 0: by time only (ckpt_every_s)
+    # Time-based cadence (the distributed service): a killed trainer worker redoes at most this much training.
+    ckpt_every_s: float = Field(180.0, ge=0)    # 0: no time-based checkpoints
     progress: bool = True
 
 
@@ -160,6 +171,20 @@ class RayConfig(_Strict):
     worker_num_cpus: float = Field(1.0, gt=0)
     max_restarts: int = Field(3, ge=0)
     max_failures: int = Field(2, ge=0)
+    # Placement: custom resources each teacher actor / Ray Train worker requests on top of its CPUs and GPUs,
+    # e.g. {teacher: 1} and {trainer: 1} for the Compose cluster's nodes (docs/local_cluster.md).
+    teacher_resources: dict[str, float] = Field(default_factory=dict)
+    worker_resources: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _custom_resources_only(self):
+        for field in ("teacher_resources", "worker_resources"):
+            for name, amount in getattr(self, field).items():
+                if name in ("CPU", "GPU"):
+                    raise ValueError(f"ray.{field}: {name} has its own field (ray.teacher_num_cpus, ray.use_gpu, ...)")
+                if amount < 0:
+                    raise ValueError(f"ray.{field}.{name}: must be >= 0, got {amount}")
+        return self
 
 
 class MetricsConfig(_Strict):

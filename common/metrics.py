@@ -31,6 +31,7 @@ TEACHER_RECORDS_TOTAL = "dkdm_teacher_records_total"             # counter{worke
 TEACHER_FORWARDS_TOTAL = "dkdm_teacher_forwards_total"           # counter{worker}
 TEACHER_BUSY_SECONDS_TOTAL = "dkdm_teacher_busy_seconds_total"   # counter{worker}
 TEACHER_RESTARTS_TOTAL = "dkdm_teacher_restarts_total"           # counter{worker}
+TEACHER_ERRORS_TOTAL = "dkdm_teacher_errors_total"               # counter{worker}: loop errors that ended an incarnation
 # --- trainer --------------------------------------------------------------
 TRAINER_STEP_SECONDS = "dkdm_trainer_step_seconds"               # histogram{worker}
 TRAINER_POOL_WAIT_SECONDS_TOTAL = "dkdm_trainer_pool_wait_seconds_total"  # counter{worker}
@@ -69,6 +70,7 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], tuple | None]] = {
     TEACHER_FORWARDS_TOTAL: ("counter", "Teacher forward passes (samples)", ("worker",), None),
     TEACHER_BUSY_SECONDS_TOTAL: ("counter", "Time a teacher spent computing", ("worker",), None),
     TEACHER_RESTARTS_TOTAL: ("counter", "Teacher actor restarts", ("worker",), None),
+    TEACHER_ERRORS_TOTAL: ("counter", "Teacher errors that ended an actor process (Ray restarts it)", ("worker",), None),
     TRAINER_STEP_SECONDS: ("histogram", "Student training step time", ("worker",), _LATENCY_BUCKETS),
     TRAINER_POOL_WAIT_SECONDS_TOTAL: ("counter", "Time the trainer waited for the pool", ("worker",), None),
     TRAINER_LOSS: ("gauge", "Loss terms", ("worker", "term"), None),

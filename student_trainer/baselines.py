@@ -19,6 +19,7 @@ from common.diffusion import make_diffusion
 from common.images import save_grid
 from common.seeds import data_mix_seed, data_seed, eval_seed, student_init_seed
 from common.teachers import make_teacher
+from common.teachers.latent import config_autoencoder, decode_latents, encode_images
 from student_trainer.checkpoints import load_checkpoint, model_config, save_checkpoint
 from student_trainer.distill import resolve_device
 from student_trainer.losses import HYBRID_V_BOUND, data_batch
@@ -47,6 +48,14 @@ def train_on_data(cfg: Config, data: tuple[torch.Tensor, torch.Tensor | None] | 
     torch.manual_seed(student_init_seed(cfg.run.seed))
     device = resolve_device(cfg.run.device)
     x, y = data if data is not None else training_set(cfg)
+    # The paper's latent baselines: images (real, or the teacher's decoded samples) encoded by the
+    # teacher's autoencoder; the student learns on latents and its samples are decoded.
+    first_stage = config_autoencoder(cfg.teacher)
+    decode, ae_record = None, None
+    if first_stage is not None:
+        ae, ae_record = first_stage[0].to(device), first_stage[1]
+        x = encode_images(ae, x, cfg.sample.batch_size)
+        decode = lambda z: decode_latents(ae, z, cfg.sample.batch_size)  # noqa: E731
     if not cfg.data.class_cond:
         y = None
     num_classes = None if y is None else int(y.max()) + 1
@@ -64,7 +73,7 @@ def train_on_data(cfg: Config, data: tuple[torch.Tensor, torch.Tensor | None] | 
     if run.has_checkpoint():
         gen.set_state(load_checkpoint(run, trainer)["data"])
     config = model_config(build, d, dc.schedule, dc.var_type, dc.clip_denoised, image_shape, num_classes,
-                          v_bound=trainer.v_bound)
+                          v_bound=trainer.v_bound, autoencoder=ae_record)
     bar = None
     if cfg.run.progress:
         from tqdm import tqdm
@@ -88,7 +97,7 @@ def train_on_data(cfg: Config, data: tuple[torch.Tensor, torch.Tensor | None] | 
     ckpt = save_checkpoint(run, trainer, config, {"data": gen.get_state()})
     samples, _ = sample_images(trainer.ema_model(), d, dc.var_type, cfg.sample, image_shape, num_classes,
                                seed=eval_seed(cfg.run.seed), device=device, clip_denoised=dc.clip_denoised,
-                               v_bound=trainer.v_bound)
+                               v_bound=trainer.v_bound, decode=decode)
     grid = save_grid(samples, run.samples / "final.png")
     return {"run_dir": str(run.root), "checkpoint": str(ckpt), "samples": str(grid),
             "metrics": str(run.metrics_path), "steps": trainer.step}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from importlib import resources
@@ -63,6 +64,17 @@ def add_log_level(p: argparse.ArgumentParser) -> None:
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level of the library (default INFO)")
 
 
+def setup_logging(level: str = "INFO") -> None:
+    """The library logs through ``logging``; the CLI shows it on stderr, one line per record.
+
+    Ray's worker processes keep their own handlers (their lines reach the driver prefixed by Ray).
+    """
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    for noisy in ("urllib3", "filelock", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file or shipped config name (digits, mixture, digits_teacher, paper/...)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -78,11 +90,15 @@ def resolve(args) -> Config | None:
     return cfg
 
 
+REPORTED_PATHS = ("run_dir", "checkpoint", "samples", "comparison", "loss_curve", "metrics", "export")
+
+
 def report(result: dict) -> None:
-    for key in ("run_dir", "checkpoint", "samples", "metrics"):
+    """The CLI's final report: where the results are, then the rest as one JSON line."""
+    for key in REPORTED_PATHS:
         if key in result:
             print(f"{key:>10}: {result[key]}")
-    extra = {k: v for k, v in result.items() if k not in ("run_dir", "checkpoint", "samples", "metrics")}
+    extra = {k: v for k, v in result.items() if k not in REPORTED_PATHS}
     if extra:
         print(json.dumps(extra))
 
@@ -91,14 +107,18 @@ def cmd_distill(args) -> None:
     cfg = resolve(args)
     if cfg is not None:
         from student_trainer.distill import distill
-        report(distill(cfg))
+        from student_trainer.report import finish
+        result = distill(cfg)
+        report(finish(cfg, result, result["run_dir"]))
 
 
 def cmd_train(args) -> None:
     cfg = resolve(args)
     if cfg is not None:
         from student_trainer.baselines import train_on_data
-        report(train_on_data(cfg))
+        from student_trainer.report import finish
+        result = train_on_data(cfg)
+        report(finish(cfg, result, result["run_dir"], distilled=False))
 
 
 def cmd_synth(args) -> None:
@@ -180,11 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_configs)
     from student_trainer.pool_cli import add_pool_parser
     add_pool_parser(sub)
+    for p in sub.choices.values():
+        add_log_level(p)
     return parser
 
 
 def run_cli(fn, args) -> int:
     """Run ``fn(args)``; user errors become one line on stderr and exit status 2."""
+    setup_logging(getattr(args, "log_level", "INFO"))
     try:
         fn(args)
     except _user_errors() as err:

@@ -13,6 +13,7 @@ this one code path:
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,15 @@ from common.pool import make_pool, pool_size
 from common.pool.base import Pool, PoolTimeout
 from common.seeds import eval_seed, student_init_seed, teacher_seed
 from common.teachers import Teacher, make_teacher
+from common.teachers.latent import latent_decoder, teacher_autoencoder_record
 from student_trainer.checkpoints import load_checkpoint, model_config, save_checkpoint
 from student_trainer.run_dir import RunDir
 from student_trainer.sampling import sample_images
 from student_trainer.student import build_student_for, student_var_type
 from student_trainer.trainer import StudentTrainer, record_step_metrics
 from teacher_workers.worker import TeacherWorker
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,7 +94,7 @@ def _checkpoint(s: Session) -> Path:
     t = s.teacher
     config = model_config(s.student_config, t.diffusion, s.cfg.teacher.diffusion.schedule, s.trainer.var_type,
                           t.clip_denoised, t.image_shape, t.num_classes, v_bound=s.trainer.v_bound,
-                          teacher_identity=t.identity())
+                          teacher_identity=t.identity(), autoencoder=teacher_autoencoder_record(t))
     rng = {"worker": s.worker.gen.get_state(), "torch": torch.get_rng_state()}
     return save_checkpoint(s.run, s.trainer, config, rng, pool=s.pool)
 
@@ -104,7 +108,8 @@ def _resume(s: Session) -> None:
 def write_samples(s: Session, tag: str) -> Path:
     x, _ = sample_images(s.trainer.ema_model(), s.teacher.diffusion, s.trainer.var_type, s.cfg.sample,
                          s.teacher.image_shape, s.teacher.num_classes, seed=eval_seed(s.cfg.run.seed), device=s.device,
-                         clip_denoised=s.teacher.clip_denoised, v_bound=s.trainer.v_bound)
+                         clip_denoised=s.teacher.clip_denoised, v_bound=s.trainer.v_bound,
+                         decode=latent_decoder(s.teacher))
     path = s.run.samples / f"{tag}.png"
     save_grid(x, path)
     return path
@@ -159,7 +164,7 @@ def run_session(s: Session) -> dict:
     # 1. The enlarged batch set B+: restored from the checkpoint, or built by shuffle-denoise warm-up.
     if s.run.has_checkpoint():
         _resume(s)
-        print(f"resumed {s.run.root} at step {s.trainer.step} (pool restored, no warm-up)")
+        logger.info("resumed %s at step %d (pool restored, no warm-up)", s.run.root, s.trainer.step)
     else:
         s.worker.fill_all(s.pool.num_slots, progress=cfg.run.progress)
     # 2. Training: Algorithm 1's loop.

@@ -23,6 +23,7 @@ import numpy as np
 from common.diffusion import Diffusion, get_named_beta_schedule
 from common.models.checkpoint import CheckpointError, from_pretrained
 from common.models.diffusers_unet import ExportError, to_unet2d
+from common.teachers.dkdm_teacher import checkpoint_v_bound
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +48,29 @@ def export_diffusers(checkpoint: str, out: str, use_ema: bool = True) -> dict:
         raise ExportError(f"{checkpoint}/config.json has no 'diffusion' section: not a DKDM student checkpoint")
     unet = to_unet2d(model)
     scheduler, info = ddpm_scheduler(config["diffusion"])
+    info["v_bound"] = v_bound_note(config)
     out_dir = Path(out)
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(out_dir), safe_serialization=True)
-    info = dict(info, source=str(checkpoint), weights=config["loaded_weights"])
+    info = dict(info, source=str(checkpoint), weights=config["loaded_weights"], v_bound=checkpoint_v_bound(config))
+    if info["var_type"] == "learned_range" and info["v_bound"] != "none":
+        logger.warning("the student's Eq. 12 v was trained with v_bound=%s but DDPMScheduler uses it raw: apply it "
+                       "to the UNet output's variance half before scheduler.step (recorded in %s)",
+                       info["v_bound"], EXPORT_INFO)
     (out_dir / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return {"export": str(out_dir), "num_inference_steps": info["num_inference_steps"],
             "timestep_spacing": info["timestep_spacing"]}
+
+
+def v_bound_note(config: dict) -> str:
+    """The checkpoint's bound on the Eq. 12 v; a bounded one is said once (DDPMScheduler does not bound it)."""
+    from common.teachers.dkdm_teacher import checkpoint_v_bound
+
+    v_bound = checkpoint_v_bound(config)
+    if v_bound != "none" and config["diffusion"].get("var_type") == "learned_range":
+        logger.warning("the student bounds its learned-range v with %r when it samples; DDPMScheduler interpolates "
+                       "the log variance with the raw v, so the exported sampler's variance differs where |v| > 1 "
+                       "(the UNet's outputs are the same)", v_bound)
+    return v_bound
 
 
 def ddpm_scheduler(section: dict):

@@ -61,12 +61,12 @@ def create(cfg: Config) -> dict:
     from common.pool import open_named_pool
     from common.pool.identity import teacher_pool_identity
     from common.teachers import make_teacher
-    from student_trainer.distill import num_slots_for
+    from student_trainer.run import service_num_slots
     from teacher_workers.worker import TeacherWorker
 
     _check_backend(cfg)
     teacher = make_teacher(cfg.teacher, "cpu" if cfg.teacher.device == "auto" else cfg.teacher.device)
-    n = num_slots_for(cfg, teacher.diffusion.num_timesteps)
+    n = service_num_slots(cfg, teacher.diffusion.num_timesteps)     # as the run that attaches to it sizes it
     ident = teacher_pool_identity(teacher, n, cfg.pool.storage_dtype, cfg.pool.rho, cfg.pool.samples_per_insert)
     pool, created = open_named_pool(cfg.pool, ident, n, teacher.image_shape, teacher.learned_variance,
                                     teacher.num_classes is not None, teacher.diffusion.num_timesteps,

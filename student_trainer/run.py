@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -32,8 +34,11 @@ from pathlib import Path
 
 from common import metrics
 from common.config import Config, config_from_dict, load_config
-from student_trainer.cli import UserError, add_config_args, config_path, report, run_cli
+from student_trainer.cli import UserError, add_config_args, add_log_level, config_path, report, run_cli
 
+from student_trainer.ray_console import install_log_filter
+
+logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NAME = "train"       # Ray Train's run name inside the run folder: <out_dir>/<run.name>/train/checkpoint_*
 
@@ -98,27 +103,63 @@ def connect(cfg: Config) -> str:
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}}
     if address:
         ray.init(address=address, log_to_driver=True)
+        install_log_filter()
         return address
     r = cfg.ray
     need = r.num_teachers * r.teacher_num_cpus + r.num_workers * r.worker_num_cpus + 1
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False,
-             runtime_env=env, log_to_driver=True)
+    # The dashboard serves the State API, which Ray Train's PlacementGroupCleaner polls every second:
+    # without it the cleaner warns on every poll and its stop times out when the run ends.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=True,
+             dashboard_host="127.0.0.1", resources=placement_resources(cfg) or None, runtime_env=env,
+             log_to_driver=True)
+    install_log_filter()
     return "local"
 
 
+def placement_resources(cfg: Config) -> dict[str, float]:
+    """The custom resources the whole fleet requests (ray.teacher_resources x teachers + ray.worker_resources x workers)."""
+    r, total = cfg.ray, {}
+    for asked, count in ((r.teacher_resources, r.num_teachers), (r.worker_resources, r.num_workers)):
+        for name, amount in asked.items():
+            total[name] = total.get(name, 0.0) + amount * count
+    return total
+
+
+def check_placement(cfg: Config) -> None:
+    """A custom resource no node offers would leave teachers or trainer workers pending forever: say so now."""
+    import ray
+    offered = ray.cluster_resources()
+    for name, amount in placement_resources(cfg).items():
+        if offered.get(name, 0.0) < amount:
+            raise UserError(f"the fleet asks for {amount:g} of resource {name!r} (ray.teacher_resources / "
+                            f"ray.worker_resources) but the Ray cluster's nodes offer {offered.get(name, 0.0):g}")
+
+
 def latest_checkpoint(storage: Path) -> Path | None:
-    """The newest complete checkpoint folder Ray Train wrote for this run (checkpoint_<step>)."""
-    for folder in sorted(storage.glob("checkpoint_*"), reverse=True):
-        if all((folder / f).is_file() for f in ("trainer_state.json", "config.json", "pool.snapshot")):
-            return folder
-    return None
+    """The newest intact checkpoint folder Ray Train wrote for this run (checkpoint_<step>).
+
+    Each is checked against the manifest written when it was committed (sizes and SHA-256);
+    a damaged newer one is passed over, with one line saying so.
+    """
+    from student_trainer.ray_train import newest_intact_checkpoint
+    folder, damaged = newest_intact_checkpoint(storage)
+    if damaged and folder is not None:
+        print(f"checkpoint {', '.join(damaged)} damaged; resuming from the newest intact one, {folder.name}", flush=True)
+    elif damaged:
+        print(f"checkpoint {', '.join(damaged)} damaged and no intact one left: starting from step 0", flush=True)
+    return folder
 
 
 class PoolMonitor:
-    """Driver thread: warm-up progress, then the pool's stats as Prometheus metrics every ``interval_s``."""
+    """Driver thread: the pool's stats as Prometheus metrics every ``interval_s``, and the run's two
+    progress bars, drawn here in the driver's terminal: the warm-up (READY slots), then training
+    (steps = records consumed / global batch; the workers draw no bars of their own, which Ray would
+    print as one log line per update)."""
 
-    def __init__(self, pool, progress: bool, interval_s: float = 1.0):
+    def __init__(self, pool, progress: bool, interval_s: float = 1.0, steps: int = 0, global_batch: int = 1,
+                 step0: int = 0):
         self.pool, self.progress, self.interval_s = pool, progress, interval_s
+        self.steps, self.global_batch, self.step0 = steps, global_batch, step0
         self.warm_s: float | None = None
         self._prev: dict[str, float] = {}
         self._stop = threading.Event()
@@ -133,20 +174,28 @@ class PoolMonitor:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        t0, bar = time.time(), None
+        t0, bar, consumed0 = time.time(), None, None
         while not self._stop.is_set():
             try:
                 st = self.pool.stats()
             except Exception:  # noqa: BLE001 - the pool is going away
-                return
+                break
             export_pool_stats(st, self._prev)
+            if self.warm_s is not None and self.progress and self.steps:
+                if bar is None:
+                    from tqdm import tqdm
+                    consumed0 = st.consumed_total
+                    bar = tqdm(total=self.steps, initial=self.step0, desc="distill", unit="step", dynamic_ncols=True)
+                bar.n = min(self.steps, self.step0 + (st.consumed_total - consumed0) // self.global_batch)
+                bar.refresh()
             if self.warm_s is None:
                 if st.warm:
                     self.warm_s = time.time() - t0
                     if bar is not None:
                         bar.n = bar.total
                         bar.close()
-                    print(f"pool warm: {st.num_slots} slots READY after {self.warm_s:.1f}s", flush=True)
+                        bar = None
+                    logger.info("pool warm: %d slots READY after %.1fs", st.num_slots, self.warm_s)
                 elif self.progress:
                     if bar is None:
                         from tqdm import tqdm
@@ -155,6 +204,8 @@ class PoolMonitor:
                     bar.set_postfix(records_per_s=f"{st.produced_total / max(time.time() - t0, 1e-9):.0f}")
                     bar.refresh()
             self._stop.wait(self.interval_s)
+        if bar is not None:
+            bar.close()
 
 
 def export_pool_stats(st, prev: dict[str, float]) -> None:
@@ -211,7 +262,7 @@ def distill_on_ray(cfg: Config) -> dict:
     from ray.train.torch import TorchTrainer
 
     from common.teachers import make_teacher
-    from student_trainer.ray_train import TeacherSpec, train_loop
+    from student_trainer.ray_train import TeacherSpec, TrainerFailureLog, TrainerLedger, train_loop
     from student_trainer.run_dir import RunDir
     from teacher_workers.group import TeacherGroup
 
@@ -229,15 +280,18 @@ def distill_on_ray(cfg: Config) -> dict:
 
     # 2. Ray, the pool (restored when resuming: no warm-up), the teachers.
     where = connect(cfg)
+    check_placement(cfg)
     if cfg.metrics.enabled:
         port = metrics.serve_and_register("driver", 0, cfg.metrics.port)
-        print(f"metrics: driver endpoint on port {port} (file_sd targets in {os.environ.get('DKDM_METRICS_SD_DIR', '/tmp/dkdm/prom_sd')})")
+        logger.info("metrics: driver endpoint on port %d (file_sd targets in %s)", port,
+                    os.environ.get("DKDM_METRICS_SD_DIR", "/tmp/dkdm/prom_sd"))
     pool, created = open_pool(cfg, spec, num_slots, identity)
     group = monitor = None
     try:
         if resume_from is not None and created:
             pool.restore(str(resume_from / "pool.snapshot"))
-            print(f"resuming {run.root} from {resume_from.name}: pool restored ({num_slots} slots, no warm-up)")
+            logger.info("resuming %s from %s: pool restored (%d slots, no warm-up)", run.root, resume_from.name,
+                        num_slots)
         if cfg.pool.group is not None:    # issue 8: share the pool with other jobs as a consumer group
             pool.attach_group(cfg.pool.group, cfg.pool.group_policy, cfg.pool.group_max_lag)
         teachers_running = not created and _teacher_running(cfg)
@@ -245,22 +299,30 @@ def distill_on_ray(cfg: Config) -> dict:
             step0 = int(json.loads((resume_from / "trainer_state.json").read_text())["step"]) if resume_from else 0
             group = TeacherGroup(cfg.model_copy(update={"run": cfg.run.model_copy(update={"seed": cfg.run.seed + 7919 * step0})}),
                                  pool)
-        monitor = PoolMonitor(pool, cfg.run.progress).start()
+        step0 = int(json.loads((resume_from / "trainer_state.json").read_text())["step"]) if resume_from else 0
+        monitor = PoolMonitor(pool, cfg.run.progress, steps=cfg.distill.steps,
+                              global_batch=cfg.distill.batch_size * cfg.ray.num_workers, step0=step0).start()
 
-        # 3. Ray Train: the student workers.
+        # 3. Ray Train: the student workers, restarted from the latest checkpoint when one fails (FailureConfig).
         use_gpu = cfg.ray.use_gpu
+        ledger = ray.remote(TrainerLedger).options(num_cpus=0).remote()
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "pool": pool, "spec": spec, "run_root": str(run.root)},
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "pool": pool, "spec": spec, "run_root": str(run.root),
+                               "storage": str(storage), "ledger": ledger},
             scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": cfg.ray.worker_num_cpus, **({"GPU": 1} if use_gpu else {})}),
+                                         resources_per_worker={"CPU": cfg.ray.worker_num_cpus, **({"GPU": 1} if use_gpu else {}),
+                                                               **cfg.ray.worker_resources}),
             run_config=RunConfig(name=TRAIN_NAME, storage_path=str(run.root),
                                  failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 callbacks=[TrainerFailureLog(ledger, cfg.ray.max_failures)]))
         t0 = time.time()
-        result = trainer.fit()
+        result = fit_watching(trainer, group)
+        trainer_log = ray.get(ledger.summary.remote())
         health = group.health() if group is not None else []
         stats = pool.stats()
+        stats.check_invariant()     # every slot in exactly one state, whatever failed during the run
     finally:
         if monitor is not None:
             monitor.stop()
@@ -281,11 +343,44 @@ def distill_on_ray(cfg: Config) -> dict:
             "samples": str(run.root / "samples" / "final.png"), "metrics": str(run.metrics_path),
             "steps": step, "ray": where, "fit_s": round(time.time() - t0, 1),
             "warmup_s": None if monitor is None or monitor.warm_s is None else round(monitor.warm_s, 1),
-            "resumed_from": resume_from.name if resume_from else None,
-            "pool": {"produced": stats.produced_total, "consumed": stats.consumed_total,
-                     "expired_claims": stats.expired_claims_total},
-            "teachers": [{k: h.get(k) for k in ("worker", "records", "forwards", "busy_fraction", "restarts")}
+            "resumed_from": resume_from.name if resume_from else None, **trainer_log,
+            "pool": {"produced": stats.produced_total, "consumed": stats.consumed_total, "slots": stats.counts,
+                     "expired_claims": stats.expired_claims_total, "expired_leases": stats.expired_leases_total},
+            "teachers": [{k: h.get(k) for k in ("worker", "records", "forwards", "busy_fraction", "restarts", "failures")}
                          for h in health]}
+
+
+def fit_watching(trainer, group, interval_s: float = 1.0):
+    """``trainer.fit()`` while the driver watches the teachers (``TeacherGroup.watch``: restarts logged as
+    they happen, TeacherFailed once a teacher's restarts are spent). Ray Train runs in a daemon thread,
+    as under Tune, so that the driver can stop the run whatever Ray Train is waiting for. A trainer that
+    timed out on an empty pool is told with the teachers' state (PoolStarved)."""
+    box: dict = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - handed to the driver's thread below
+            box["error"] = err
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(interval_s)
+        if group is not None and thread.is_alive():
+            group.watch()
+    err = box.get("error")
+    if err is None:
+        return box["result"]
+    timeout = re.search(r"pool timed out after [^\n]*", str(err))
+    if timeout is None:
+        raise err
+    teachers = group.alive() if group is not None else "teachers run elsewhere (attached pool)"
+    raise PoolStarved(f"a trainer's draw failed, {timeout.group(0).rstrip('.')}: {teachers}") from None
+
+
+class PoolStarved(RuntimeError):
+    """The trainers timed out on an empty pool (one line that says whether teachers are alive)."""
 
 
 def _teacher_running(cfg: Config) -> bool:
@@ -302,19 +397,30 @@ def cmd_run(args) -> None:
     if args.dry_run:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return
-    report(distill_on_ray(cfg))
+    from student_trainer.report import finish
+    result = distill_on_ray(cfg)
+    report(finish(cfg, result, result["run_dir"]))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m student_trainer.run",
                                 description="DKDM as a Ray service: teacher actors, a shared pool, Ray Train students")
     add_config_args(p)
+    add_log_level(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from teacher_workers.group import TeacherFailed
+
     args = build_parser().parse_args(argv)
-    return run_cli(cmd_run, args)
+    try:
+        return run_cli(cmd_run, args)
+    except (TeacherFailed, PoolStarved) as err:     # the service cannot go on: one line, no traceback
+        if os.environ.get("DKDM_DEBUG"):
+            raise
+        print(f"dkdm: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import torch
 from common.config import SampleConfig
 from common.diffusion import Diffusion, ancestral_sample, bound_v, ddim_sample, respace, space_timesteps
 from common.teachers.base import Teacher
+from common.teachers.latent import latent_decoder
 from student_trainer.losses import split_output
 
 
@@ -38,8 +39,12 @@ def teacher_denoiser(teacher: Teacher, steps: str) -> tuple[Diffusion, Callable]
 
 def run_sampler(d: Diffusion, denoise: Callable, var_type: str, cfg: SampleConfig, image_shape: tuple[int, int, int],
                 num_classes: int | None, seed: int, device: torch.device, num_samples: int | None = None,
-                progress: bool = False, clip_denoised: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``num_samples`` images [N, C, H, W] in [-1, 1] (and labels [N] when class-conditional), in batches."""
+                progress: bool = False, clip_denoised: bool = True,
+                decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``num_samples`` images [N, C, H, W] in [-1, 1] (and labels [N] when class-conditional), in batches.
+
+    ``decode``: a latent model's first-stage decoder (``latent_decoder``); its latents are decoded
+    unclamped, batch by batch, instead of being clamped to [-1, 1] as pixels are."""
     n = num_samples or cfg.num_samples
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out, labels = [], []
@@ -54,7 +59,7 @@ def run_sampler(d: Diffusion, denoise: Callable, var_type: str, cfg: SampleConfi
         else:
             x = ancestral_sample(d, denoise, shape, var_type, clip_denoised=clip_denoised, noise=noise, y=y,
                                  device=device, progress=progress)
-        out.append(x.clamp(-1, 1).cpu())
+        out.append(x.clamp(-1, 1).cpu() if decode is None else decode(x).cpu())
         if y is not None:
             labels.append(y.cpu())
     return torch.cat(out), (torch.cat(labels) if labels else None)
@@ -63,18 +68,20 @@ def run_sampler(d: Diffusion, denoise: Callable, var_type: str, cfg: SampleConfi
 def sample_images(model: torch.nn.Module, chain: Diffusion, var_type: str, cfg: SampleConfig,
                   image_shape: tuple[int, int, int], num_classes: int | None, seed: int,
                   device: torch.device, num_samples: int | None = None, progress: bool = False,
-                  clip_denoised: bool = True, *, v_bound: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  clip_denoised: bool = True, *, v_bound: str,
+                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Samples of a network trained on ``chain``, on the respacing ``cfg.steps`` of it, its v bounded by
-    ``v_bound`` (the trainer's, or a checkpoint's ``checkpoint_v_bound``)."""
+    ``v_bound`` (the trainer's, or a checkpoint's ``checkpoint_v_bound``); latents decoded by ``decode``."""
     d = respace(chain, cfg.steps)
     denoise = network_denoiser(model.eval(), d, image_shape[0], v_bound)
     return run_sampler(d, denoise, var_type, cfg, image_shape, num_classes, seed, device, num_samples, progress,
-                       clip_denoised)
+                       clip_denoised, decode)
 
 
 def sample_teacher(teacher: Teacher, cfg: SampleConfig, seed: int, num_samples: int | None = None,
                    progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Samples of any teacher (a checkpoint loaded as a ``dkdm`` teacher included)."""
+    """Samples of any teacher (a checkpoint loaded as a ``dkdm`` teacher included); a latent teacher's are
+    decoded to images by its autoencoder."""
     d, denoise = teacher_denoiser(teacher, cfg.steps)
     return run_sampler(d, denoise, teacher.var_type, cfg, teacher.image_shape, teacher.num_classes, seed,
-                       teacher.device, num_samples, progress, teacher.clip_denoised)
+                       teacher.device, num_samples, progress, teacher.clip_denoised, latent_decoder(teacher))

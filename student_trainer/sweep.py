@@ -33,6 +33,7 @@ from common.pool import make_pool
 from common.pool.base import PoolError
 from common.seeds import teacher_seed
 from common.teachers import make_teacher
+from common.teachers.latent import teacher_autoencoder_record
 from student_trainer.checkpoints import model_config, save_checkpoint
 from student_trainer.distill import Session, num_slots_for, student_session, pool_summary, refill, resolve_device, train_step, write_samples
 from teacher_workers.worker import TeacherWorker
@@ -61,7 +62,7 @@ def save_student(s: Session) -> Path:
     t = s.teacher
     config = model_config(s.student_config, t.diffusion, s.cfg.teacher.diffusion.schedule, s.trainer.var_type,
                           t.clip_denoised, t.image_shape, t.num_classes, v_bound=s.trainer.v_bound,
-                          teacher_identity=t.identity())
+                          teacher_identity=t.identity(), autoencoder=teacher_autoencoder_record(t))
     return save_checkpoint(s.run, s.trainer, config, {"torch": torch.get_rng_state()}, pool=None)
 
 

@@ -150,7 +150,7 @@ class TeacherWorker:
 
     def _forward(self, x, t, y) -> RecordBatch:
         if self.fail_after_forwards is not None and self.forwards >= self.fail_after_forwards:
-            raise InjectedFault(f"teacher.fault: injected failure after {self.forwards} forwards")
+            raise InjectedFault(f"teacher.fault: injected after {self.fail_after_forwards} forwards")
         rec = teacher_record(self.teacher, x, t, y)
         self.forwards += len(t)
         metrics.inc(metrics.TEACHER_FORWARDS_TOTAL, len(t), worker=self.worker)
@@ -184,7 +184,7 @@ class TeacherWorker:
             self._start_chains(seq, empty.nonzero().flatten().cpu())
         else:
             filled = self._fill(open_claim)
-        self.busy_s += time.perf_counter() - start
+        self._busy(start)
         return filled
 
     def _start_chains(self, seq: int, pos: torch.Tensor) -> None:
@@ -217,8 +217,7 @@ class TeacherWorker:
         Returns the records filled."""
         start = time.perf_counter()
         c = self._chains
-        rec = RecordBatch.cat([self._forward(c.x[i], c.t[i], None if c.y is None else c.y[i])
-                               for i in torch.arange(len(c), device=self.device).split(self.microbatch)])
+        rec = self._forward_chains(c)
         done = c.t == c.end
         filled = 0
         if done.any():
@@ -238,8 +237,21 @@ class TeacherWorker:
         kept = c.index(keep)
         self._chains = _Chains(x_next, step.t - 1, kept.end, kept.y, kept.claim, kept.pos)
         self._give_up_expired()
-        self.busy_s += time.perf_counter() - start
+        self._busy(start)
         return filled
+
+    def _forward_chains(self, c: _Chains) -> RecordBatch:
+        """The teacher's records at every chain's current state, ``microbatch`` chains per forward."""
+        m = self.microbatch
+        if len(c) <= m:
+            return self._forward(c.x, c.t, c.y)
+        return RecordBatch.cat([self._forward(c.x[i:i + m], c.t[i:i + m], None if c.y is None else c.y[i:i + m])
+                                for i in range(0, len(c), m)])
+
+    def _busy(self, start: float) -> None:
+        dt = time.perf_counter() - start
+        self.busy_s += dt
+        metrics.inc(metrics.TEACHER_BUSY_SECONDS_TOTAL, dt, worker=self.worker)
 
     def _give_up_expired(self) -> None:
         """Stop the chains of claims past their deadline: the pool has sent those slots back to REFILL."""

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     model, summary = train(seed=args.seed, epochs=args.epochs)
     out = save(model, summary, args.out)
-    print(f"test accuracy {summary['test_accuracy']:.4f} (train {summary['train_accuracy']:.4f}); wrote {out}")
+    print(f"test accuracy {summary['test_accuracy']:.4f} (train {summary['train_accuracy']:.4f}); wrote {out}")  # the script's report
     return 0
 
 

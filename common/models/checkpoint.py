@@ -6,18 +6,21 @@ A folder holds
   JSON-able part of ``extra`` under ``"extra"``;
 - ``model.safetensors``: the network's state dict;
 - ``ema.safetensors`` (optional): the EMA weights, same keys;
-- ``extra.safetensors`` (optional): the tensor part of ``extra``.
+- ``extra.safetensors`` (optional): the tensor part of ``extra``;
+- ``manifest.json`` (training checkpoints): every file's size and SHA-256, written
+  last, so a resume can tell a damaged checkpoint from an intact one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from common.models.registry import build_network
@@ -156,3 +159,68 @@ def load_ema_state(folder: str | os.PathLike) -> dict[str, torch.Tensor] | None:
     """The EMA state dict of a checkpoint (for resuming training), or None when it has none."""
     path = Path(folder) / EMA_NAME
     return _read_tensors(path) if path.is_file() else None
+
+
+# --- integrity: a manifest written last, checked before a resume ----------------
+MANIFEST_NAME = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: str | os.PathLike) -> Path:
+    """``manifest.json``: size and SHA-256 of every file in ``folder``, written last (the commit mark)."""
+    folder = Path(folder)
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
+    tmp = folder / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1))
+    os.replace(tmp, folder / MANIFEST_NAME)
+    return folder / MANIFEST_NAME
+
+
+def checkpoint_problem(folder: str | os.PathLike, required: tuple[str, ...] = ()) -> str | None:
+    """None if ``folder`` is intact, else what is wrong in a few words (the first problem found).
+
+    With a manifest every listed file must have its size and SHA-256 (a truncated or overwritten
+    file is caught); without one (written before manifests) the JSON files must parse and the
+    safetensors files must open with a header that fits their size.
+    """
+    folder = Path(folder)
+    missing = [name for name in required if not (folder / name).is_file()]
+    if missing:
+        return f"{missing[0]} is missing"
+    manifest = folder / MANIFEST_NAME
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return f"{MANIFEST_NAME} is not readable"
+        for name, want in files.items():
+            path = folder / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != want["bytes"]:
+                return f"{name} has {path.stat().st_size} bytes, {want['bytes']} were written"
+            if _sha256(path) != want["sha256"]:
+                return f"{name} does not match its checksum"
+        return None
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".json":
+            try:
+                json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return f"{path.name} is not valid JSON"
+        elif path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for key in f.keys():
+                        f.get_slice(key)
+            except (SafetensorError, OSError, ValueError) as e:
+                return f"{path.name} is not readable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return None

@@ -1,28 +1,20 @@
 """The Redis backend of the pool: each shard a group of keys, each transition one Lua call.
 
 The slot life cycle is the one states.py specifies; ``common/pool/lua/`` implements it per shard (lib.lua
-lists the keys). Every key of a shard carries the hash tag ``{<pool name>:<shard>}``, so each call
-touches one Redis Cluster hash slot; with several comma-separated URLs shard i lives on server i mod n.
-
-Every call goes through redis-py (hiredis parses the replies): one pipeline per server, the Lua as one
-registered script. Round trips:
+lists the keys), ``redis_client.RedisShards`` makes the calls (pipelines per server, retries, lost
+shards re-created) and ``redis_records`` stores a record per slot. Round trips:
 
 - draw: the draw script leases the slots (one shard: it checks the warm-up and READY itself; several: a
   counts round first gives the READY counts for the uniform split, base.split_draw), then one MGET of
   their records per shard. Records never pass through Lua, which would copy them twice more.
 - release: the release script on every shard.
 - claim: the claim script (several shards: after a counts round), then one MGET of the previous records.
-- fill: the records SET into staging keys and the fill script, which renames them onto the claim's
-  slots if the claim still holds them and deletes them if not, in one pipeline.
+- fill: one MSET of the records into staging keys and the fill script, which renames them onto the
+  claim's slots if the claim still holds them and deletes them if not, in one pipeline.
 
-Faults: connection loss (refused, reset, timeout, a server loading its data) is retried by redis-py's
-``Retry`` with ``ExponentialBackoff`` for ``pool.redis_retry_timeout_s`` in all, then raises one
-PoolError naming the server; an outage is logged once when it starts and once when it ends. A retried
-call whose first attempt ran on the server leaves a lease or claim nobody holds: it expires as any
-other. A shard whose keys are gone (a server restarted without persistence) is re-created with every
-slot empty in REFILL, so the teachers warm it up again, and one line says so. With AOF the pool is found
-as it was, leases and claims included. Passwords in ``redis_url`` reach logs and errors only through
-``mask_url``.
+A call retried after its reply was lost keeps the slots of its first attempt under the same lease or
+claim id: a lease releases them with its own, a claim's fill is refused and its slots expire back to
+REFILL. With AOF a restarted server holds the pool as it was, leases and claims included.
 """
 
 from __future__ import annotations
@@ -35,10 +27,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import redis
 import torch
-from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.retry import Retry
 
 from common import metrics
 from common.config import PoolConfig
@@ -69,7 +58,9 @@ from common.pool.local import (
     snapshot_header,
     surplus_inserted,
 )
-from common.pool.redis_records import CLUSTER_SCHEME, RecordCodec, mask_url, parse_urls
+from common.pool.memory import tune_malloc
+from common.pool.redis_client import RedisShards, queued
+from common.pool.redis_records import RecordCodec, mask_url
 from common.records import EMPTY_T, RecordBatch
 
 logger = logging.getLogger(__name__)
@@ -80,15 +71,6 @@ _COUNTERS = ("produced", "inserted", "consumed", "released", "bytes_in", "bytes_
              "expired_claims", "corrupt", "fill_rejected", "draws", "fills", "age_sum")
 _SLOT_OVERHEAD = 256     # bytes per slot besides its record (set and hash entries): a lower bound
 _RESTORE_CHUNK = 4 << 20  # bytes of records per restore call
-
-
-def _noinit(reply) -> bool:
-    return isinstance(reply, redis.ResponseError) and str(reply).startswith("DKDMNOINIT")
-
-
-def _q(command: str, *args, **kw):
-    """A queue function for ``_exec``: ``pipe.<command>(*args, **kw)``."""
-    return lambda pipe: getattr(pipe, command)(*args, **kw)
 
 
 def _split(raw) -> list[int]:
@@ -121,26 +103,11 @@ class RedisPool(Pool):
         elem = int(np.prod(self.record_shape)) * STORAGE_DTYPES[self.storage_dtype].itemsize
         self.record_bytes = (2 + self.has_logvar) * elem + 8 + 8 * self.has_label
         self._claims: dict[str, list[tuple[int, list[int]]]] = {}   # claim id -> [(shard, slots in order)]
-        self.local = {"draw_s": 0.0, "fill_s": 0.0, "retries": 0, "reinitialised_shards": 0}
-        self._connect(cfg)
-        self._init_shards(list(range(self.shards)), force=False)
-
-    def _connect(self, cfg: PoolConfig) -> None:
-        self.urls, self.cluster = parse_urls(cfg.redis_url)
-        self._secrets = [p for p in (redis.connection.parse_url(u.replace(CLUSTER_SCHEME, "redis://")).get("password")
-                                     for u in self.urls) if p]
-        # One retry loop, ours (_call), owns connection loss, so the clients' own retries are off.
-        self._retry = Retry(ExponentialBackoff(cap=1.0, base=0.01), -1, (redis.ConnectionError, redis.TimeoutError),
-                            is_retryable=lambda err: not isinstance(err, redis.AuthenticationError))
-        self._down: dict[int, float] = {}       # server -> when its outage was first seen (monotonic)
-        opts = {"socket_connect_timeout": 2.0, "socket_timeout": 60.0}
-        if self.cluster:
-            from redis.cluster import RedisCluster
-
-            self._clients = [RedisCluster.from_url("redis://" + self.urls[0][len(CLUSTER_SCHEME):], **opts)]
-        else:
-            self._clients = [redis.Redis.from_url(u, retry=Retry(NoBackoff(), 0), **opts) for u in self.urls]
-        self._script = self._clients[0].register_script(_LUA)
+        self.redis = RedisShards(cfg, self.ranges, self.layout, self.record_bytes, self.codec.record_bytes)
+        self.local = self.redis.local               # retries and re-created shards, then this client's seconds
+        self.local.update(draw_s=0.0, fill_s=0.0)
+        self.redis.init(list(range(self.shards)), force=False)
+        tune_malloc()        # each draw's batch reuses freed pages instead of faulting them in (memory.tune_malloc)
 
     def __reduce__(self):
         # A pool travels to other processes (Ray actors, workers) as its arguments; the copy reconnects.
@@ -149,183 +116,25 @@ class RedisPool(Pool):
         return (_rebuild, (args,))
 
     @classmethod
-    def from_options(cls, redis_url: str, num_slots: int, record_shape=(3, 8, 8), has_logvar: bool = False,
-                     has_label: bool = False, num_timesteps: int = 1000, seed: int = 0, t_buckets: int = 10, **cfg_fields):
-        """Convenience constructor for tests and benchmarks: PoolConfig fields as keywords."""
-        cfg = PoolConfig(backend="redis", redis_url=redis_url, num_slots=num_slots, **cfg_fields)
-        return cls(cfg=cfg, num_slots=num_slots, record_shape=record_shape, has_logvar=has_logvar,
-                   has_label=has_label, num_timesteps=num_timesteps, seed=seed, t_buckets=t_buckets)
-
-    @classmethod
     def attach(cls, cfg: PoolConfig) -> RedisPool:
         """A client of the existing pool ``cfg.name`` with the layout stored in its shard 0 (never creates one)."""
-        probe = cls.__new__(cls)
-        probe.cfg, probe.local = cfg, {"retries": 0}
-        probe._connect(cfg)
+        probe = RedisShards(cfg, [], "", 0, 0)
         try:
-            raw = probe._exec([(0, _q("hget", probe._key(0, "meta"), "layout"))])[0]
+            raw = probe.exec([(0, queued("hget", probe.key(0, "meta"), "layout"))])[0]
         finally:
             probe.close()
         if raw is None:
-            raise PoolError(f"no redis pool named {cfg.name!r} on {mask_url(probe.urls[0])} (no key {probe._key(0, 'meta')})")
+            raise PoolError(f"no redis pool named {cfg.name!r} on {mask_url(probe.urls[0])} (no key {probe.key(0, 'meta')})")
         fields = dict(f.split("=", 1) for f in raw.decode().split()[1:])
         return cls(cfg.model_copy(update={"shards": int(fields["shards"]), "storage_dtype": fields["dtype"]}),
                    num_slots=int(fields["slots"]), record_shape=tuple(int(v) for v in fields["shape"].split("x")),
                    has_logvar=fields["logvar"] == "1", has_label=fields["label"] == "1", num_timesteps=int(fields["T"]))
 
-    # --- keys, servers, calls ------------------------------------------------------------------
-
-    def _key(self, shard: int, name: str) -> str:
-        """A key of shard ``shard``: its hash tag, then ``name`` (lib.lua lists them)."""
-        return f"{{{self.cfg.name}:{shard}}}:{name}"
-
-    def _server(self, shard: int) -> int:
-        return 0 if self.cluster else shard % len(self._clients)
-
-    def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
-
-    def _call(self, server: int, fn):
-        """``fn()`` against ``server``; connection loss is retried with exponential backoff for
-        ``pool.redis_retry_timeout_s``, then PoolError. The outage is logged when it starts and ends."""
-        url, first = mask_url(self.urls[server]), []
-
-        def failed(err: Exception) -> None:
-            if isinstance(err, redis.AuthenticationError):
-                return
-            now = time.monotonic()
-            first.append(now)
-            if server not in self._down:
-                self._down[server] = now
-                logger.warning("pool %r: redis server %s unreachable (%s); retrying with backoff for up to %gs "
-                               "(pool.redis_retry_timeout_s)", self.cfg.name, url, self._scrub(str(err)),
-                               self.cfg.redis_retry_timeout_s)
-            if now - first[0] >= self.cfg.redis_retry_timeout_s:
-                raise PoolError(f"redis server {url} unreachable for {now - first[0]:.1f}s "
-                                f"(pool.redis_retry_timeout_s={self.cfg.redis_retry_timeout_s:g}): "
-                                f"{type(err).__name__}: {self._scrub(str(err))}") from None
-            self.local["retries"] += 1
-
-        try:
-            out = self._retry.call_with_retry(fn, failed)
-        except redis.AuthenticationError as err:
-            raise PoolError(f"redis server {url} refused the credentials in pool.redis_url: {self._scrub(str(err))}") from None
-        since = self._down.pop(server, None)
-        if since is not None:
-            logger.warning("pool %r: redis server %s reachable again after %.1fs; the pool carries on",
-                           self.cfg.name, url, time.monotonic() - since)
-        return out
-
-    def _exec(self, cmds: list) -> list:
-        """(shard, queue) pairs, ``queue(pipe)`` queueing one command -> the replies in order (errors in place),
-        one pipeline per server. A cluster pipeline leaves NOSCRIPT to its caller: the script is loaded and
-        only the calls that met it run again."""
-        out: list = [None] * len(cmds)
-        by_server: dict[int, list[int]] = {}
-        for i, (s, _) in enumerate(cmds):
-            by_server.setdefault(self._server(s), []).append(i)
-        for server, todo in by_server.items():
-            for attempt in range(2):
-                replies = self._call(server, lambda todo=todo, server=server: self._pipeline(server, [cmds[i][1] for i in todo]))
-                for i, r in zip(todo, replies):
-                    out[i] = r
-                todo = [i for i in todo if isinstance(out[i], redis.exceptions.NoScriptError)]
-                if not todo or attempt:
-                    break
-                self._call(server, lambda server=server: self._clients[server].script_load(_LUA))
-        return out
-
-    def _pipeline(self, server: int, queue: list) -> list:
-        pipe = self._clients[server].pipeline(transaction=False)
-        for q in queue:
-            q(pipe)
-        return pipe.execute(raise_on_error=False)
-
-    def _run(self, calls: list) -> list:
-        """Script calls (shard, argv[, pre]) -> their replies. ``pre``: commands queued before the call in its
-        pipeline (a fill's staged records). A shard whose keys are gone is re-created and its calls run again."""
-        replies = self._scripts(calls)
-        lost = sorted({c[0] for c, r in zip(calls, replies) if _noinit(r)})
-        if lost:
-            self._recreate(lost)
-            again = [i for i, r in enumerate(replies) if _noinit(r)]
-            for i, r in zip(again, self._scripts([calls[i] for i in again])):
-                replies[i] = r
-        for (s, argv, *_), r in zip(calls, replies):
-            if isinstance(r, Exception):
-                raise self._error(s, f"pool script {argv[0]}", r)
-        return replies
-
-    def _scripts(self, calls: list) -> list:
-        cmds, at = [], []
-        for s, argv, *pre in calls:
-            cmds += [(s, q) for q in (pre[0] if pre else [])]
-            at.append(len(cmds))
-            cmds.append((s, lambda pipe, s=s, argv=argv: self._script(keys=[self._key(s, "meta")], args=argv, client=pipe)))
-        replies = self._exec(cmds)
-        errors = [(s, r) for i, ((s, _), r) in enumerate(zip(cmds, replies)) if i not in at and isinstance(r, Exception)]
-        if errors:
-            raise self._error(errors[0][0], "a write", errors[0][1])
-        return [replies[i] for i in at]
-
-    def _error(self, shard: int, what: str, err: Exception) -> PoolError:
-        msg = str(err)
-        if msg.startswith("DKDM "):             # the scripts' own errors: a user's mistake, said in one line
-            return PoolError(msg[5:].split(" script: ")[0])
-        return PoolError(f"redis server {mask_url(self.urls[self._server(shard)])}: {what} failed on shard {shard} "
-                         f"of pool {self.cfg.name!r}: {self._scrub(msg)}")
-
-    # --- shards ---------------------------------------------------------------------------------
-
-    def _init_shards(self, shards: list[int], force: bool) -> int:
-        """Create the shards that do not exist (``force``: re-create them all, empty) -> how many were created."""
-        if not force and not self.cluster:
-            self._check_memory(shards)
-        replies = self._exec([(s, lambda pipe, s=s: self._script(
-            keys=[self._key(s, "meta")], args=["init", self.layout, *self.ranges[s], self.record_bytes, int(force)],
-            client=pipe)) for s in shards])
-        created = 0
-        for s, r in zip(shards, replies):
-            if isinstance(r, Exception):
-                raise self._error(s, "creating the shard", r)
-            layout = r[1].decode()
-            if layout != self.layout:
-                raise PoolError(f"pool {self.cfg.name!r} on {mask_url(self.urls[self._server(s)])} has layout '{layout}', "
-                                f"this process expects '{self.layout}' (another pool uses that name: pick another "
-                                "pool.name or restore over it)")
-            created += int(r[0])
-        return created
-
-    def _recreate(self, shards: list[int]) -> None:
-        created = self._init_shards(shards, force=False)
-        self.local["reinitialised_shards"] += created
-        if created:
-            slots = sum(self.ranges[s][1] - self.ranges[s][0] for s in shards)
-            logger.warning("pool %r: shard(s) %s missing on %s (the server restarted without persistence?); re-created "
-                           "with all %d of their slots empty in REFILL, the teachers warm them up again", self.cfg.name,
-                           shards, mask_url(",".join(sorted({self.urls[self._server(s)] for s in shards}))), slots)
-
-    def _check_memory(self, shards: list[int]) -> None:
-        """Refuse shards that the server's maxmemory cannot hold (a fill hours later would fail otherwise)."""
-        for server in sorted({self._server(s) for s in shards}):
-            mine = [s for s in shards if self._server(s) == server]
-            client = self._clients[server]
-            info = self._call(server, lambda client=client: client.info("memory"))
-            limit, used = int(info.get("maxmemory", 0) or 0), int(info["used_memory"])
-            new = [s for s in mine if not self._call(server, lambda s=s, client=client: client.exists(self._key(s, "meta")))]
-            slots = sum(self.ranges[s][1] - self.ranges[s][0] for s in new)
-            need = slots * (self.codec.record_bytes + _SLOT_OVERHEAD)
-            if limit > 0 and new and used + need > limit:
-                raise PoolError(
-                    f"redis server {mask_url(self.urls[server])}: pool {self.cfg.name!r} needs about {need / 2**20:.0f} MiB for "
-                    f"{slots} slots of {self.codec.record_bytes} bytes, but maxmemory is {limit / 2**20:.0f} MiB with "
-                    f"{used / 2**20:.0f} MiB used (raise maxmemory, or use fewer slots or storage_dtype fp16/bf16)")
+    # --- helpers ---------------------------------------------------------------------------------
 
     def _counts(self, group: str | None = None) -> np.ndarray:
         """[S, 6]: READY, LEASED, REFILL, FILLING, inserted, records the group may draw (READY without one)."""
-        rows = self._run([(s, ["counts", group or ""]) for s in range(self.shards)])
+        rows = self.redis.run([(s, ["counts", group or ""]) for s in range(self.shards)])
         return np.array(rows, dtype=np.int64)
 
     @staticmethod
@@ -335,14 +144,16 @@ class RedisPool(Pool):
     def _add_blocked(self, side: str, seconds: float) -> None:
         if seconds > 0:
             metrics.inc(metrics.POOL_BLOCKED_SECONDS_TOTAL, seconds, side=side)
-            self._exec([(0, _q("hincrbyfloat", self._key(0, "meta"), f"{side}_blocked_s", seconds))])
+            self.redis.exec([(0, queued("hincrbyfloat", self.redis.key(0, "meta"), f"{side}_blocked_s", seconds))])
 
     def _read(self, members: dict[int, list[int]]) -> tuple[RecordBatch, np.ndarray]:
         """{shard: slots} -> (their intact records, shard by shard in the given order; ok [n]: which were intact)."""
-        replies = self._exec([(s, _q("mget", [self._key(s, f"r:{m}") for m in members[s]])) for s in members])
+        # execute_command: a cluster pipeline refuses pipe.mget, not an MGET of keys in one hash slot
+        key = self.redis.key
+        replies = self.redis.exec([(s, queued("execute_command", "MGET", *(key(s, f"r:{m}") for m in members[s]))) for s in members])
         for s, r in zip(members, replies):
             if isinstance(r, Exception):
-                raise self._error(s, "reading records", r)
+                raise self.redis.error(s, "reading records", r)
         return self.codec.decode([p for r in replies for p in r])
 
     # --- the contract ----------------------------------------------------------------------------
@@ -352,14 +163,14 @@ class RedisPool(Pool):
         for want of slots; None after a race with another client, which the caller simply runs again)."""
         argv = ["draw", need, lease_id, self.cfg.lease_timeout_s, group or ""]
         if self.shards == 1:
-            r = self._run([(0, [*argv, self.min_ready, 1, int(first)])])[0]
+            r = self.redis.run([(0, [*argv, self.min_ready, 1, int(first)])])[0]
             return ({0: (_split(r[0]), _split(r[1]))}, None) if r[0] else ({}, np.array([r[2]], dtype=np.int64))
         rows = self._counts(group)
         if rows[:, 4].sum() < self.min_ready or rows[:, 5].sum() < need:
             return {}, rows
         split = split_draw(rows[:, 5], need, self.rng)
         shards = np.flatnonzero(split).tolist()
-        res = self._run([(s, ["draw", int(split[s]), *argv[2:], 0, 0, int(first and j == 0)]) for j, s in enumerate(shards)])
+        res = self.redis.run([(s, ["draw", int(split[s]), *argv[2:], 0, 0, int(first and j == 0)]) for j, s in enumerate(shards)])
         return {s: (_split(r[0]), _split(r[1])) for s, r in zip(shards, res) if r[0]}, None
 
     def draw(self, b: int, timeout_s: float | None = None, group: str | None = None) -> Draw:
@@ -373,7 +184,8 @@ class RedisPool(Pool):
         while have < b:
             got, rows = self._lease(lease_id, b - have, group, first=have == 0)
             if not got:
-                wait_from = time.monotonic() if wait_from is None else wait_from
+                if wait_from is None:       # blocked from the call's start when it has leased nothing yet
+                    wait_from = time.monotonic() if parts else t0
                 if time.monotonic() - t0 >= timeout_s:
                     self._release(lease_id, refund=True)
                     self._add_blocked("draw", blocked + time.monotonic() - wait_from)
@@ -398,7 +210,7 @@ class RedisPool(Pool):
             have += int(ok.sum())
             if not ok.all():            # damaged records go to REFILL; the loop tops the batch up
                 bad = {int(s): members[~ok & (shard_of == s)].tolist() for s in np.unique(shard_of[~ok])}
-                self._run([(s, ["corrupt", lease_id, *bad[s]]) for s in bad])
+                self.redis.run([(s, ["corrupt", lease_id, *bad[s]]) for s in bad])
                 for s, slots_bad in bad.items():
                     metrics.inc(metrics.POOL_CORRUPT_TOTAL, len(slots_bad), shard=s)
         self._add_blocked("draw", blocked)
@@ -415,7 +227,7 @@ class RedisPool(Pool):
         self._release(lease_id, refund=False)
 
     def _release(self, lease_id: str, refund: bool) -> None:
-        self._run([(s, ["release", lease_id, int(refund)]) for s in range(self.shards)])
+        self.redis.run([(s, ["release", lease_id, int(refund)]) for s in range(self.shards)])
 
     def claim_refill(self, n: int, timeout_s: float | None = None) -> Claim:
         """Claim up to n REFILL slots, spread uniformly over the shards' REFILL slots; previous records returned."""
@@ -429,8 +241,8 @@ class RedisPool(Pool):
                 refill = self._counts()[:, 2]
                 split = {} if refill.sum() == 0 else dict(enumerate(split_draw(refill, min(n, int(refill.sum())), self.rng).tolist()))
             split = {s: k for s, k in split.items() if k}
-            res = self._run([(s, ["claim", k, claim_id, self.cfg.claim_timeout_s]) for s, k in split.items()])
-            parts = [(s, _split(r[0]), r[1]) for s, r in zip(split, res) if r[0]]
+            res = self.redis.run([(s, ["claim", k, claim_id, self.cfg.claim_timeout_s]) for s, k in split.items()])
+            parts = [(s, _split(r[0])) for s, r in zip(split, res) if r[0]]
             if parts:
                 break
             if time.monotonic() - t0 >= timeout_s:
@@ -440,25 +252,24 @@ class RedisPool(Pool):
             delay = min(delay * 1.5, 0.05)
         if delay > 0.001:           # it waited: the whole call was blocked time
             self._add_blocked("fill", time.monotonic() - t0)
-        self._claims[claim_id] = [(s, members) for s, members, _ in parts]
-        slots = [m for _, members, _ in parts for m in members]
-        batch = self._empty(len(slots))
-        # previous records of the slots that hold one (the warm-up's empty slots read nothing); a damaged
-        # one is handed over empty, the teacher starts that slot anew
-        held = {s: [m for m, f in zip(members, has) if f == ord("1")] for s, members, has in parts}
-        held = {s: m for s, m in held.items() if m}
-        if held:
-            prev, ok = self._read(held)
-            row = {m: i for i, m in enumerate(slots)}
-            at = torch.tensor([row[m] for s in held for m in held[s]], dtype=torch.int64)[torch.from_numpy(ok)]
-            for name in ("x_t", "eps", "logvar", "y", "t"):
-                if getattr(batch, name) is not None:
-                    getattr(batch, name)[at] = getattr(prev, name)
-        return Claim(claim_id=claim_id, slots=torch.tensor(slots, dtype=torch.int64), batch=batch,
-                     deadline=time.time() + self.cfg.claim_timeout_s)
+        self._claims[claim_id] = parts
+        return Claim(claim_id=claim_id, slots=torch.tensor([m for _, members in parts for m in members], dtype=torch.int64),
+                     batch=self._previous(parts), deadline=time.time() + self.cfg.claim_timeout_s)
+
+    def _previous(self, parts: list[tuple[int, list[int]]]) -> RecordBatch:
+        """The records claimed slots hold, in claim order; an empty slot (or a damaged record, which the
+        teacher then starts anew) comes as zeros with t = EMPTY_T."""
+        prev, ok = self._read(dict(parts))
+        if ok.all():
+            return prev
+        out, at = self._empty(len(ok)), torch.from_numpy(np.flatnonzero(ok))
+        for name in ("x_t", "t", "eps", "logvar", "y"):
+            if getattr(out, name) is not None:
+                getattr(out, name)[at] = getattr(prev, name)
+        return out
 
     def _empty(self, n: int) -> RecordBatch:
-        """n empty records: zeros, t = EMPTY_T."""
+        """n empty records: zeros (pages the kernel maps only when written), t = EMPTY_T."""
         dtype, shape = STORAGE_DTYPES[self.storage_dtype], (n, *self.record_shape)
         return RecordBatch(x_t=torch.zeros(shape, dtype=dtype), t=torch.full((n,), EMPTY_T, dtype=torch.int64),
                            eps=torch.zeros(shape, dtype=dtype), logvar=torch.zeros(shape, dtype=dtype) if self.has_logvar else None,
@@ -466,7 +277,7 @@ class RedisPool(Pool):
 
     def _claim_parts(self, claim_id: str) -> list[tuple[int, list[int]]]:
         """A claim made by another client object: its slots per shard, in order, read from the shards."""
-        raw = self._exec([(s, _q("hget", self._key(s, "claims"), claim_id)) for s in range(self.shards)])
+        raw = self.redis.exec([(s, queued("hget", self.redis.key(s, "claims"), claim_id)) for s in range(self.shards)])
         return [(s, _split(r)) for s, r in enumerate(raw) if r and not isinstance(r, Exception)]
 
     def fill(self, claim_id: str, batch: RecordBatch) -> bool:
@@ -475,21 +286,20 @@ class RedisPool(Pool):
         parts = self._claims.get(claim_id) or self._claim_parts(claim_id)
         n = sum(len(m) for _, m in parts)
         if n == 0:
-            self._exec([(0, _q("hincrby", self._key(0, "meta"), "fill_rejected", 1))])
+            self.redis.exec([(0, queued("hincrby", self.redis.key(0, "meta"), "fill_rejected", 1))])
             return False
         check_batch(batch, n, self.record_shape, self.has_logvar, self.has_label, self.num_timesteps)
         self._claims.pop(claim_id, None)
         rows, t, uses = self.codec.encode(batch), batch.t.tolist(), record_uses(self.k, n, self.rng).tolist()
-        ttl_ms = int((self.cfg.claim_timeout_s + 60) * 1000)     # staging left by a lost client goes by itself
         calls, i = [], 0
         for j, (s, members) in enumerate(parts):
-            pre, argv = [], ["fill", claim_id, int(j == 0)]
+            staged, argv = [], ["fill", claim_id, int(j == 0)]
             for m in members:
-                pre.append(_q("set", self._key(s, f"f:{claim_id}:{m}"), rows[i].data, px=ttl_ms))
+                staged += [self.redis.key(s, f"f:{claim_id}:{m}"), rows[i].data]
                 argv += [m, t[i], uses[i]]
                 i += 1
-            calls.append((s, argv, pre))
-        accepted = sum(int(r) for r in self._run(calls))
+            calls.append((s, argv, [queued("execute_command", "MSET", *staged)]))
+        accepted = sum(int(r) for r in self.redis.run(calls))
         elapsed = time.monotonic() - t0
         self.local["fill_s"] += elapsed
         metrics.observe(metrics.POOL_FILL_SECONDS, elapsed)
@@ -499,7 +309,7 @@ class RedisPool(Pool):
         return accepted == n
 
     def stats(self) -> PoolStats:
-        res = self._run([(s, ["stats"]) for s in range(self.shards)])
+        res = self.redis.run([(s, ["stats"]) for s in range(self.shards)])
         shard_counts, totals, blocked, ts, groups = [], dict.fromkeys(_COUNTERS, 0), {"draw": 0.0, "fill": 0.0}, [], []
         for s, (counts, flat, tvals, gstats) in enumerate(res):
             shard_counts.append(dict(zip(STATE_NAMES, (int(c) for c in counts))))
@@ -512,7 +322,7 @@ class RedisPool(Pool):
             groups.append(self._group_rows(gstats))
             for name, v in shard_counts[-1].items():
                 metrics.set(metrics.POOL_SLOTS, v, shard=s, state=name)
-        extra = {"backend": "redis", "urls": [mask_url(u) for u in self.urls], "inserted_total": totals["inserted"], **self.local}
+        extra = {"backend": "redis", "urls": [mask_url(u) for u in self.redis.urls], "inserted_total": totals["inserted"], **self.local}
         merged = merge_groups(groups)
         if merged:
             extra["groups"] = merged
@@ -551,33 +361,33 @@ class RedisPool(Pool):
         if self.k != 1.0:
             raise PoolError(f"consumer groups need pool.samples_per_insert=1, this pool has {self.k}")
         lags = [shard_lag(max_lag, s, self.shards) for s in range(self.shards)]
-        self._run([(s, ["attach", group, policy, "" if lags[s] is None else lags[s], self.cfg.lease_timeout_s])
-                   for s in range(self.shards)])
+        self.redis.run([(s, ["attach", group, policy, "" if lag is None else lag, self.cfg.lease_timeout_s])
+                        for s, lag in enumerate(lags)])
 
     def detach_group(self, group: str) -> None:
-        self._run([(s, ["detach", group]) for s in range(self.shards)])
+        self.redis.run([(s, ["detach", group]) for s in range(self.shards)])
 
     def groups(self) -> dict[str, dict]:
-        return merge_groups([self._group_rows(r) for r in self._run([(s, ["groups"]) for s in range(self.shards)])])
+        return merge_groups([self._group_rows(r) for r in self.redis.run([(s, ["groups"]) for s in range(self.shards)])])
 
     # --- identity (issue 8): a JSON field of shard 0's meta hash, set once ------------------------------
 
     def bind_identity(self, identity: dict) -> dict:
-        meta, blob = self._key(0, "meta"), json.dumps(identity, sort_keys=True)
-        _, held = self._exec([(0, _q("hsetnx", meta, "identity", blob)), (0, _q("hget", meta, "identity"))])
+        meta, blob = self.redis.key(0, "meta"), json.dumps(identity, sort_keys=True)
+        _, held = self.redis.exec([(0, queued("hsetnx", meta, "identity", blob)), (0, queued("hget", meta, "identity"))])
         held = json.loads(held) if held is not None else identity
         check_identity(self.cfg.name, held, identity)
         return held
 
     def identity(self) -> dict | None:
-        held = self._exec([(0, _q("hget", self._key(0, "meta"), "identity"))])[0]
+        held = self.redis.exec([(0, queued("hget", self.redis.key(0, "meta"), "identity"))])[0]
         return None if held is None else json.loads(held)
 
     # --- snapshot and restore ---------------------------------------------------------------------------
 
     def _dump_shard(self, s: int) -> SlotArrays:
         """One shard as SlotArrays, copied by one atomic script call (a snapshot stops one shard at a time)."""
-        ready, leased, held, uses, born, recs = self._run([(s, ["dump"])])[0]
+        ready, leased, held, uses, born, recs = self.redis.run([(s, ["dump"])])[0]
         lo, hi = self.ranges[s]
         state = np.full(hi - lo, 2, dtype=np.uint8)        # LEASED written as READY, FILLING as REFILL
         state[[int(m) - lo for m in ready + leased]] = 0
@@ -616,7 +426,7 @@ class RedisPool(Pool):
             bad = bad | (a.state > 3)
             keep = ~bad & (a.t != EMPTY_T)
             ready = np.isin(a.state, (0, 1)) & keep
-            self._run([(s, ["restore_begin", self.layout, a.lo, a.lo + len(a), self.record_bytes, extra if s == 0 else 0])])
+            self.redis.run([(s, ["restore_begin", self.layout, a.lo, a.lo + len(a), self.record_bytes, extra if s == 0 else 0])])
             for c0 in range(0, len(a), chunk):
                 c1 = min(len(a), c0 + chunk)
                 rows = self.codec.encode(RecordBatch(
@@ -627,9 +437,9 @@ class RedisPool(Pool):
                 for i in range(c0, c1):
                     m = a.lo + i
                     if keep[i]:
-                        pre.append(_q("set", self._key(s, f"r:{m}"), rows[i - c0].data))
+                        pre.append(queued("set", self.redis.key(s, f"r:{m}"), rows[i - c0].data))
                     argv += [m, "R" if ready[i] else "F", int(a.t[i]) if keep[i] else "", int(a.uses[i]), int(a.produced_at[i])]
-                self._run([(s, argv, pre)])
+                self.redis.run([(s, argv, pre)])
             if bad.any():
                 metrics.inc(metrics.POOL_CORRUPT_TOTAL, int(bad.sum()), shard=s)
         self._claims.clear()
@@ -638,20 +448,16 @@ class RedisPool(Pool):
 
     def reset(self) -> None:
         """Re-create every shard empty: all slots REFILL (teachers rebuild the pool); counters start at zero."""
-        self._init_shards(list(range(self.shards)), force=True)
+        self.redis.init(list(range(self.shards)), force=True)
         self._claims.clear()
 
     def destroy(self) -> None:
         """Delete every key of this pool (benchmarks and tests clean up with it)."""
-        for s in range(self.shards):
-            client = self._clients[self._server(s)]
-            keys = self._call(self._server(s), lambda client=client, s=s: list(client.scan_iter(match=self._key(s, "*"), count=1000)))
-            for i in range(0, len(keys), 1000):
-                self._exec([(s, _q("unlink", *keys[i:i + 1000]))])
+        self.redis.destroy()
 
     def close(self) -> None:
-        for c in getattr(self, "_clients", []):
-            c.close()
+        if hasattr(self, "redis"):
+            self.redis.close()
 
 
 def _rebuild(args: dict) -> RedisPool:

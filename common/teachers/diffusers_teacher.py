@@ -146,6 +146,7 @@ class DiffusersTeacher(Teacher):
         self.image_shape = (int(cfg.in_channels), int(size[0]), int(size[1]))
         self.num_classes = int(cfg.num_class_embeds) if cfg.get("num_class_embeds") else None
         self.autoencoder = autoencoder.to(self.device).eval().requires_grad_(False) if autoencoder is not None else None
+        self.autoencoder_path: Path | None = None     # its folder, recorded by students (common/teachers/latent.py)
         self.source = source
         expected_out = cfg.in_channels * (2 if self.learned_variance else 1)
         if cfg.out_channels != expected_out:
@@ -179,7 +180,9 @@ class DiffusersTeacher(Teacher):
         unet = _load_model(unet_dir, allowed=("UNet2DModel",))
         ae_dir = next((root / name for name in ("vqvae", "vae") if (root / name).is_dir()), None)
         autoencoder = _load_model(ae_dir, allowed=_AUTOENCODERS) if ae_dir is not None else None
-        return cls(unet, settings, device=device, respacing=respacing, autoencoder=autoencoder, source=str(root))
+        teacher = cls(unet, settings, device=device, respacing=respacing, autoencoder=autoencoder, source=str(root))
+        teacher.autoencoder_path = ae_dir
+        return teacher
 
     @torch.no_grad()
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None

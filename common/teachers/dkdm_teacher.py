@@ -6,6 +6,8 @@ A checkpoint folder (``common.models.checkpoint``) holds ``config.json`` + ``mod
   optionally that chain's exact ``betas`` and ``timestep_map`` (student_trainer/checkpoints.py
   writes them, so a student trained on a respaced chain is rebuilt on exactly that chain);
 - ``image_shape`` [C, H, W] and ``num_classes`` (null when unconditional);
+- ``autoencoder`` (students of a latent teacher): ``{"path", "sha256"}`` of the teacher's autoencoder,
+  which decodes the samples (``common/teachers/latent.py``);
 - ``v_bound``: the bound on the Eq. 12 v the network was trained with (``bound_v``), applied to its
   output here as in training; ``none`` where absent (checkpoints written before it was recorded).
 The network follows the student contract (common/models/__init__.py): ``forward(x, t, y=None)``
@@ -85,6 +87,13 @@ class DKDMTeacher(Teacher):
         k = config.get("num_classes")
         self.num_classes = int(k) if k is not None else None
         self.v_bound = checkpoint_v_bound(config, f"{source}/config.json")
+        # A student of a latent teacher works on latents; its teacher's autoencoder decodes them.
+        self.autoencoder, self.autoencoder_path = None, None
+        record = config.get("autoencoder")
+        if record:
+            from common.teachers.latent import load_autoencoder
+            self.autoencoder_path = record["path"]
+            self.autoencoder = load_autoencoder(record["path"], record.get("sha256")).to(self.device)
 
     @classmethod
     def from_folder(cls, path: str, device: torch.device | str = "cpu", use_ema: bool = True,
@@ -123,6 +132,10 @@ class DKDMTeacher(Teacher):
         eps = eps_from_prediction(self.diffusion, x, t, out, self.prediction)
         cast = lambda v: None if v is None else v.to(device=x_t.device, dtype=x_t.dtype)  # noqa: E731
         return cast(eps), cast(var_values)
+
+    @property
+    def is_latent(self) -> bool:
+        return self.autoencoder is not None
 
     def identity(self) -> dict:
         from common.teachers.diffusers_teacher import state_dict_sha256

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from common.config import load_config
-from common.seeds import STREAMS, data_mix_seed, data_seed, eval_seed, stream_seed, student_init_seed, teacher_seed
+from common.seeds import (
+    STREAMS,
+    data_mix_seed,
+    data_seed,
+    eval_seed,
+    stream_seed,
+    student_init_seed,
+    teacher_seed,
+)
 
 
 def normals(seed: int, n: int = 8) -> list[float]:

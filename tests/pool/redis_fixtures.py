@@ -72,19 +72,22 @@ def free_port(cluster: bool = False) -> int:
 class RedisServer:
     """One redis-server process on 127.0.0.1:``port`` with its data in ``dir``."""
 
-    def __init__(self, dir: str, persist: bool = False, port: int | None = None, extra_args: tuple[str, ...] = ()):
+    def __init__(self, dir: str, persist: bool = False, port: int | None = None, extra_args: tuple[str, ...] = (),
+                 password: str | None = None):
         if REDIS_SERVER is None:
             raise RuntimeError("redis-server is not on PATH (Debian package redis-server; .ci/run installs it)")
         self.dir = str(dir)
         self.persist = persist
         self.port = port or free_port()
         self.extra_args = tuple(extra_args)
+        self.password = password           # requirepass: the default user needs it
         self.proc: subprocess.Popen | None = None
         os.makedirs(self.dir, exist_ok=True)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def _args(self) -> list[str]:
         args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
@@ -94,9 +97,11 @@ class RedisServer:
             args += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
         else:
             args += ["--save", "", "--appendonly", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
         return args + list(self.extra_args)
 
-    def start(self, timeout_s: float = 10.0) -> "RedisServer":
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
         if self.running:
             return self
         self.proc = subprocess.Popen(self._args(), cwd=self.dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -119,8 +124,12 @@ class RedisServer:
         """True once the server answers PING with PONG (not while it is loading its data)."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG")
+                auth = f"AUTH {self.password}\r\n".encode() if self.password else b""
+                s.sendall(auth + b"PING\r\n")
+                reply = b""
+                while reply.count(b"\r\n") < 1 + bool(auth):
+                    reply += s.recv(64) or b"\r\n\r\n"
+                return reply.split(b"\r\n")[bool(auth)].startswith(b"+PONG")
         except OSError:
             return False
 
@@ -128,7 +137,7 @@ class RedisServer:
         import redis
 
         try:
-            with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0) as c:
+            with redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=1.0) as c:
                 return int(c.info("server")["process_id"])
         except (redis.RedisError, OSError, KeyError):
             return None
@@ -155,7 +164,7 @@ class RedisServer:
             self.proc.wait()
         self.proc = None
 
-    def restart(self, kill: bool = False) -> "RedisServer":
+    def restart(self, kill: bool = False) -> RedisServer:
         (self.kill if kill else self.stop)()
         return self.start()
 
@@ -167,13 +176,16 @@ class RedisServer:
 
 def make_redis_pool(server_or_url, num_slots: int, **kwargs):
     """A RedisPool with a unique name on ``server_or_url`` (a RedisServer, one URL or a list)."""
+    from common.config import PoolConfig
     from common.pool.redis_backend import RedisPool
 
     url = server_or_url.url if isinstance(server_or_url, RedisServer) else server_or_url
     if isinstance(url, (list, tuple)):
         url = ",".join(u.url if isinstance(u, RedisServer) else u for u in url)
     kwargs.setdefault("name", f"test-{uuid.uuid4().hex[:8]}")
-    return RedisPool.from_options(url, num_slots=num_slots, **kwargs)
+    layout = {k: kwargs.pop(k) for k in ("record_shape", "has_logvar", "has_label", "num_timesteps", "seed") if k in kwargs}
+    cfg = PoolConfig(backend="redis", redis_url=url, num_slots=num_slots, **kwargs)
+    return RedisPool(cfg, num_slots, **{"record_shape": (3, 8, 8), "has_logvar": False, "has_label": False, **layout})
 
 
 @pytest.fixture
@@ -266,8 +278,8 @@ def corrupt_redis_records(pool, slots: list[int]) -> None:
     """Damage stored records in Redis itself: a flipped byte (checksum), a truncation, foreign bytes."""
     for j, slot in enumerate(slots):
         shard = next(i for i, (lo, hi) in enumerate(pool.ranges) if lo <= slot < hi)
-        key = pool._key(shard, f"r:{slot}")
-        c = pool._clients[pool._server(shard)]
+        key = pool.redis.key(shard, f"r:{slot}")
+        c = pool.redis.clients[pool.redis.server(shard)]
         blob = bytearray(c.get(key))
         if j % 3 == 0:
             blob[len(blob) - 5] ^= 0xFF

@@ -18,7 +18,7 @@ from common.models.diffusers_unet import ExportError, to_unet2d
 from common.models.registry import ADM_SIZES, DIT_SIZES, MLP_SIZES
 from student_trainer.checkpoints import model_config
 from student_trainer.cli import main as cli_main
-from student_trainer.export import ddpm_scheduler
+from student_trainer.export import ddpm_scheduler, export_diffusers
 
 torch.set_num_threads(1)
 
@@ -71,12 +71,12 @@ def test_layouts_diffusers_cannot_express_are_refused_in_one_line(arch, size, fl
     assert reason in str(err.value) and "\n" not in str(err.value)
 
 
-def student_checkpoint(folder, respacing="100", var_type="learned_range", size="tiny-8", flags=None):
+def student_checkpoint(folder, respacing="100", var_type="learned_range", size="tiny-8", flags=None, v_bound="none"):
     flags = flags if flags is not None else {"channel_mult": "1", "attention_resolutions": ""}
     model = randomize(build_network("adm", size, flags))
     chain = make_diffusion("cosine", 1000, respacing)
     config = model_config({"arch": "adm", "size": size, "flags": flags}, chain, "cosine", var_type, True,
-                          (model.in_channels, model.image_size, model.image_size), None)
+                          (model.in_channels, model.image_size, model.image_size), None, v_bound=v_bound)
     save_pretrained(folder, model, config)
     return model, chain
 
@@ -140,6 +140,16 @@ def test_cli_refuses_a_dit_checkpoint(tmp_path, capsys):
     model = build_network("dit", "DiT-tiny/2", {})
     chain = make_diffusion("cosine", 1000)
     save_pretrained(tmp_path / "ck", model, model_config({"arch": "dit", "size": "DiT-tiny/2", "flags": {}}, chain,
-                                                          "cosine", "learned_range", True, (1, 8, 8), None))
+                                                          "cosine", "learned_range", True, (1, 8, 8), None,
+                                                          v_bound="none"))
     assert cli_main(["export", "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "hf")]) == 2
     assert "DiT students do not map to diffusers" in capsys.readouterr().err
+
+
+def test_a_bounded_v_is_exported_with_one_warning(tmp_path, caplog):
+    """DKDM students clamp v when they sample; DDPMScheduler does not, which the export says once."""
+    student_checkpoint(tmp_path / "ck", v_bound="clamp")
+    export_diffusers(str(tmp_path / "ck"), str(tmp_path / "hf"))
+    warnings = [r.getMessage() for r in caplog.records if "bounds its learned-range v" in r.getMessage()]
+    assert len(warnings) == 1 and "'clamp'" in warnings[0]
+    assert json.loads((tmp_path / "hf" / "dkdm_export.json").read_text())["v_bound"] == "clamp"

@@ -86,6 +86,16 @@ def test_every_imported_distribution_is_declared(installed):
     assert check.returncode == 0, check.stdout
 
 
+def test_every_data_file_of_the_packages_is_installed(installed):
+    """Assets, configs, scripts: whatever the code reads beside itself (documentation aside)."""
+    _, site = installed
+    wanted = [f.relative_to(ROOT) for package in PACKAGES for f in (ROOT / package).rglob("*")
+              if f.is_file() and f.suffix not in (".py", ".pyc", ".md") and "__pycache__" not in f.parts]
+    wanted += [Path("student_trainer/configs") / f.relative_to(ROOT / "configs") for f in (ROOT / "configs").rglob("*.yaml")]
+    missing = [str(f) for f in wanted if not (site / f).is_file()]
+    assert not missing, f"not in the wheel: {missing}"
+
+
 @pytest.mark.slow
 def test_installed_dkdm_distills_the_shipped_mixture_config_from_any_folder(installed, tmp_path):
     env_dir, site = installed

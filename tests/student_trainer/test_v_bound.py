@@ -12,8 +12,14 @@ import pytest
 import torch
 
 from common.diffusion import (
-    ancestral_step, bound_v, make_diffusion, model_log_variance, normal_kl, q_posterior_mean_variance,
-    q_sample, respace,
+    ancestral_step,
+    bound_v,
+    make_diffusion,
+    model_log_variance,
+    normal_kl,
+    q_posterior_mean_variance,
+    q_sample,
+    respace,
 )
 from common.diffusion.gaussian import _extract
 from common.models import build_network
@@ -22,7 +28,13 @@ from common.records import RecordBatch
 from common.teachers.base import TeacherLoadError
 from common.teachers.dkdm_teacher import DKDMTeacher
 from student_trainer.checkpoints import model_config
-from student_trainer.losses import DKDM_V_BOUND, HYBRID_V_BOUND, dkdm_loss, hybrid_loss, split_output
+from student_trainer.losses import (
+    DKDM_V_BOUND,
+    HYBRID_V_BOUND,
+    dkdm_loss,
+    hybrid_loss,
+    split_output,
+)
 from student_trainer.sampling import network_denoiser
 
 SHAPE = (1, 4, 4)

@@ -98,10 +98,34 @@ def test_seeds_differ_per_worker():
     assert len(torch.unique(d.batch.x_t.flatten(1), dim=0)) == 16
 
 
+def test_pool_timeout_says_whether_teachers_are_alive(ray_cluster):
+    """A trainer that times out on an empty pool is told how many teachers are alive and what became of the others."""
+    from student_trainer.run import PoolStarved, fit_watching
+
+    cfg = tiny_config("grp_starve")
+    cfg.teacher.fault.raise_after_forwards = 0        # every incarnation fails at its first forward
+    cfg.ray.max_restarts = 20
+    pool, group = build(cfg, num_teachers=1)
+
+    class FirstDraw:
+        """What a Ray Train worker does first: draw a batch (the pool stays empty)."""
+
+        def fit(self):
+            pool.draw(16, timeout_s=3)
+
+    try:
+        with pytest.raises(PoolStarved, match=r"pool timed out after 3s waiting for .*: [01] of 1 teachers alive "
+                                              r"\(teacher 0: .*InjectedFault: teacher.fault: injected after 0 forwards"):
+            fit_watching(FirstDraw(), group)
+    finally:
+        group.stop()
+        pool.close()
+
+
 @pytest.mark.slow
 def test_killed_teacher_restarts_and_its_claims_expire(ray_cluster):
     # A long chain makes every warm-up claim take a while, so the kill lands while slots are FILLING.
-    cfg = tiny_config("grp_kill", T=1000, num_slots=96, claim_timeout_s=2.0, microbatch=32)
+    cfg = tiny_config("grp_kill", T=1000, num_slots=96, claim_timeout_s=5.0, microbatch=32)
     pool, group = build(cfg, num_teachers=1)
     try:
         assert group.wait_until(lambda s: s.counts["FILLING"] > 0, 60)

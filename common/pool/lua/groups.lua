@@ -1,4 +1,4 @@
--- Consumer groups of one pool shard (spec: common/pool/states.py; the same rules as common/pool/groups.py).
+-- Consumer groups of one pool shard (spec: common/pool/states.py; the rules of groups.py).
 -- A group's slots are gp:<group> (records it has still to train on) and gl:<group> (leased by it). A slot
 -- that holds a record is LEASED while any group leases it, READY while any group still needs it, else REFILL.
 

@@ -1,7 +1,7 @@
 -- One pool shard in Redis: keys, helpers and the plain slot transitions.
 -- The slot life cycle these scripts implement (READY -> LEASED -> REFILL -> FILLING -> READY, expiry,
--- samples per insert, consumer groups) is specified once, in common/pool/states.py;
--- common/pool/shard.py and groups.py implement the same machine on numpy arrays.
+-- samples per insert, consumer groups) is specified once, in common/pool/states.py (the
+-- contract: base.py); the numpy shard (shard.py, groups.py) implements the same machine.
 --
 -- lib.lua, groups.lua and ops.lua are concatenated into one script (redis_backend.py). KEYS[1] is the
 -- shard's meta key "{<pool>:<shard>}:meta"; every other key of the shard is named from it with the
@@ -16,6 +16,7 @@
 --                  record exactly when it has a t entry
 --   r:<slot>       string: the slot's record (redis_records.RecordCodec)
 --   f:<claim>:<slot>  string: a record staged by a fill, renamed onto r:<slot> once the claim is checked
+--                  (deleted when the claim turns out lost or expires)
 --   groups   hash  group name -> JSON {policy, max_lag, timeout, seen, consumed, skipped}
 --   gp:<group>, gl:<group>  sets: the slots a group has still to train on / holds leased
 -- Deadlines use the server's clock (TIME), the one clock every client of a shard agrees on.
@@ -110,6 +111,10 @@ end
 
 -- empty the shard's slot keys (init, reset, restore); its groups stay attached with nothing pending
 local function clear(lo, hi)
+  local claims = redis.call('HGETALL', CLAIMS)
+  for i = 1, #claims, 2 do
+    for _, m in ipairs(split(claims[i + 1])) do redis.call('DEL', staged(claims[i], m)) end
+  end
   redis.call('DEL', READY, REFILL, LEASES, LEASED, LGROUP, CLAIMS, CLAIMED, T, USES, BORN)
   local keys = {}
   for m = lo, hi - 1 do keys[#keys + 1] = rec(m) end

@@ -34,6 +34,7 @@ local function expire()
     local members = split(redis.call('HGET', CLAIMS, id))
     redis.call('HDEL', CLAIMS, id); redis.call('ZREM', CLAIMED, id)
     each('SADD', REFILL, members)
+    for _, m in ipairs(members) do redis.call('DEL', staged(id, m)) end     -- a fill that came too late
     n = n + #members
   end
   bump('expired_claims', n); bump('filling', -n)
@@ -104,25 +105,25 @@ function ops.corrupt()
   return n
 end
 
--- ARGV: k, claim id, claim_timeout_s -> {"s1,s2,...", "0110..." (1: the slot holds a previous record), deadline}
+-- ARGV: k, claim id, claim_timeout_s -> {"s1,s2,...", deadline} (the client reads their previous records)
 function ops.claim()
   local members = redis.call('SPOP', REFILL, tonumber(ARGV[2]))
-  if #members == 0 then return {'', '', '0'} end
+  if #members == 0 then return {'', '0'} end
   local deadline = now + tonumber(ARGV[4])
-  redis.call('HSET', CLAIMS, ARGV[3], table.concat(members, ','))
-  redis.call('ZADD', CLAIMED, deadline, ARGV[3])
+  local list, before = table.concat(members, ','), redis.call('HGET', CLAIMS, ARGV[3])
+  -- a claim retried after its reply was lost keeps the slots of its first attempt (they expire with it)
+  redis.call('HSET', CLAIMS, ARGV[3], before and (before .. ',' .. list) or list)
+  redis.call('ZADD', CLAIMED, 'NX', deadline, ARGV[3])
   bump('filling', #members)
-  local t, has = each('HMGET', T, members), {}
-  for i = 1, #members do has[i] = t[i] and '1' or '0' end
-  return {table.concat(members, ','), table.concat(has), tostring(deadline)}
+  return {table.concat(members, ','), tostring(deadline)}
 end
 
 -- ARGV: claim id, count_call, then (slot, t, uses) per record in claim order; the records wait in
 -- staging keys (f:<claim>:<slot>) -> records accepted (0: unknown or expired claim, staging deleted)
 function ops.fill()
   local id, n = ARGV[2], (#ARGV - 3) / 3
-  local members, ok = split(redis.call('HGET', CLAIMS, id)), true
-  ok = #members == n
+  local members = split(redis.call('HGET', CLAIMS, id))
+  local ok = #members == n
   for i = 1, n do
     local m = ARGV[1 + 3 * i]
     ok = ok and members[i] == m and redis.call('EXISTS', staged(id, m)) == 1
@@ -133,14 +134,16 @@ function ops.fill()
     return 0
   end
   redis.call('HDEL', CLAIMS, id); redis.call('ZREM', CLAIMED, id)
-  local produced, names = stat('produced'), group_names()
+  local produced, t, uses, born = stat('produced'), {}, {}, {}
   for i = 1, n do
     local m = ARGV[1 + 3 * i]
-    redis.call('RENAME', staged(id, m), rec(m)); redis.call('PERSIST', rec(m))
-    redis.call('HSET', T, m, ARGV[2 + 3 * i]); redis.call('HSET', USES, m, ARGV[3 + 3 * i])
-    redis.call('HSET', BORN, m, produced)
-    for _, name in ipairs(names) do redis.call('SADD', gp(name), m) end
+    redis.call('RENAME', staged(id, m), rec(m))
+    t[2 * i - 1], t[2 * i] = m, ARGV[2 + 3 * i]
+    uses[2 * i - 1], uses[2 * i] = m, ARGV[3 + 3 * i]
+    born[2 * i - 1], born[2 * i] = m, produced
   end
+  each('HSET', T, t); each('HSET', USES, uses); each('HSET', BORN, born)
+  for _, name in ipairs(group_names()) do each('SADD', gp(name), members) end
   each('SADD', READY, members)
   bump('filling', -n); bump('produced', n); bump('inserted', n)
   bump('bytes_in', n * stat('record_bytes')); bump('fills', tonumber(ARGV[3]))
