@@ -180,6 +180,8 @@ class TeacherWorker:
         """Claim up to n REFILL slots: returned ones are advanced now, empty ones start their chains.
         A claim with no empty slot is filled at once. Returns the records filled."""
         claim = self.pool.claim_refill(n, timeout_s=timeout_s)
+        if len(claim) == 0:     # nothing to refill after all (seen under heavy load): no chain, no fill
+            return 0
         start = time.perf_counter()
         prev = claim.batch.to(self.device, dtype=torch.float32)
         empty = prev.t == EMPTY_T

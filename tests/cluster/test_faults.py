@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from student_trainer.ray_train import newest_intact_checkpoint
+
 from multinode import finish, logged_steps, running_cluster, service_config, start_service, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -46,8 +48,8 @@ def test_placement_then_trainer_worker_killed_then_damaged_resume(cluster, tmp_p
         assert set(teachers) <= {"teacher-a", "teacher-b"} and sum(teachers.values()) == 2, teachers
 
         # A checkpoint of this run, then the trainer worker killed.
-        wait_for(lambda: _checkpoints(run) and (run / "metrics.jsonl").is_file(), 120, "a checkpoint",
-                 proc=proc, log=log)
+        wait_for(lambda: newest_intact_checkpoint(run / "train")[0] and (run / "metrics.jsonl").is_file(), 300,
+                 "an intact checkpoint", proc=proc, log=log)
         killed = cluster.kill("RayTrainWorker", node="trainer")
         assert killed is not None
         killed_after = logged_steps(run)[-1]

@@ -46,3 +46,20 @@ def test_documented_submit_command_asks_for_what_the_compose_nodes_offer():
     assert cfg.ray.teacher_resources == {"teacher": 1.0} and cfg.ray.worker_resources == {"trainer": 1.0}
     for name, amount in placement_resources(cfg).items():
         assert offered.get(name, 0.0) >= amount, (name, amount, offered)
+
+
+def test_a_resource_no_node_offers_is_one_line_before_anything_starts():
+    """Against a real (one-node) Ray cluster: asking for a resource it lacks is a UserError naming it."""
+    import ray
+
+    from student_trainer.cli import UserError
+    from student_trainer.run import check_placement
+
+    cfg = load_config(None, ["ray.teacher_resources={teacher: 1}", "ray.num_teachers=2"])
+    ray.init(address="local", num_cpus=1, resources={"teacher": 1}, include_dashboard=False)
+    try:
+        with pytest.raises(UserError, match=r"asks for 2 of resource 'teacher' .* offer 1$"):
+            check_placement(cfg)
+        check_placement(load_config(None, ["ray.teacher_resources={teacher: 1}"]))     # one teacher fits
+    finally:
+        ray.shutdown()
