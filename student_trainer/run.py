@@ -146,20 +146,23 @@ class PoolMonitor:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        t0, bar, consumed0 = time.time(), None, None
+        t0, bar, consumed0, trained = time.time(), None, None, False
         while not self._stop.is_set():
             try:
                 st = self.pool.stats()
             except Exception:  # noqa: BLE001 - the pool is going away
                 break
             export_pool_stats(st, self._prev)
-            if self.warm_s is not None and self.progress and self.steps:
+            if self.warm_s is not None and self.progress and self.steps and not trained:
                 if bar is None:
                     from tqdm import tqdm
                     consumed0 = st.consumed_total
                     bar = tqdm(total=self.steps, initial=self.step0, desc="distill", unit="step", dynamic_ncols=True)
                 bar.n = min(self.steps, self.step0 + (st.consumed_total - consumed0) // self.global_batch)
                 bar.refresh()
+                if bar.n >= self.steps:          # done: the bar stays as it is while Ray Train finishes
+                    bar.close()
+                    bar, trained = None, True
             if self.warm_s is None:
                 if st.warm:
                     self.warm_s = time.time() - t0
