@@ -35,7 +35,7 @@ from common import metrics
 from common.config import Config, config_from_dict, load_config
 from student_trainer.cli import UserError, add_config_args, add_log_level, config_path, report, run_cli
 
-from student_trainer.ray_console import install_log_filter
+from student_trainer.ray_console import install_log_filter, wait_for_train_cleanup
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,6 +305,7 @@ def distill_on_ray(cfg: Config) -> dict:
                 pass
         if created:
             pool.close()
+    wait_for_train_cleanup()       # Ray Train's cleaner exits before the cluster goes (student_trainer/ray_console.py)
     ray.shutdown()
 
     # 4. Where the results are.
