@@ -24,10 +24,15 @@ RAY_NOISE = (
 # (AUTOSCALING_REQUESTS_GET_TIMEOUT_S in autoscaling_coordinator_client.py, no setting) and, when the
 # CPU is too busy to answer in time, logs a warning "safe to ignore" with the GetTimeoutError's
 # traceback. The warning line and the traceback under it are dropped; the request is retried.
+# Ray Train's PlacementGroupCleaner builds a new GCS client on every poll (State API, no setting); when
+# the GCS is slow to answer (a busy CPU, or the cluster going down) that poll raises RpcError outside
+# the one exception its monitor thread catches, and the thread dies with a traceback. The controller
+# stops the cleaner at the end of every run, so it only ever guards a crashed controller.
 RAY_NOISE_WITH_TRACEBACK = (
     re.compile(r"Failed to send resource request for train-\S+\. If this only happens transiently"),
+    re.compile(r"Exception in thread PlacementGroupCleanerMonitor:"),
 )
-_TRACEBACK_LINE = re.compile(r"^(Traceback \(most recent call last\):|\s|ray\.exceptions\.GetTimeoutError\b)")
+_TRACEBACK_LINE = re.compile(r"^(Traceback \(most recent call last\):|\s|ray\.exceptions\.(GetTimeoutError|RpcError)\b)")
 
 _HANDLER = "ray_print_logs"
 
@@ -71,3 +76,29 @@ def _filtered(handler):
 
     handle.filters_ray_noise = True
     return handle
+
+
+def wait_for_train_cleanup(timeout_s: float = 15.0, poll_s: float = 0.5) -> bool:
+    """Wait until Ray Train's placement-group cleaner has exited; True when it has (or none ran).
+
+    ``TrainController`` stops its detached ``PlacementGroupCleaner`` as the run ends, but the cleaner's
+    monitor thread may still be inside a State API call (up to 10 s) and the actor exits only after it.
+    Shutting Ray down before then leaves that thread polling a GCS that is gone, and it dies with a
+    traceback; so the driver calls this between ``trainer.fit()`` and ``ray.shutdown()``.
+    """
+    import time
+
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            alive = list_actors(filters=[("class_name", "=", "PlacementGroupCleaner"), ("state", "=", "ALIVE")],
+                                timeout=5, raise_on_missing_output=False)
+        except Exception:  # noqa: BLE001 - no State API (no dashboard on this cluster): nothing to wait for
+            return True
+        if not alive:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)

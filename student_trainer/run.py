@@ -36,7 +36,7 @@ from common import metrics
 from common.config import Config, config_from_dict, load_config
 from student_trainer.cli import UserError, add_config_args, add_log_level, config_path, report, run_cli
 
-from student_trainer.ray_console import install_log_filter
+from student_trainer.ray_console import install_log_filter, wait_for_train_cleanup
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,20 +174,23 @@ class PoolMonitor:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        t0, bar, consumed0 = time.time(), None, None
+        t0, bar, consumed0, trained = time.time(), None, None, False
         while not self._stop.is_set():
             try:
                 st = self.pool.stats()
             except Exception:  # noqa: BLE001 - the pool is going away
                 break
             export_pool_stats(st, self._prev)
-            if self.warm_s is not None and self.progress and self.steps:
+            if self.warm_s is not None and self.progress and self.steps and not trained:
                 if bar is None:
                     from tqdm import tqdm
                     consumed0 = st.consumed_total
                     bar = tqdm(total=self.steps, initial=self.step0, desc="distill", unit="step", dynamic_ncols=True)
                 bar.n = min(self.steps, self.step0 + (st.consumed_total - consumed0) // self.global_batch)
                 bar.refresh()
+                if bar.n >= self.steps:          # done: the bar stays as it is while Ray Train finishes
+                    bar.close()
+                    bar, trained = None, True
             if self.warm_s is None:
                 if st.warm:
                     self.warm_s = time.time() - t0
@@ -335,6 +338,7 @@ def distill_on_ray(cfg: Config) -> dict:
                 pass
         if created:
             pool.close()
+    wait_for_train_cleanup()       # Ray Train's cleaner exits before the cluster goes (student_trainer/ray_console.py)
     ray.shutdown()
 
     # 4. Where the results are.

@@ -99,3 +99,12 @@ def test_rays_safe_to_ignore_resource_request_traceback_is_dropped_whole():
     assert drop_noise(["before", *block, after]) == ["before", after]
     other = ["Traceback (most recent call last):", '  File "x.py", line 1', "ValueError: real"]
     assert drop_noise(other) == other
+
+
+def test_the_cleaners_gcs_timeout_traceback_is_dropped_whole():
+    from student_trainer.ray_console import drop_noise
+
+    block = ["Exception in thread PlacementGroupCleanerMonitor:", "Traceback (most recent call last):",
+             '  File "threading.py", line 1045, in _bootstrap_inner', "    self.run()",
+             "ray.exceptions.RpcError: Timed out while waiting for GCS to become available."]
+    assert drop_noise([*block, "next"]) == ["next"]
