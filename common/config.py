@@ -7,8 +7,10 @@ the edge (``load_config``), saved resolved into the run folder.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -263,5 +265,39 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     return config_from_dict(tree)
 
 
+# The Redis password when pool.redis_url carries none (docker-compose.yml sets it on every Ray node), so it
+# appears in no job command line and no saved config.
+REDIS_PASSWORD_ENV = "DKDM_REDIS_PASSWORD"
+
+
+def mask_url(url: str) -> str:
+    """``url`` (or a comma-separated list) with every password replaced by ``***``: the only form of a
+    Redis URL that goes into a log line, an error message or a saved config."""
+    out = []
+    for u in url.split(","):
+        parts = urlsplit(u.strip())
+        if parts.password is not None:
+            host = parts.netloc.rsplit("@", 1)[1]
+            parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+        out.append(urlunsplit(parts))
+    return ",".join(out)
+
+
+def with_env_password(url: str) -> str:
+    """``url`` with the password from ``DKDM_REDIS_PASSWORD`` when it names none (and the variable is set)."""
+    password = os.environ.get(REDIS_PASSWORD_ENV)
+    parts = urlsplit(url)
+    if not password or parts.password is not None or parts.scheme == "unix":
+        return url
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:{quote(password, safe='')}@{parts.netloc}"))
+
+
+def public_dump(cfg: Config) -> dict:
+    """The resolved config as JSON-ready data with secrets masked: what is saved and printed."""
+    data = cfg.model_dump(mode="json")
+    data["pool"]["redis_url"] = mask_url(data["pool"]["redis_url"])
+    return data
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
+    Path(path).write_text(json.dumps(public_dump(cfg), indent=2) + "\n")

@@ -24,7 +24,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from common.config import Config, ConfigError, load_config
+from common.config import Config, ConfigError, load_config, public_dump
 
 CONFIG_PACKAGE_DIR = "configs"    # student_trainer/configs -> the repository's configs/ (shipped as package data)
 
@@ -85,7 +85,7 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 def resolve(args) -> Config | None:
     cfg = load_config(config_path(args.config), args.overrides)
     if args.dry_run:
-        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        print(json.dumps(public_dump(cfg), indent=2))
         return None
     return cfg
 

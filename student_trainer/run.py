@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from common import metrics
-from common.config import Config, config_from_dict, load_config
+from common.config import Config, config_from_dict, load_config, public_dump
 from student_trainer.cli import UserError, add_config_args, add_log_level, config_path, report, run_cli
 
 from student_trainer.ray_console import install_log_filter, wait_for_train_cleanup
@@ -399,7 +399,7 @@ def _teacher_running(cfg: Config) -> bool:
 def cmd_run(args) -> None:
     cfg = load_run_config(args.config, args.overrides)
     if args.dry_run:
-        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        print(json.dumps(public_dump(cfg), indent=2))
         return
     from student_trainer.report import finish
     result = distill_on_ray(cfg)

@@ -60,7 +60,8 @@ from common.pool.local import (
 )
 from common.pool.memory import tune_malloc
 from common.pool.redis_client import RedisShards, queued
-from common.pool.redis_records import RecordCodec, mask_url
+from common.config import mask_url
+from common.pool.redis_records import RecordCodec
 from common.records import EMPTY_T, RecordBatch
 
 logger = logging.getLogger(__name__)

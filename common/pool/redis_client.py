@@ -24,7 +24,8 @@ from redis.retry import Retry
 
 from common.config import PoolConfig
 from common.pool.base import PoolError
-from common.pool.redis_records import CLUSTER_SCHEME, mask_url, parse_urls
+from common.config import mask_url, with_env_password
+from common.pool.redis_records import CLUSTER_SCHEME, parse_urls
 
 logger = logging.getLogger("common.pool.redis_backend")     # one logger for the whole backend
 
@@ -49,7 +50,8 @@ class RedisShards:
         self.cfg, self.ranges, self.layout = cfg, ranges, layout
         self.record_bytes, self.stored_bytes = record_bytes, stored_bytes
         self.local = {"retries": 0, "reinitialised_shards": 0}
-        self.urls, self.cluster = parse_urls(cfg.redis_url)
+        urls, self.cluster = parse_urls(cfg.redis_url)
+        self.urls = [with_env_password(u) for u in urls]
         self._secrets = [p for p in (redis.connection.parse_url(u.replace(CLUSTER_SCHEME, "redis://")).get("password")
                                      for u in self.urls) if p]
         # One retry loop, ours (call), owns connection loss, so the clients' own retries are off.

@@ -16,11 +16,10 @@ makes an all-zero string fail. It is a storage-damage check, not a cryptographic
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
-
 import numpy as np
 import torch
 
+from common.config import mask_url
 from common.pool.base import PoolError
 from common.pool.codec import from_numpy, to_numpy
 from common.records import RecordBatch
@@ -94,16 +93,3 @@ def parse_urls(url: str) -> tuple[list[str], bool]:
         if not u.startswith(("redis://", "rediss://", "unix://", CLUSTER_SCHEME)):
             raise PoolError(f"pool.redis_url entry {mask_url(u)!r} is not a redis://, rediss://, unix:// or {CLUSTER_SCHEME} URL")
     return urls, cluster
-
-
-def mask_url(url: str) -> str:
-    """``url`` (or a comma-separated list) with every password replaced by ``***``: the only form of a
-    Redis URL that goes into a log line or an error message."""
-    out = []
-    for u in url.split(","):
-        parts = urlsplit(u.strip())
-        if parts.password is not None:
-            host = parts.netloc.rsplit("@", 1)[1]
-            parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
-        out.append(urlunsplit(parts))
-    return ",".join(out)

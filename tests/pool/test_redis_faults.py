@@ -17,7 +17,7 @@ from pool_conftest import check_records, fill_claim
 from redis_fixtures import RedisServer, make_redis_pool
 
 from common.pool.base import PoolError, PoolTimeout
-from common.pool.redis_records import mask_url
+from common.config import mask_url
 
 SHAPE = (1, 4, 4)
 LOGGER = "common.pool.redis_backend"
@@ -172,3 +172,22 @@ def test_a_password_in_the_url_works_and_never_reaches_a_log_or_an_error(redis_s
     assert any("unreachable" in m for m in lines) and all("s3cret-pw" not in m for m in lines), lines
     assert all(f"redis://:***@127.0.0.1:{server.port}/0" in m for m in lines if "unreachable" in m), lines
     pool.close()
+
+
+def test_the_password_can_come_from_the_environment_and_is_never_saved(redis_server_pw, monkeypatch, tmp_path):
+    """Compose gives the Ray nodes DKDM_REDIS_PASSWORD, so the job's command line and saved config carry none."""
+    from common.config import REDIS_PASSWORD_ENV, config_from_dict, save_config
+
+    bare = f"redis://127.0.0.1:{redis_server_pw.port}/0"
+    monkeypatch.delenv(REDIS_PASSWORD_ENV, raising=False)
+    with pytest.raises(PoolError, match="refused the credentials|NOAUTH|Authentication"):
+        make_redis_pool(bare, 8, record_shape=SHAPE, shards=1)
+    monkeypatch.setenv(REDIS_PASSWORD_ENV, "s3cret-pw")
+    pool = make_redis_pool(bare, 8, record_shape=SHAPE, shards=1)
+    assert fill_claim(pool, pool.claim_refill(8), SHAPE)
+    assert pool.stats().extra["urls"] == [f"redis://:***@127.0.0.1:{redis_server_pw.port}/0"]
+    pool.close()
+    cfg = config_from_dict({"pool": {"backend": "redis", "redis_url": redis_server_pw.url}})
+    save_config(cfg, tmp_path / "config.json")
+    saved = (tmp_path / "config.json").read_text()
+    assert "s3cret-pw" not in saved and ":***@127.0.0.1" in saved
