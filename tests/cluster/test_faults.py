@@ -167,7 +167,8 @@ def _untrained(cfg, folder):
 
 def test_teacher_node_removed(cluster, tmp_path):
     """A whole teacher node drops out mid-run (its raylet and every process on it SIGKILLed): the other
-    teacher carries on, Ray restarts the lost teacher where a ``teacher`` resource is free, the run finishes."""
+    teacher carries on and the run finishes (Ray restarts the lost teacher once the node's death is detected
+    and a ``teacher`` resource is free; the run does not wait for it)."""
     cfg, log, run = service_config(tmp_path, "node"), tmp_path / "node.log", tmp_path / "runs" / "node"
     proc = start_service(cluster, cfg, log, "distill.steps=300")
     try:
