@@ -75,7 +75,7 @@ def test_placement_then_trainer_worker_killed_then_damaged_resume(cluster, tmp_p
     assert result["trainer_resumed_at"] == [int(older.name.split("_")[1])], result
     said = [ln for ln in out.splitlines() if "damaged" in ln]
     assert len(said) == 1 and newest.name in said[0] and older.name in said[0], said
-    assert "Traceback" not in out
+    assert not any(ln.startswith("Traceback") for ln in out.splitlines())     # none of the driver's own
     steps = logged_steps(run)
     assert steps == sorted(set(steps)) and steps[-1] == 330, steps
 
@@ -167,7 +167,8 @@ def _untrained(cfg, folder):
 
 def test_teacher_node_removed(cluster, tmp_path):
     """A whole teacher node drops out mid-run (its raylet and every process on it SIGKILLed): the other
-    teacher carries on, Ray restarts the lost teacher where a ``teacher`` resource is free, the run finishes."""
+    teacher carries on and the run finishes (Ray restarts the lost teacher once the node's death is detected
+    and a ``teacher`` resource is free; the run does not wait for it)."""
     cfg, log, run = service_config(tmp_path, "node"), tmp_path / "node.log", tmp_path / "runs" / "node"
     proc = start_service(cluster, cfg, log, "distill.steps=300")
     try:
