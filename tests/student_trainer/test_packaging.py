@@ -60,7 +60,9 @@ def installed(tmp_path_factory):
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                check=True, capture_output=True, text=True).stdout.strip())
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
+    # --ignore-installed: the dependencies path (deps.pth) may hold an editable install of this project;
+    # pip must neither take it for this wheel nor uninstall it.
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--ignore-installed",
                     str(wheel)], check=True, timeout=300)
     return env_dir, site
 

@@ -128,7 +128,9 @@ def test_two_jobs_share_one_named_pool(head, tmp_path):
         assert (run / "samples" / "final.png").is_file()
         assert res["warmup_s"] is not None and res["warmup_s"] < 10      # attached warm: no warm-up of its own
         t = res["teachers"][0]
-        assert t["forwards"] == t["records"]                             # refills only, one forward each
+        # Refills only, one forward each: the pool's teachers keep running after a job ends, so its health may
+        # be read with one claim (at most teacher_microbatch = 64 slots) forwarded but not yet filled.
+        assert 0 <= t["forwards"] - t["records"] <= 64, t
     # The students differ (seeds 0, 1): two runs, not one run reported twice.
     a, b = (tmp_path / "runs" / n / "train" / f"checkpoint_{STEPS:07d}" / "model.safetensors" for n in ("s_a", "s_b"))
     assert a.read_bytes() != b.read_bytes()
