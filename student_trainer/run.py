@@ -144,9 +144,9 @@ def latest_checkpoint(storage: Path) -> Path | None:
     from student_trainer.ray_train import newest_intact_checkpoint
     folder, damaged = newest_intact_checkpoint(storage)
     if damaged and folder is not None:
-        print(f"checkpoint {', '.join(damaged)} damaged; resuming from the newest intact one, {folder.name}", flush=True)
+        logger.warning("checkpoint %s damaged; resuming from the newest intact one, %s", ", ".join(damaged), folder.name)
     elif damaged:
-        print(f"checkpoint {', '.join(damaged)} damaged and no intact one left: starting from step 0", flush=True)
+        logger.warning("checkpoint %s damaged and no intact one left: starting from step 0", ", ".join(damaged))
     return folder
 
 

@@ -47,15 +47,20 @@ def _copy(storage: Path, tmp: Path) -> Path:
     return tmp / "train"
 
 
-def test_intact_checkpoints_verify(storage, capsys):
+def _said(caplog) -> list[str]:
+    """The driver's log lines about checkpoints."""
+    return [r.getMessage() for r in caplog.records if r.name == "student_trainer.run"]
+
+
+def test_intact_checkpoints_verify(storage, caplog):
     assert all(checkpoint_problem(f, CHECKPOINT_FILES) is None for f in storage.iterdir() if f.is_dir())
     assert latest_checkpoint(storage).name == "checkpoint_0000030"
-    assert capsys.readouterr().out == ""      # nothing to say when the newest is intact
+    assert _said(caplog) == []      # nothing to say when the newest is intact
 
 
 @pytest.mark.parametrize("damage", ["truncated safetensors", "corrupt config.json", "flipped byte in the pool snapshot",
                                     "missing manifest and truncated weights"])
-def test_damaged_latest_falls_back_to_newest_intact(storage, tmp_path, capsys, damage):
+def test_damaged_latest_falls_back_to_newest_intact(storage, tmp_path, caplog, damage):
     train = _copy(storage, tmp_path)
     newest = train / "checkpoint_0000030"
     if damage == "truncated safetensors":
@@ -73,7 +78,7 @@ def test_damaged_latest_falls_back_to_newest_intact(storage, tmp_path, capsys, d
         (newest / "model.safetensors").write_bytes(data[:-7])
     assert checkpoint_problem(newest, CHECKPOINT_FILES) is not None
     assert latest_checkpoint(train).name == "checkpoint_0000020"
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = _said(caplog)
     assert len(lines) == 1 and "checkpoint_0000030" in lines[0] and "damaged" in lines[0], lines
     assert "checkpoint_0000020" in lines[0]
     # a worker passes over Ray Train's latest when it is the damaged one
@@ -88,12 +93,12 @@ def test_worker_resumes_from_a_newer_checkpoint_than_ray_trains(storage):
     assert resume_point(None, str(storage / "absent")) is None
 
 
-def test_all_damaged_starts_from_scratch(storage, tmp_path, capsys):
+def test_all_damaged_starts_from_scratch(storage, tmp_path, caplog):
     train = _copy(storage, tmp_path)
     for folder in train.glob("checkpoint_0*"):
         (folder / "trainer_state.json").write_text("{")
     assert latest_checkpoint(train) is None
-    out = capsys.readouterr().out.strip().splitlines()
+    out = _said(caplog)
     assert len(out) == 1 and "no intact one" in out[0]
 
 
