@@ -97,7 +97,7 @@ def test_head_health_check_passes_with_the_token_only(head, monkeypatch):
 def test_documented_job_submit_works_with_the_token_and_fails_without(head, tmp_path):
     url, _, env = head
     cmd = ["ray", "job", "submit", "--address", url, "--", "python", "-c", "print('token accepted')"]
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while True:          # the dashboard answers before its job agent has registered (slow on a loaded machine)
         job = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
         if "No available agent" not in job.stdout + job.stderr or time.time() > deadline:

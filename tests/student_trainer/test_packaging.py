@@ -104,7 +104,8 @@ def test_installed_dkdm_distills_the_shipped_mixture_config_from_any_folder(inst
     where = subprocess.run([str(env_dir / "bin" / "python"), "-c", "import student_trainer; print(student_trainer.__file__)"],
                            cwd=tmp_path, env=clean_env(), capture_output=True, text=True, check=True).stdout
     assert where.startswith(str(site)), where
-    out = subprocess.run([str(env_dir / "bin" / "dkdm"), "distill", "--config", "mixture", "--set", "distill.steps=20"],
+    out = subprocess.run([str(env_dir / "bin" / "dkdm"), "distill", "--config", "mixture", "--set", "distill.steps=20",
+                          "--set", "pool.rho=0.1", "--set", "sample.num_samples=64"],   # a smaller warm-up and evaluation
                          cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "runs" / "mixture" / "checkpoint" / "model.safetensors").is_file()

@@ -4,7 +4,8 @@ The head node is started with ``ray start --head --block`` in its own process gr
 stopped by signalling that group (never ``ray stop``: it would stop every Ray instance on
 the machine). Runs: a job submitted with ``ray job submit --working-dir .``; a second run
 with the same name that resumes from the job's checkpoint; the equivalence of a
-one-teacher, one-worker run with the single-process loop on the analytic mixture.
+one-teacher, one-worker run with the single-process loop on the analytic mixture. The second
+run finds the newest checkpoint damaged and resumes from the one before it.
 """
 
 from __future__ import annotations
@@ -135,18 +136,24 @@ def test_job_submit_then_same_name_resumes(head, tmp_path):
     from common.teachers.dkdm_teacher import DKDMTeacher
     DKDMTeacher.from_folder(str(run / "train" / "checkpoint_0000040"), device="cpu")
 
-    # Same name, more steps, directly against the cluster: resumes at step 40 with the pool restored.
+    # Same name, more steps, directly against the cluster, with the newest checkpoint damaged: resumes from the
+    # newest intact one (step 20) with the pool restored, saying so in one line.
+    weights = run / "train" / "checkpoint_0000040" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     second = subprocess.run([sys.executable, "-m", "student_trainer.run", "--config", str(cfg),
                              "--set", "distill.steps=60"], cwd=ROOT, env=_env(tmp_path, RAY_ADDRESS=address),
                             capture_output=True, text=True, timeout=500)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     res = _result(second.stdout)
-    assert res["resumed_from"] == "checkpoint_0000040" and res["steps"] == 60
+    assert res["resumed_from"] == "checkpoint_0000020" and res["steps"] == 60
+    said = [ln for ln in (second.stdout + second.stderr).splitlines() if "damaged" in ln]
+    assert len(said) == 1 and "checkpoint_0000040" in said[0] and "checkpoint_0000020" in said[0], said
+    assert not any(ln.startswith("Traceback") for ln in (second.stdout + second.stderr).splitlines())
     # no warm-up: every record the teacher wrote cost exactly one forward
     t = res["teachers"][0]
     assert t["forwards"] == t["records"] > 0
     steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps[len(logged):] == list(range(45, 61, 5))
+    assert steps == list(range(5, 61, 5)), steps        # the steps after 20 redone, each logged once
 
 
 def test_user_errors_are_one_line(tmp_path):
