@@ -89,6 +89,8 @@ class PoolConfig(_Strict):
     rho: float = Field(0.4, gt=0)
     num_slots: int | None = Field(None, ge=1)   # explicit size instead of round(rho * T) * b
     shards: int = Field(1, ge=1)
+    # x_t and eps in storage_dtype (teachers round x_t to it before the forward, so the student sees exactly the
+    # teacher's input); logvar always fp32: fp16/bf16 rounding exceeds Eq. 12's interval at large t (docs/pool.md)
     storage_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     lease_timeout_s: float = Field(60.0, gt=0)
     claim_timeout_s: float = Field(60.0, gt=0)

@@ -32,7 +32,7 @@ from common.diffusion import (
     predict_xstart_from_eps,
     q_posterior_mean_variance,
 )
-from common.pool.base import Claim, Pool, PoolTimeout
+from common.pool.base import STORAGE_DTYPES, Claim, Pool, PoolTimeout
 from common.records import EMPTY_T, RecordBatch
 from common.teachers.base import Teacher
 
@@ -135,6 +135,7 @@ class TeacherWorker:
         self.index = worker_index
         self.worker = str(worker_index)
         self.device = teacher.device
+        self.x_dtype = STORAGE_DTYPES[pool.storage_dtype]
         # STYLE: seeds are base seed plus worker index, so no two teachers draw the same noise.
         self.gen = torch.Generator(device="cpu").manual_seed(seed + worker_index)
         self._chains: _Chains | None = None
@@ -161,7 +162,9 @@ class TeacherWorker:
     def _forward(self, x, t, y) -> RecordBatch:
         if self.fail_after_forwards is not None and self.forwards >= self.fail_after_forwards:
             raise InjectedFault(f"teacher.fault: injected after {self.fail_after_forwards} forwards")
-        rec = teacher_record(self.teacher, x, t, y)
+        # The pool keeps x_t in its storage dtype: round it first, so the stored eps/logvar are the teacher's at
+        # the stored x_t and the student's input is exactly the teacher's (fp32 storage: a no-op).
+        rec = teacher_record(self.teacher, x.to(self.x_dtype).to(x.dtype), t, y)
         self.forwards += len(t)
         metrics.inc(metrics.TEACHER_FORWARDS_TOTAL, len(t), worker=self.worker)
         return rec

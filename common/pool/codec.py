@@ -1,9 +1,9 @@
 """Records as numpy arrays, and the snapshot file.
 
-A batch of n records is a dict of numpy arrays: x_t, eps, logvar (optional) [n, C, H, W] in the
-storage dtype (bf16 as its int16 bits: numpy has no bf16), y (optional) and t [n] int64. Shards
-store them so, Ray moves them so between processes (zero-copy pickle-5 buffers), and
-``batch_over`` views them as a RecordBatch without a copy.
+A batch of n records is a dict of numpy arrays: x_t, eps [n, C, H, W] in the storage dtype (bf16 as
+its int16 bits: numpy has no bf16), logvar (optional) [n, C, H, W] in fp32 (``field_storage``), y
+(optional) and t [n] int64. Shards store them so, Ray moves them so between processes (zero-copy
+pickle-5 buffers), and ``batch_over`` views them as a RecordBatch without a copy.
 
 Snapshots (``write_snapshot``/``read_snapshot``) are one file: a magic line, a
 length-prefixed msgpack header, then one length-prefixed frame per shard.
@@ -27,11 +27,17 @@ from common.pool.base import STORAGE_DTYPES, RecordCorrupt
 from common.records import EMPTY_T, RecordBatch
 
 SNAPSHOT_MAGIC = b"DKDMPOOL\n"
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2      # 2: logvar stored in fp32 whatever the storage dtype (issue 22)
 
 WIRE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.int16}   # storage dtype -> numpy (bf16 as its bits)
 RECORD_FIELDS = ("x_t", "eps", "logvar", "y")      # the per-record arrays besides t
 _FLOATS = ("x_t", "eps", "logvar")
+
+
+def field_storage(name: str, storage: str) -> str:
+    """The dtype a float field is stored in: x_t and eps in the pool's, logvar always fp32. In fp16 (bf16) a
+    logvar's rounding (~1e-3, 1e-2) is the size of the whole interval Eq. 12 interpolates over at large t."""
+    return "fp32" if name == "logvar" else storage
 
 
 def to_numpy(x: torch.Tensor, storage: str) -> np.ndarray:
@@ -51,10 +57,8 @@ def from_numpy(a: np.ndarray, storage: str) -> torch.Tensor:
 
 def new_arrays(n: int, record_shape, storage: str, has_logvar: bool, has_label: bool, zeros: bool = False) -> dict[str, np.ndarray]:
     """Storage for n records: uninitialized, or zeros (numpy's calloc maps the pages lazily)."""
-    new, wire, shape = (np.zeros if zeros else np.empty), WIRE_DTYPES[storage], (n, *record_shape)
-    out = {"x_t": new(shape, dtype=wire), "eps": new(shape, dtype=wire)}
-    if has_logvar:
-        out["logvar"] = new(shape, dtype=wire)
+    new, shape = (np.zeros if zeros else np.empty), (n, *record_shape)
+    out = {name: new(shape, dtype=WIRE_DTYPES[field_storage(name, storage)]) for name in _FLOATS[:2 + has_logvar]}
     if has_label:
         out["y"] = new(n, dtype=np.int64)
     out["t"] = new(n, dtype=np.int64)
@@ -63,7 +67,8 @@ def new_arrays(n: int, record_shape, storage: str, has_logvar: bool, has_label: 
 
 def to_arrays(batch: RecordBatch, storage: str) -> dict[str, np.ndarray]:
     """A batch's fields as arrays in the storage layout (no copy when they already are)."""
-    out = {name: to_numpy(getattr(batch, name), storage) for name in _FLOATS if getattr(batch, name) is not None}
+    out = {name: to_numpy(getattr(batch, name), field_storage(name, storage))
+           for name in _FLOATS if getattr(batch, name) is not None}
     for name in ("y", "t"):
         if getattr(batch, name) is not None:
             out[name] = getattr(batch, name).detach().to("cpu", torch.int64).contiguous().numpy()
@@ -75,7 +80,9 @@ def batch_over(arrays: dict[str, np.ndarray], storage: str) -> RecordBatch:
     def tensor(name):
         if name not in arrays:
             return None
-        return from_numpy(arrays[name], storage) if name in _FLOATS else torch.from_numpy(np.ascontiguousarray(arrays[name]))
+        if name in _FLOATS:
+            return from_numpy(arrays[name], field_storage(name, storage))
+        return torch.from_numpy(np.ascontiguousarray(arrays[name]))
 
     return RecordBatch(x_t=tensor("x_t"), t=tensor("t"), eps=tensor("eps"), logvar=tensor("logvar"), y=tensor("y"))
 
@@ -84,7 +91,8 @@ def zero_batch(n: int, record_shape, storage: str, has_logvar: bool, has_label: 
     """The previous records of n empty slots (a claim during the warm-up): one zero row broadcast to n
     (read only), t = EMPTY_T."""
     z = torch.zeros((1, *record_shape), dtype=STORAGE_DTYPES[storage]).expand(n, *record_shape)
-    return RecordBatch(x_t=z, t=torch.full((n,), EMPTY_T, dtype=torch.int64), eps=z, logvar=z if has_logvar else None,
+    return RecordBatch(x_t=z, t=torch.full((n,), EMPTY_T, dtype=torch.int64), eps=z,
+                       logvar=torch.zeros((1, *record_shape)).expand(n, *record_shape) if has_logvar else None,
                        y=torch.zeros(n, dtype=torch.int64) if has_label else None)
 
 
@@ -119,7 +127,7 @@ class SlotArrays:
     """The contents of global slots [lo, lo + n) as numpy arrays (bf16 tensors as int16 bits).
 
     state uint8 [n]; t int64 [n]; uses int32 [n] (uses left); produced_at int64 [n];
-    x_t, eps, logvar [n, C, H, W] in the wire dtype (logvar may be None); y int64 [n] or None.
+    x_t, eps [n, C, H, W] in the wire dtype, logvar fp32 or None; y int64 [n] or None.
     """
 
     lo: int
@@ -221,7 +229,8 @@ def read_snapshot(path: str):
     except Exception as err:  # noqa: BLE001
         raise RecordCorrupt(f"snapshot {path}: damaged header ({err})") from None
     if header.get("v") != SNAPSHOT_VERSION:
-        raise RecordCorrupt(f"snapshot {path}: version {header.get('v')!r} is not supported")
+        raise RecordCorrupt(f"snapshot {path}: version {header.get('v')!r} is not supported (this build reads version "
+                            f"{SNAPSHOT_VERSION}: logvar in fp32 since 2)")
     pos += hlen
 
     def frames():

@@ -17,7 +17,7 @@ File layout (every array 64-byte aligned, in this order):
     counters int64[len(SHARD_COUNTERS)]
     seconds  float64[6]  blocked and call seconds per side, fill_rejected (pool-wide, kept on shard 0)
     state uint8[n], t int64[n], uses int32[n], produced_at int64[n], owner int64[n], deadline float64[n],
-    y int64[n] (has_label), x_t, eps, logvar (has_logvar) [n, C, H, W] storage dtype (bf16 as int16 bits),
+    y int64[n] (has_label), x_t, eps [n, C, H, W] storage dtype (bf16 as int16 bits), logvar (has_logvar) fp32,
     each record array starting 2048 bytes past a page boundary (_align_records)
 
 Locking: ``fcntl.flock`` on the file, exclusive, behind a threading.RLock (threads of one
@@ -48,10 +48,10 @@ import numpy as np
 
 from common.metrics_discovery import pid_alive
 from common.pool.base import PoolError
-from common.pool.codec import WIRE_DTYPES
+from common.pool.codec import WIRE_DTYPES, field_storage
 
 MAGIC = 0x444B444D53484D31          # "DKDMSHM1"
-VERSION = 3
+VERSION = 4                          # 4: logvar in fp32 (codec.field_storage)
 _H_MAGIC, _H_VERSION, _H_N, _H_PID, _H_UID, _H_FLAGS, _H_LAYOUT = range(7)
 FLAG_GROUPS = 1                      # consumer groups attached: only the owner may run transitions
 FLAG_CLOSED = 2
@@ -87,8 +87,8 @@ def _plan(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label:
               ("deadline", np.float64, (n,))]
     if has_label:
         fields.append(("y", np.int64, (n,)))
-    wire = WIRE_DTYPES[storage_dtype]
-    fields += [("x_t", wire, rec), ("eps", wire, rec)] + ([("logvar", wire, rec)] if has_logvar else [])
+    fields += [(name, WIRE_DTYPES[field_storage(name, storage_dtype)], rec)
+               for name in ("x_t", "eps", "logvar")[:2 + has_logvar]]
     out, off = [], 0
     for name, dt, shape in fields:
         off = _align_records(off) if name in ("x_t", "eps", "logvar") else _align(off)

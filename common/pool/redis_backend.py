@@ -33,7 +33,6 @@ from common import metrics
 from common.config import PoolConfig
 from common.pool.base import (
     STATE_NAMES,
-    STORAGE_DTYPES,
     Claim,
     Draw,
     Pool,
@@ -49,7 +48,7 @@ from common.pool.base import (
     t_histogram,
     timeout_message,
 )
-from common.pool.codec import SlotArrays, check_batch, from_numpy, to_numpy, write_snapshot
+from common.pool.codec import SlotArrays, batch_over, check_batch, field_storage, new_arrays, to_numpy, write_snapshot
 from common.pool.identity import check_identity
 from common.pool.local import (
     load_snapshot_for,
@@ -66,7 +65,7 @@ from common.records import EMPTY_T, RecordBatch
 
 logger = logging.getLogger(__name__)
 
-LAYOUT_VERSION = "dkdm-pool-redis/4"
+LAYOUT_VERSION = "dkdm-pool-redis/5"     # 5: logvar in fp32 (codec.field_storage)
 _LUA = "\n".join((Path(__file__).parent / "lua" / f).read_text() for f in ("lib.lua", "groups.lua", "ops.lua"))
 _COUNTERS = ("produced", "inserted", "consumed", "released", "bytes_in", "bytes_out", "expired_leases",
              "expired_claims", "corrupt", "fill_rejected", "draws", "fills", "age_sum")
@@ -101,8 +100,8 @@ class RedisPool(Pool):
         )
         self.codec = RecordCodec(self.record_shape, self.storage_dtype, self.has_logvar, self.has_label)
         # tensor bytes of a record, counted as shard.py counts them (the stored record adds its header)
-        elem = int(np.prod(self.record_shape)) * STORAGE_DTYPES[self.storage_dtype].itemsize
-        self.record_bytes = (2 + self.has_logvar) * elem + 8 + 8 * self.has_label
+        self.record_bytes = sum(a.nbytes for a in new_arrays(1, self.record_shape, self.storage_dtype, self.has_logvar,
+                                                             self.has_label).values())
         self._claims: dict[str, list[tuple[int, list[int]]]] = {}   # claim id -> [(shard, slots in order)]
         self.redis = RedisShards(cfg, self.ranges, self.layout, self.record_bytes, self.codec.record_bytes)
         self.local = self.redis.local               # retries and re-created shards, then this client's seconds
@@ -271,10 +270,10 @@ class RedisPool(Pool):
 
     def _empty(self, n: int) -> RecordBatch:
         """n empty records: zeros (pages the kernel maps only when written), t = EMPTY_T."""
-        dtype, shape = STORAGE_DTYPES[self.storage_dtype], (n, *self.record_shape)
-        return RecordBatch(x_t=torch.zeros(shape, dtype=dtype), t=torch.full((n,), EMPTY_T, dtype=torch.int64),
-                           eps=torch.zeros(shape, dtype=dtype), logvar=torch.zeros(shape, dtype=dtype) if self.has_logvar else None,
-                           y=torch.zeros(n, dtype=torch.int64) if self.has_label else None)
+        out = batch_over(new_arrays(n, self.record_shape, self.storage_dtype, self.has_logvar, self.has_label, zeros=True),
+                         self.storage_dtype)
+        out.t.fill_(EMPTY_T)
+        return out
 
     def _claim_parts(self, claim_id: str) -> list[tuple[int, list[int]]]:
         """A claim made by another client object: its slots per shard, in order, read from the shards."""
@@ -393,7 +392,7 @@ class RedisPool(Pool):
         state = np.full(hi - lo, 2, dtype=np.uint8)        # LEASED written as READY, FILLING as REFILL
         state[[int(m) - lo for m in ready + leased]] = 0
         empty = self._empty(hi - lo)
-        a = {name: to_numpy(getattr(empty, name), self.storage_dtype).copy() for name in self.codec.fields}
+        a = {name: to_numpy(getattr(empty, name), field_storage(name, self.storage_dtype)) for name in self.codec.fields}
         t, y = empty.t.numpy().copy(), None if empty.y is None else empty.y.numpy().copy()
         at = np.array([int(m) - lo for m in held], dtype=np.int64)
         out_uses, out_born = np.zeros(hi - lo, dtype=np.int32), np.zeros(hi - lo, dtype=np.int64)
@@ -401,7 +400,7 @@ class RedisPool(Pool):
         batch, ok = self.codec.decode(recs)
         good = at[ok]
         for name in self.codec.fields:
-            a[name][good] = to_numpy(getattr(batch, name), self.storage_dtype)
+            a[name][good] = to_numpy(getattr(batch, name), field_storage(name, self.storage_dtype))
         t[good] = batch.t.numpy()
         if y is not None:
             y[good] = batch.y.numpy()
@@ -422,7 +421,6 @@ class RedisPool(Pool):
         header, parts = load_snapshot_for(self, path, self.ranges)
         extra = surplus_inserted(header, parts)
         chunk = max(1, _RESTORE_CHUNK // self.codec.record_bytes)
-        st = self.storage_dtype
         for s, (a, bad) in enumerate(parts):
             bad = bad | (a.state > 3)
             keep = ~bad & (a.t != EMPTY_T)
@@ -430,10 +428,8 @@ class RedisPool(Pool):
             self.redis.run([(s, ["restore_begin", self.layout, a.lo, a.lo + len(a), self.record_bytes, extra if s == 0 else 0])])
             for c0 in range(0, len(a), chunk):
                 c1 = min(len(a), c0 + chunk)
-                rows = self.codec.encode(RecordBatch(
-                    x_t=from_numpy(a.x_t[c0:c1], st), t=torch.from_numpy(a.t[c0:c1]), eps=from_numpy(a.eps[c0:c1], st),
-                    logvar=None if a.logvar is None else from_numpy(a.logvar[c0:c1], st),
-                    y=None if a.y is None else torch.from_numpy(a.y[c0:c1])))
+                rows = self.codec.encode(batch_over({name: getattr(a, name)[c0:c1] for name in ("x_t", "t", "eps", "logvar", "y")
+                                                     if getattr(a, name) is not None}, self.storage_dtype))
                 pre, argv = [], ["restore_add", int(bad[c0:c1].sum())]
                 for i in range(c0, c1):
                     m = a.lo + i

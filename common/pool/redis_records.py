@@ -5,7 +5,7 @@ A slot's record is one Redis string, little-endian:
     offset  size  field
     0       8     t (int64)
     8       8     y (int64, 0 without a label)
-    16      ...   x_t, eps[, logvar] raw in the storage dtype (bf16 as its int16 bits)
+    16      ...   x_t, eps raw in the storage dtype (bf16 as its int16 bits)[, logvar raw fp32]
     ...           zeros up to a multiple of 8 bytes
     L - 8   8     checksum: the sum mod 2**64 of every uint64 word before it, plus a salt
 
@@ -21,7 +21,7 @@ import torch
 
 from common.config import mask_url
 from common.pool.base import PoolError
-from common.pool.codec import from_numpy, to_numpy
+from common.pool.codec import field_storage, from_numpy, to_numpy
 from common.records import RecordBatch
 
 CLUSTER_SCHEME = "redis+cluster://"
@@ -35,18 +35,20 @@ class RecordCodec:
 
     def __init__(self, record_shape, storage: str, has_logvar: bool, has_label: bool):
         self.shape, self.storage, self.has_label = tuple(record_shape), storage, has_label
-        self.wire = _WIRE[storage]
         self.fields = ("x_t", "eps") + (("logvar",) if has_logvar else ())
-        self.field_bytes = int(np.prod(self.shape)) * self.wire.itemsize
-        self.body = _HEADER + len(self.fields) * self.field_bytes
+        self.wire = {name: _WIRE[field_storage(name, storage)] for name in self.fields}
+        self.span, off = {}, _HEADER                  # field -> its bytes [start, end) in a record
+        for name in self.fields:
+            self.span[name] = (off, off + int(np.prod(self.shape)) * self.wire[name].itemsize)
+            off = self.span[name][1]
+        self.body = off
         self.record_bytes = -(-self.body // 8) * 8 + 8
 
     def _sums(self, rows: np.ndarray) -> np.ndarray:
         return rows[:, :-8].view("<u8").sum(axis=1, dtype=np.uint64) + _SALT
 
-    def _field(self, rows: np.ndarray, i: int) -> np.ndarray:
-        o = _HEADER + i * self.field_bytes
-        return rows[:, o:o + self.field_bytes]
+    def _field(self, rows: np.ndarray, name: str) -> np.ndarray:
+        return rows[:, slice(*self.span[name])]
 
     def encode(self, batch: RecordBatch) -> np.ndarray:
         """A batch -> its records [n, L] uint8, one row per record."""
@@ -54,8 +56,9 @@ class RecordCodec:
         rows = np.empty((n, self.record_bytes), dtype=np.uint8)
         rows[:, 0:8].view("<i8")[:, 0] = batch.t.cpu().numpy()
         rows[:, 8:16].view("<i8")[:, 0] = 0 if batch.y is None else batch.y.cpu().numpy()
-        for i, name in enumerate(self.fields):
-            self._field(rows, i)[:] = to_numpy(getattr(batch, name), self.storage).reshape(n, -1).view(np.uint8)
+        for name in self.fields:
+            a = to_numpy(getattr(batch, name), field_storage(name, self.storage))
+            self._field(rows, name)[:] = a.reshape(n, -1).view(np.uint8)
         rows[:, self.body:-8] = 0
         rows[:, -8:].view("<u8")[:, 0] = self._sums(rows)
         return rows
@@ -70,8 +73,8 @@ class RecordCodec:
             ok[np.flatnonzero(ok)[~intact]] = False
             rows = rows[intact]
         m = len(rows)
-        fields = {name: from_numpy(np.ascontiguousarray(self._field(rows, i).view(self.wire)).reshape(m, *self.shape),
-                                   self.storage) for i, name in enumerate(self.fields)}
+        fields = {name: from_numpy(np.ascontiguousarray(self._field(rows, name).view(self.wire[name])).reshape(m, *self.shape),
+                                   field_storage(name, self.storage)) for name in self.fields}
         t = rows[:, 0:8].copy().view("<i8")[:, 0]
         y = rows[:, 8:16].copy().view("<i8")[:, 0] if self.has_label else None
         return RecordBatch(x_t=fields["x_t"], t=torch.from_numpy(t), eps=fields["eps"], logvar=fields.get("logvar"),

@@ -387,6 +387,31 @@ def test_half_storage_halves_the_bytes(harness, dtype):
     assert moved[dtype] <= 0.55 * moved["fp32"], moved
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_storage_keeps_logvar_in_fp32(harness, dtype, tmp_path):
+    """Issue 22: x_t and eps in fp16/bf16, logvar in fp32 (its half-precision rounding exceeds Eq. 12's
+    interval at large t). A written logvar reads back bitwise: drawn, claimed, and through a snapshot."""
+    shape, n = (2, 4, 4), 8
+    # values fp16 and bf16 cannot hold (their spacing near 5 is 4e-3 and 3e-2)
+    logvar = -5 + 1e-3 * torch.rand(n, *shape, generator=torch.Generator().manual_seed(0))
+    pool = harness.make(num_slots=n, shards=2, storage_dtype=dtype, record_shape=shape, has_logvar=True)
+    while counts(pool)["REFILL"]:
+        c = pool.claim_refill(n, timeout_s=1.0)
+        rec = make_records(c.slots, torch.full((len(c),), 50), shape, has_logvar=True)
+        rec.logvar = logvar[c.slots].clone()
+        assert pool.fill(c.claim_id, rec)
+    path = str(tmp_path / "pool.snap")
+    pool.snapshot(path)
+    pool.restore(path)
+    d = pool.draw(n)
+    check_records(d.slots, d.batch)
+    assert d.batch.x_t.dtype != torch.float32 and d.batch.logvar.dtype == torch.float32
+    assert torch.equal(d.batch.logvar, logvar[d.slots])
+    pool.release(d.lease_id)                   # each record is drawn once: every slot goes back to REFILL
+    c = pool.claim_refill(n, timeout_s=1.0)
+    assert torch.equal(c.batch.logvar, logvar[c.slots]), "a claim's previous records keep their logvar too"
+
+
 # --- several processes, one killed ---------------------------------------------------------------------------------------
 
 

@@ -133,6 +133,19 @@ def test_a_different_layout_under_the_same_name_is_refused(redis_server):
     pool.close()
 
 
+def test_a_pool_of_an_older_layout_version_is_refused(redis_server, monkeypatch):
+    """Version 4 kept logvar in the storage dtype: today's client would misread its records (issue 22)."""
+    from common.pool import redis_backend
+
+    monkeypatch.setattr(redis_backend, "LAYOUT_VERSION", "dkdm-pool-redis/4")
+    old = make_redis_pool(redis_server, 8, record_shape=SHAPE, shards=2, has_logvar=True, storage_dtype="fp16")
+    monkeypatch.undo()
+    with pytest.raises(PoolError, match="has layout 'dkdm-pool-redis/4 .*this process expects 'dkdm-pool-redis/5 "):
+        make_redis_pool(redis_server, 8, record_shape=SHAPE, shards=2, has_logvar=True, storage_dtype="fp16",
+                        name=old.cfg.name)
+    old.close()
+
+
 def test_every_key_of_a_shard_shares_one_cluster_hash_slot(redis_server):
     """Each script call touches one shard's keys, and all of them hash to one Redis Cluster slot."""
     from redis.crc import key_slot

@@ -21,6 +21,7 @@ from common.pool.base import (
     split_draw,
     t_histogram,
 )
+from common.pool import codec
 from common.pool.codec import batch_over, new_arrays, read_snapshot, to_arrays, write_snapshot, zero_batch
 from common.pool.local import LocalPool
 from common.pool.shard import PoolShard
@@ -76,8 +77,9 @@ def test_preallocated_storage_in_the_storage_dtype():
     sizes = {}
     for dt in ("fp32", "fp16", "bf16"):
         s = shard(n=16, storage_dtype=dt, has_logvar=True, has_label=True)
-        sizes[dt] = sum(s.records[k].nbytes for k in ("x_t", "eps", "logvar"))
-        assert s.records["x_t"].shape == (16, *SHAPE)
+        sizes[dt] = sum(s.records[k].nbytes for k in ("x_t", "eps"))
+        assert s.records["x_t"].shape == s.records["logvar"].shape == (16, *SHAPE)
+        assert s.records["logvar"].dtype == np.float32          # whatever the storage dtype (issue 22)
     assert sizes["fp16"] == sizes["bf16"] == sizes["fp32"] // 2
 
 
@@ -104,6 +106,7 @@ def test_new_arrays_are_the_memory_of_their_batch(dtype, logvar, label):
     batch = batch_over(arrays, dtype)
     assert batch.x_t.dtype == STORAGE_DTYPES[dtype] and batch.x_t.shape == (6, 3, 4, 4) and len(batch) == 6
     assert (batch.logvar is not None) == logvar and (batch.y is not None) == label
+    assert batch.logvar is None or batch.logvar.dtype == torch.float32
     arrays["eps"][2] = 0
     arrays["t"][:] = 7
     assert not batch.eps[2].any() and (batch.t == 7).all()          # the tensors are the arrays: no copy
@@ -156,6 +159,16 @@ def test_snapshot_file_checksums(tmp_path):
         read_snapshot(path)
     with pytest.raises(RecordCorrupt, match="cannot open"):
         read_snapshot(str(tmp_path / "missing.snap"))
+
+
+def test_snapshot_of_an_older_version_is_refused(tmp_path, monkeypatch):
+    """Version 1 kept logvar in the storage dtype: read as today's fp32 it would be misread (issue 22)."""
+    path = str(tmp_path / "v1.snap")
+    monkeypatch.setattr(codec, "SNAPSHOT_VERSION", 1)
+    write_snapshot(path, {"num_slots": 8}, [shard().snapshot(0.0)])
+    monkeypatch.undo()
+    with pytest.raises(RecordCorrupt, match=r"v1.snap: version 1 is not supported \(this build reads version 2"):
+        read_snapshot(path)
 
 
 def test_shard_ranges_and_helpers():
