@@ -35,7 +35,9 @@ import torch
 
 from common.config import Config, load_config
 from common.data import load_dataset, mix_datasets
+from common.diffusion import respaced_timesteps
 from common.images import save_grid
+from common.models.checkpoint import read_config
 from common.teachers import make_teacher
 from student_trainer import experiments as ex
 
@@ -100,24 +102,36 @@ class Context:
 
 def mixture_cfg(ctx: Context, name: str, seed: int, *overrides: str) -> Config:
     b = ctx.budget
-    return load_config(str(ROOT / "configs" / "mixture.yaml"), [
+    cfg = load_config(str(ROOT / "configs" / "mixture.yaml"), [
         f"run.name={name}-s{seed}", f"run.out_dir={ctx.work}", f"run.seed={seed}", "run.progress=false",
         "run.device=cpu", f"distill.steps={b.mix_steps}", f"distill.batch_size={b.mix_batch}",
         f"distill.lr={b.mix_lr}", f"distill.ema_rate={b.ema_rate}", "distill.bf16=false",
         f"teacher.diffusion.respacing='{b.mix_chain}'", "pool.claim_timeout_s=3600",
         f"sample.num_samples={b.mix_eval}", f"sample.steps='{b.sample_steps}'", "metrics.enabled=false", *overrides])
+    return equal_chains(cfg, list(range(cfg.teacher.diffusion.num_timesteps)))
 
 
 def digits_cfg(ctx: Context, name: str, seed: int, teacher: str, *overrides: str) -> Config:
     """configs/digits.yaml (its 0.18M ADM student unless overridden) distilled from the dkdm checkpoint ``teacher``."""
     b = ctx.budget
-    return load_config(str(ROOT / "configs" / "digits.yaml"), [
+    cfg = load_config(str(ROOT / "configs" / "digits.yaml"), [
         f"run.name={name}-s{seed}", f"run.out_dir={ctx.work}", f"run.seed={seed}", "run.progress=false",
         "run.device=cpu", f"teacher.path={teacher}", "teacher.device=cpu",
         f"teacher.diffusion.respacing='{b.digits_chain}'", "pool.claim_timeout_s=3600",
         f"distill.steps={b.digits_steps}", f"distill.batch_size={b.digits_batch}", f"distill.lr={b.digits_lr}",
         f"distill.ema_rate={b.ema_rate}", "distill.teacher_microbatch=256", f"sample.num_samples={b.digits_eval}",
         f"sample.steps='{b.sample_steps}'", "data.dataset=digits", "metrics.enabled=false", *overrides])
+    d = read_config(teacher)["diffusion"]
+    return equal_chains(cfg, d.get("timestep_map") or list(range(d["num_timesteps"])))
+
+
+def equal_chains(cfg: Config, network_timesteps: list[int]) -> Config:
+    """Every method of a table samples on the same original timesteps (issue 22): those a DKDM student on
+    the distillation chain (``teacher.diffusion.respacing`` of the teacher network's ``network_timesteps``)
+    visits with ``sample.steps`` of it; the baselines, trained on the full chain, follow them too."""
+    kept = respaced_timesteps(len(network_timesteps), cfg.teacher.diffusion.respacing, cfg.sample.steps)
+    cfg.sample.timesteps = [int(network_timesteps[i]) for i in kept]
+    return cfg
 
 
 def digits_teacher_path(ctx: Context) -> str:
@@ -371,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.replicate_report import write_report
     if not args.report_only:
-        results.update(budget=asdict(budget), command=command_line(args), quick=args.quick,
+        results.update(budget=asdict(budget), command=command_line(args), quick=args.quick, equal_chains=True,
                        torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count())
         t_all = time.perf_counter()
         for name in args.only or EXPERIMENTS:

@@ -24,6 +24,8 @@ TABLE2_ROWS = [("teacher", "Teacher"), ("data_based", "Data-Based Training"),
                ("data_limited_10", "Data-Limited Training (10%)"), ("data_limited_5", "Data-Limited Training (5%)"),
                ("data_free", "Data-Free Training (0%)"), ("dkdm", "Dynamic Iterative Distillation (DKDM)"),
                ("untrained", "Untrained student (reference)"), ("real_data", "Real digits (reference)")]
+EQUAL_CHAINS = (" of the DKDM student's distillation chain, named as original timesteps of T = 1000 so that every "
+                "model of a table (the full-chain baselines and the teacher included) samples on the same steps")
 REFERENCE_ROWS = {"teacher", "data_based", "untrained", "real_data"}   # not in the comparison (as the paper)
 
 
@@ -328,7 +330,8 @@ def write_report(results: dict, out: Path) -> Path:
               f"Digits: {b.get('digits_steps')} steps, batch {b.get('digits_batch')}, {b.get('digits_eval')} samples "
               f"scored. EMA {b.get('ema_rate')}. Synthetic sets: {b.get('num_real')} (mixture) / {b.get('digits_real', 1797)} (digits) "
               f"images, teacher sampled with {b.get('synth_steps')} respaced steps. Samples of every model: "
-              f"{b.get('sample_steps', '50')} respaced ancestral steps. Distillation chains: {b.get('mix_chain', '100')} "
+              f"{b.get('sample_steps', '50')} respaced ancestral steps{EQUAL_CHAINS if results.get('equal_chains') else ''}. "
+              f"Distillation chains: {b.get('mix_chain', '100')} "
               f"(mixture) / {b.get('digits_chain', '100')} (digits) respaced steps of T = 1000. One CPU thread per process (`torch.set_num_threads(1)`); machine: "
               f"{results.get('cpu_count')} cores.", ""]
     for note in results.get("notes", []):
