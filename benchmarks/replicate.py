@@ -4,6 +4,7 @@
     python benchmarks/replicate.py --quick --out /tmp/r # a few minutes, 1 seed, tiny budgets (the test)
     python benchmarks/replicate.py --only fig4b_rho     # one experiment; others keep their saved results
     python benchmarks/replicate.py --report-only        # rewrite the report from docs/replication/results.json
+    python benchmarks/replicate.py --curves --jobs 2    # learning curves of Tables 2 and 5 (hours; replicate_curves.py)
 
 Experiments (each seeded, ``--seeds`` seeds, mean and standard deviation):
     table2_mixture   teacher / data-based / data-limited 5-20 % / data-free / DKDM on the analytic mixture (exact)
@@ -356,6 +357,9 @@ def command_line(args) -> str:
         parts.append(f"--out {args.out}")
     if args.only:
         parts.append("--only " + " ".join(args.only))
+    if args.curves:
+        parts.append(f"--curves --tables {' '.join(args.tables)} --steps {args.steps} --max-steps {args.max_steps} "
+                     f"--eval-every {args.eval_every} --jobs {args.jobs}")
     return " ".join(parts)
 
 
@@ -371,7 +375,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="run folders (default runs/replicate[-quick])")
     p.add_argument("--only", nargs="+", choices=EXPERIMENTS, help="run only these experiments")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from saved results")
+    c = p.add_argument_group("learning curves (issue 22; benchmarks/replicate_curves.py)")
+    c.add_argument("--curves", action="store_true", help="FID against steps for Tables 2 (digits) and 5")
+    c.add_argument("--tables", nargs="+", default=["table2_digits", "table5_cross"],
+                   choices=["table2_digits", "table5_cross"])
+    c.add_argument("--steps", type=int, default=5000, help="every student trains at least this far")
+    c.add_argument("--max-steps", type=int, default=10000, help="and on to here unless data-based is within 2x")
+    c.add_argument("--eval-every", type=int, default=1000, help="FID every this many steps")
+    c.add_argument("--jobs", type=int, default=2, help="runs side by side, one process each")
     args = p.parse_args(argv)
+    if args.curves and (args.eval_every < 1 or args.steps % args.eval_every or args.max_steps < args.steps):
+        p.error("--curves: --steps must be a multiple of --eval-every and no more than --max-steps")
     torch.set_num_threads(1)
     budget = QUICK if args.quick else Budget()
     if args.seeds is not None:
@@ -380,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or (ROOT / "runs" / ("replicate-quick" if args.quick else "replicate")))
     ctx = Context(budget, work, out, args.quick, seeds=list(range(budget.seeds)))
     ctx.assets.mkdir(parents=True, exist_ok=True)
+    if args.curves:
+        return curves_main(ctx, args)
     results_path = ctx.assets / "results.json"
     results = load_results(results_path)
 
@@ -403,6 +419,19 @@ def main(argv: list[str] | None = None) -> int:
         results_path.write_text(json.dumps(results, indent=1, default=float))
     write_report(results, out)
     print(f"[replicate] report: {out / 'replication.md'}")
+    return 0
+
+
+def curves_main(ctx: Context, args) -> int:
+    from benchmarks.replicate_curves import run_curves
+    from benchmarks.replicate_report import write_curves_report
+
+    if args.report_only:
+        path = write_curves_report(load_results(ctx.assets / "curves.json"), ctx.out)
+    else:
+        run_curves(ctx, args.tables, args.steps, args.max_steps, args.eval_every, args.jobs, command_line(args))
+        path = ctx.out / "replication_curves.md"
+    print(f"[curves] report: {path}")
     return 0
 
 
