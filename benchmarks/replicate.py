@@ -4,6 +4,7 @@
     python benchmarks/replicate.py --quick --out /tmp/r # a few minutes, 1 seed, tiny budgets (the test)
     python benchmarks/replicate.py --only fig4b_rho     # one experiment; others keep their saved results
     python benchmarks/replicate.py --report-only        # rewrite the report from docs/replication/results.json
+    python benchmarks/replicate.py --curves --jobs 2    # learning curves of Tables 2 and 5 (hours; replicate_curves.py)
 
 Experiments (each seeded, ``--seeds`` seeds, mean and standard deviation):
     table2_mixture   teacher / data-based / data-limited 5-20 % / data-free / DKDM on the analytic mixture (exact)
@@ -35,7 +36,9 @@ import torch
 
 from common.config import Config, load_config
 from common.data import load_dataset, mix_datasets
+from common.diffusion import respaced_timesteps
 from common.images import save_grid
+from common.models.checkpoint import read_config
 from common.teachers import make_teacher
 from student_trainer import experiments as ex
 
@@ -100,24 +103,36 @@ class Context:
 
 def mixture_cfg(ctx: Context, name: str, seed: int, *overrides: str) -> Config:
     b = ctx.budget
-    return load_config(str(ROOT / "configs" / "mixture.yaml"), [
+    cfg = load_config(str(ROOT / "configs" / "mixture.yaml"), [
         f"run.name={name}-s{seed}", f"run.out_dir={ctx.work}", f"run.seed={seed}", "run.progress=false",
         "run.device=cpu", f"distill.steps={b.mix_steps}", f"distill.batch_size={b.mix_batch}",
         f"distill.lr={b.mix_lr}", f"distill.ema_rate={b.ema_rate}", "distill.bf16=false",
         f"teacher.diffusion.respacing='{b.mix_chain}'", "pool.claim_timeout_s=3600",
         f"sample.num_samples={b.mix_eval}", f"sample.steps='{b.sample_steps}'", "metrics.enabled=false", *overrides])
+    return equal_chains(cfg, list(range(cfg.teacher.diffusion.num_timesteps)))
 
 
 def digits_cfg(ctx: Context, name: str, seed: int, teacher: str, *overrides: str) -> Config:
     """configs/digits.yaml (its 0.18M ADM student unless overridden) distilled from the dkdm checkpoint ``teacher``."""
     b = ctx.budget
-    return load_config(str(ROOT / "configs" / "digits.yaml"), [
+    cfg = load_config(str(ROOT / "configs" / "digits.yaml"), [
         f"run.name={name}-s{seed}", f"run.out_dir={ctx.work}", f"run.seed={seed}", "run.progress=false",
         "run.device=cpu", f"teacher.path={teacher}", "teacher.device=cpu",
         f"teacher.diffusion.respacing='{b.digits_chain}'", "pool.claim_timeout_s=3600",
         f"distill.steps={b.digits_steps}", f"distill.batch_size={b.digits_batch}", f"distill.lr={b.digits_lr}",
         f"distill.ema_rate={b.ema_rate}", "distill.teacher_microbatch=256", f"sample.num_samples={b.digits_eval}",
         f"sample.steps='{b.sample_steps}'", "data.dataset=digits", "metrics.enabled=false", *overrides])
+    d = read_config(teacher)["diffusion"]
+    return equal_chains(cfg, d.get("timestep_map") or list(range(d["num_timesteps"])))
+
+
+def equal_chains(cfg: Config, network_timesteps: list[int]) -> Config:
+    """Every method of a table samples on the same original timesteps (issue 22): those a DKDM student on
+    the distillation chain (``teacher.diffusion.respacing`` of the teacher network's ``network_timesteps``)
+    visits with ``sample.steps`` of it; the baselines, trained on the full chain, follow them too."""
+    kept = respaced_timesteps(len(network_timesteps), cfg.teacher.diffusion.respacing, cfg.sample.steps)
+    cfg.sample.timesteps = [int(network_timesteps[i]) for i in kept]
+    return cfg
 
 
 def digits_teacher_path(ctx: Context) -> str:
@@ -342,6 +357,9 @@ def command_line(args) -> str:
         parts.append(f"--out {args.out}")
     if args.only:
         parts.append("--only " + " ".join(args.only))
+    if args.curves:
+        parts.append(f"--curves --tables {' '.join(args.tables)} --steps {args.steps} --max-steps {args.max_steps} "
+                     f"--eval-every {args.eval_every} --jobs {args.jobs}")
     return " ".join(parts)
 
 
@@ -357,7 +375,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="run folders (default runs/replicate[-quick])")
     p.add_argument("--only", nargs="+", choices=EXPERIMENTS, help="run only these experiments")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from saved results")
+    c = p.add_argument_group("learning curves (issue 22; benchmarks/replicate_curves.py)")
+    c.add_argument("--curves", action="store_true", help="FID against steps for Tables 2 (digits) and 5")
+    c.add_argument("--tables", nargs="+", default=["table2_digits", "table5_cross"],
+                   choices=["table2_digits", "table5_cross"])
+    c.add_argument("--steps", type=int, default=5000, help="every student trains at least this far")
+    c.add_argument("--max-steps", type=int, default=10000, help="and on to here unless data-based is within 2x")
+    c.add_argument("--eval-every", type=int, default=1000, help="FID every this many steps")
+    c.add_argument("--jobs", type=int, default=2, help="runs side by side, one process each")
     args = p.parse_args(argv)
+    if args.curves and (args.eval_every < 1 or args.steps % args.eval_every or args.max_steps < args.steps):
+        p.error("--curves: --steps must be a multiple of --eval-every and no more than --max-steps")
     torch.set_num_threads(1)
     budget = QUICK if args.quick else Budget()
     if args.seeds is not None:
@@ -366,12 +394,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or (ROOT / "runs" / ("replicate-quick" if args.quick else "replicate")))
     ctx = Context(budget, work, out, args.quick, seeds=list(range(budget.seeds)))
     ctx.assets.mkdir(parents=True, exist_ok=True)
+    if args.curves:
+        return curves_main(ctx, args)
     results_path = ctx.assets / "results.json"
     results = load_results(results_path)
 
     from benchmarks.replicate_report import write_report
     if not args.report_only:
-        results.update(budget=asdict(budget), command=command_line(args), quick=args.quick,
+        results.update(budget=asdict(budget), command=command_line(args), quick=args.quick, equal_chains=True,
                        torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count())
         t_all = time.perf_counter()
         for name in args.only or EXPERIMENTS:
@@ -389,6 +419,19 @@ def main(argv: list[str] | None = None) -> int:
         results_path.write_text(json.dumps(results, indent=1, default=float))
     write_report(results, out)
     print(f"[replicate] report: {out / 'replication.md'}")
+    return 0
+
+
+def curves_main(ctx: Context, args) -> int:
+    from benchmarks.replicate_curves import run_curves
+    from benchmarks.replicate_report import write_curves_report
+
+    if args.report_only:
+        path = write_curves_report(load_results(ctx.assets / "curves.json"), ctx.out)
+    else:
+        run_curves(ctx, args.tables, args.steps, args.max_steps, args.eval_every, args.jobs, command_line(args))
+        path = ctx.out / "replication_curves.md"
+    print(f"[curves] report: {path}")
     return 0
 
 

@@ -24,6 +24,9 @@ TABLE2_ROWS = [("teacher", "Teacher"), ("data_based", "Data-Based Training"),
                ("data_limited_10", "Data-Limited Training (10%)"), ("data_limited_5", "Data-Limited Training (5%)"),
                ("data_free", "Data-Free Training (0%)"), ("dkdm", "Dynamic Iterative Distillation (DKDM)"),
                ("untrained", "Untrained student (reference)"), ("real_data", "Real digits (reference)")]
+EQUAL_CHAINS = (" of the DKDM student's distillation chain, named as original timesteps of T = 1000 so that every "
+                "model of a table (the full-chain baselines and the teacher included) samples on the same steps")
+QUICK_WARNING = "**This report is from `--quick`: tiny budgets, numbers are a smoke test, not results.**"
 REFERENCE_ROWS = {"teacher", "data_based", "untrained", "real_data"}   # not in the comparison (as the paper)
 
 
@@ -310,10 +313,15 @@ def _grid_table(out: Path, exp: str, methods: list[str]) -> list[str]:
     return lines
 
 
-def write_report(results: dict, out: Path) -> Path:
-    out = Path(out)
-    assets = out / "replication"
+def assets_dir(out: Path) -> Path:
+    """``<out>/replication``, where the results, plots and sample grids of both reports live."""
+    assets = Path(out) / "replication"
     assets.mkdir(parents=True, exist_ok=True)
+    return assets
+
+
+def write_report(results: dict, out: Path) -> Path:
+    out, assets = Path(out), assets_dir(out)
     exps = results.get("experiments", {})
     b = results.get("budget", {})
     L = ["# DKDM: a scaled-down replication of the paper's results", ""]
@@ -321,14 +329,15 @@ def write_report(results: dict, out: Path) -> Path:
           "`python benchmarks/replicate.py --report-only` to re-render from `replication/results.json`).", ""]
     L += ["## How this was run", "", "    " + results.get("command", "python benchmarks/replicate.py"), ""]
     if results.get("quick"):
-        L += ["**This report is from `--quick`: tiny budgets, numbers are a smoke test, not results.**", ""]
+        L += [QUICK_WARNING, ""]
     if b:
         L += [f"Seeds: {b.get('seeds')} (mean ± sample standard deviation over seeds). Mixture: "
               f"{b.get('mix_steps')} student steps, batch {b.get('mix_batch')}, {b.get('mix_eval')} samples scored. "
               f"Digits: {b.get('digits_steps')} steps, batch {b.get('digits_batch')}, {b.get('digits_eval')} samples "
               f"scored. EMA {b.get('ema_rate')}. Synthetic sets: {b.get('num_real')} (mixture) / {b.get('digits_real', 1797)} (digits) "
               f"images, teacher sampled with {b.get('synth_steps')} respaced steps. Samples of every model: "
-              f"{b.get('sample_steps', '50')} respaced ancestral steps. Distillation chains: {b.get('mix_chain', '100')} "
+              f"{b.get('sample_steps', '50')} respaced ancestral steps{EQUAL_CHAINS if results.get('equal_chains') else ''}. "
+              f"Distillation chains: {b.get('mix_chain', '100')} "
               f"(mixture) / {b.get('digits_chain', '100')} (digits) respaced steps of T = 1000. One CPU thread per process (`torch.set_num_threads(1)`); machine: "
               f"{results.get('cpu_count')} cores.", ""]
     for note in results.get("notes", []):
@@ -434,3 +443,166 @@ def write_report(results: dict, out: Path) -> Path:
 
 def relpath(p: str | os.PathLike, start: Path) -> str:
     return os.path.relpath(p, start)
+
+
+# --- learning curves (benchmarks/replicate_curves.py) -----------------------------------------------
+
+CURVE_TITLES = {"table2_digits": "Table 2 (digits): FID against training steps",
+                "table5_cross": "Table 5 (CNN/ViT students and teachers): FID against training steps"}
+
+
+def curve_label(method: str) -> str:
+    labels = dict(TABLE2_ROWS)
+    if method in labels:
+        return labels[method]
+    if method.startswith("teacher_"):
+        return f"Teacher ({method.split('_')[1]})"
+    student, teacher, kind = method.split("_", 2)
+    return f"{student[:-1]} student ← {teacher[:-1]} teacher, {'DKDM' if kind == 'dkdm' else 'data-free'}"
+
+
+def curve_points(results: dict, exp: str) -> dict[str, dict[int, list[float]]]:
+    """method -> step -> the FID of each seed there (in the order the methods were first scored)."""
+    out: dict[str, dict[int, list[float]]] = {}
+    for p in results.get("points", []):
+        if p["exp"] == exp:
+            out.setdefault(p["method"], {}).setdefault(p["step"], []).append(p["metrics"]["fid"])
+    return dict(sorted(out.items(), key=lambda kv: curve_order(kv[0])))
+
+
+def curve_order(method: str) -> tuple:
+    """Teachers first, then Table 2's row order, or Table 5's (teacher, student, data-free before DKDM)."""
+    rows = [k for k, _ in TABLE2_ROWS]
+    if method in rows:
+        return (0, rows.index(method))
+    if method.startswith("teacher_"):
+        return (0, method)
+    student, teacher, kind = method.split("_", 2)
+    return (1, teacher, student, kind != "data_free")
+
+
+def plot_fid_curves(curves: dict, path: Path, title: str) -> None:
+    """One line a method (mean over seeds), a band from the best to the worst seed; teachers as flat lines."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, (method, by_step) in enumerate(curves.items()):
+        steps = sorted(by_step)
+        lo, mid, hi = (np.array([f(by_step[s]) for s in steps]) for f in (np.min, np.mean, np.max))
+        color = f"C{i % 10}"
+        if method.startswith("teacher"):
+            ax.axhline(mid[0], ls="--", lw=1, c=color, label=f"{curve_label(method)} (reference)")
+            ax.axhspan(lo[0], hi[0], color=color, alpha=0.1)
+            continue
+        ax.plot(steps, mid, marker="o", ms=3, c=color, label=curve_label(method),
+                ls="-" if "dkdm" in method else ("-." if "data_free" in method else ":"))
+        ax.fill_between(steps, lo, hi, color=color, alpha=0.15)
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("digits FID (log scale; lower is better)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def crossings(curves: dict, a: str, b: str) -> str | None:
+    """Where the mean curves of ``a`` and ``b`` change order, in words (None: either is missing)."""
+    if a not in curves or b not in curves:
+        return None
+    steps = sorted(set(curves[a]) & set(curves[b]))
+    if not steps:
+        return None
+    below = [float(np.mean(curves[a][s])) < float(np.mean(curves[b][s])) for s in steps]
+    la, lb = curve_label(a), curve_label(b)
+    if all(below) or not any(below):
+        first, second = (la, lb) if below[0] else (lb, la)
+        return f"{first} is below {second} at every step scored ({steps[0]}–{steps[-1]})."
+    swaps = [f"between {steps[i]} and {steps[i + 1]} ({la if below[i + 1] else lb} below after)"
+             for i in range(len(steps) - 1) if below[i] != below[i + 1]]
+    return f"{la} vs {lb}: the curves cross " + "; ".join(swaps) + "."
+
+
+def curve_pairs(exp: str) -> list[tuple[str, str]]:
+    if exp == "table2_digits":
+        return [("dkdm", "data_free"), ("dkdm", "data_based"), ("data_free", "data_based")]
+    return [(f"{s}S_{t}T_dkdm", f"{s}S_{t}T_data_free") for t in ("CNN", "ViT") for s in ("CNN", "ViT")]
+
+
+def final_fid_table(curves: dict) -> list[str]:
+    """FID at each method's last step scored: mean ± std, best and worst seed."""
+    lines = ["| method | step | FID ↓ (mean ± std) | best – worst seed | seeds |", "|---|---|---|---|---|"]
+    for method, by_step in curves.items():
+        step = max(by_step)
+        v = np.array(by_step[step])
+        sd = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        lines.append(f"| {curve_label(method)} | {step} | {fmt(float(v.mean()), sd, 2)} | "
+                     f"{v.min():.2f} – {v.max():.2f} | {len(v)} |")
+    return lines
+
+
+def cost_table(results: dict) -> list[str]:
+    """Measured seconds per training step (segments after the first: no warm-up) and per FID point."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    ev = results.get("eval_every", 1)
+    for p in results.get("points", []):
+        if "copy_of" in p:
+            continue
+        kind = "teacher" if p["method"].startswith("teacher") else (
+            "dkdm" if p["method"].endswith("dkdm") else "baseline")
+        r = rows.setdefault(f"{p['exp']} {kind}", {"step": [], "eval": []})
+        r["eval"].append(p["eval_s"])
+        if kind != "teacher" and p["step"] > ev:
+            r["step"].append(p["train_s"] / ev)
+    lines = ["| runs | s per training step | s per FID point |", "|---|---|---|"]
+    for name, r in rows.items():
+        step = f"{np.mean(r['step']):.3f}" if r["step"] else "–"
+        lines.append(f"| {name} | {step} | {np.mean(r['eval']):.1f} |")
+    return lines
+
+
+def write_curves_report(results: dict, out: Path) -> Path:
+    out, assets = Path(out), assets_dir(out)
+    b = results.get("budget", {})
+    L = ["# Learning curves: Table 2 (digits) and Table 5 at a long budget", "",
+         "Generated by `benchmarks/replicate.py --curves` (do not edit by hand: rerun it, or add `--report-only` "
+         "to re-render from `replication/curves.json`).", "",
+         "## How this was run", "", "    " + results.get("command", "python benchmarks/replicate.py --curves"), ""]
+    notes = assets / "curves_notes.md"     # hand-written: the long run's command and how long it takes
+    if notes.is_file():
+        L += [notes.read_text().rstrip(), ""]
+    if results.get("quick"):
+        L += [QUICK_WARNING, ""]
+    if b:
+        L += [f"Seeds: {b.get('seeds')}. Every student trains to {results.get('steps')} steps, then on to "
+              f"{results.get('max_steps')} unless the data-based student's mean FID is within "
+              f"2× of the teacher's; FID every {results.get('eval_every')} steps from {b.get('digits_eval')} EMA "
+              f"samples against all 1797 real digits (the project's digits feature space). Batch "
+              f"{b.get('digits_batch')}, lr {b.get('digits_lr')}, EMA {b.get('ema_rate')}. DKDM distils on a "
+              f"{b.get('digits_chain')}-step respacing of the teacher's T = 1000 chain; every model of a table "
+              f"(teacher, DKDM, and the baselines trained on the full chain) is sampled with {b.get('sample_steps')} "
+              f"ancestral steps on the same original timesteps, those of the DKDM student's chain. Synthetic sets: "
+              f"{b.get('digits_real')} teacher samples ({b.get('synth_steps')} steps). Bands: best to worst seed.", ""]
+    if not results.get("points"):
+        L += ["No results yet: start the command above.", ""]
+    for exp in ("table2_digits", "table5_cross"):
+        curves = curve_points(results, exp)
+        if not curves:
+            continue
+        png = f"curves_{exp}.png"
+        plot_fid_curves(curves, assets / png, CURVE_TITLES[exp])
+        L += [f"## {CURVE_TITLES[exp]}", "", f"![{exp}](replication/{png})", ""]
+        L += final_fid_table(curves) + [""]
+        copied = sorted({f"{curve_label(p['method'])} = {p['copy_of']}" for p in results["points"]
+                         if p["exp"] == exp and "copy_of" in p})
+        if copied:
+            L += ["Trained once for both tables (the same student, teacher, seeds and steps): " + "; ".join(copied)
+                  + ".", ""]
+        L += [f"- {c}" for c in (crossings(curves, a, b) for a, b in curve_pairs(exp)) if c] + [""]
+        L += _grid_table(out, f"curves_{exp}", [m for m in curves]) + [""]
+    if results.get("points"):
+        L += ["## Measured cost", "", f"One thread per run, {results.get('jobs')} runs side by side on "
+              f"{results.get('cpu_count')} cores:", ""] + cost_table(results) + [""]
+    path = out / "replication_curves.md"
+    path.write_text("\n".join(L) + "\n")
+    return path

@@ -132,6 +132,10 @@ class DistillConfig(_Strict):
 class SampleConfig(_Strict):
     sampler: Literal["ancestral", "ddim"] = "ancestral"
     steps: str = "50"
+    # Original timesteps of the T-step schedule to sample on, instead of the ``steps`` respacing of the
+    # model's own chain: models on different chains (a full-chain baseline, a respaced DKDM student)
+    # then sample on the same steps. Each must be on the model's chain.
+    timesteps: list[int] | None = None
     eta: float = 0.0
     num_samples: int = Field(64, ge=1)
     batch_size: int = Field(256, ge=1)

@@ -110,7 +110,7 @@ def synthesize(cfg: Config) -> dict:
         raise ValueError("data.synthetic_dir is required for synth")
     device = resolve_device(cfg.run.device)
     teacher = make_teacher(cfg.teacher, device)
-    scfg = cfg.sample.model_copy(update={"sampler": dc.synth_sampler, "steps": dc.synth_steps})
+    scfg = cfg.sample.model_copy(update={"sampler": dc.synth_sampler, "steps": dc.synth_steps, "timesteps": None})
     bar = None
     with SyntheticShardWriter(dc.synthetic_dir, dc.shard_size) as writer:
         if cfg.run.progress:

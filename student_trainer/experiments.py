@@ -54,7 +54,7 @@ def compare_on_mixture(cfg: Config, methods=("dkdm", "data_free", "data_based", 
             if method == "data_based":
                 x = mixture.sample(num_data, generator=gen)[0].float()
             else:   # the teacher's synthetic set, same size, 100-step sampling as the paper's larger sets
-                scfg = cfg.sample.model_copy(update={"steps": "100", "num_samples": num_data})
+                scfg = cfg.sample.model_copy(update={"steps": "100", "timesteps": None, "num_samples": num_data})
                 x = sample_teacher(teacher, scfg, seed=cfg.run.seed + 1)[0]
             run.teacher.diffusion.respacing = ""      # standard training samples t from the full schedule
             out = train_on_data(run, data=(x.clamp(-1, 1), None))
@@ -135,7 +135,8 @@ def compare_on_digits(cfg: Config, methods=("dkdm", "data_free", "data_based", "
             if method == "data_based":
                 x = load_dataset("digits")[0]
             else:
-                scfg = cfg.sample.model_copy(update={"steps": cfg.data.synth_steps, "sampler": cfg.data.synth_sampler})
+                scfg = cfg.sample.model_copy(update={"steps": cfg.data.synth_steps, "timesteps": None,
+                                                      "sampler": cfg.data.synth_sampler})
                 x = sample_teacher(teacher, scfg, seed=cfg.run.seed + 1, num_samples=cfg.data.num_synthetic)[0]
             res = score(train_on_data(run, data=(x.clamp(-1, 1), None))["checkpoint"])
         elif method == "teacher":
@@ -246,6 +247,8 @@ def teacher_samples(teacher, cfg: Config, num: int | None = None, steps: str | N
                     seed: int | None = None) -> torch.Tensor:
     """``num`` teacher samples on ``steps`` (default ``cfg.sample``): the synthetic set of the data-free baseline."""
     scfg = cfg.sample.model_copy(update={k: v for k, v in (("steps", steps), ("num_samples", num)) if v is not None})
+    if steps is not None:
+        scfg.timesteps = None       # ``steps`` of the teacher's own chain, not the scoring timesteps
     x, _ = sample_teacher(teacher, scfg, seed=cfg.run.seed + 7 if seed is None else seed)
     return x.clamp(-1, 1)
 

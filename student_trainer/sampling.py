@@ -7,7 +7,9 @@ from typing import Callable
 import torch
 
 from common.config import SampleConfig
-from common.diffusion import Diffusion, ancestral_sample, bound_v, ddim_sample, respace, space_timesteps
+import numpy as np
+
+from common.diffusion import Diffusion, ancestral_sample, bound_v, ddim_sample, keep_timesteps, respace
 from common.teachers.base import Teacher
 from common.teachers.latent import latent_decoder
 from student_trainer.losses import split_output
@@ -27,14 +29,22 @@ def network_denoiser(model: torch.nn.Module, d: Diffusion, channels: int, v_boun
     return denoise
 
 
-def teacher_denoiser(teacher: Teacher, steps: str) -> tuple[Diffusion, Callable]:
-    """(respaced chain, denoise on its indices): index i of the respacing is teacher chain index kept[i]."""
-    kept = torch.tensor(sorted(space_timesteps(teacher.diffusion.num_timesteps, steps)), dtype=torch.long)
+def sampling_chain(chain: Diffusion, cfg: SampleConfig) -> Diffusion:
+    """The steps of ``chain`` a sampler visits: the original ``cfg.timesteps`` when given, else the
+    ``cfg.steps`` respacing of ``chain``."""
+    return keep_timesteps(chain, cfg.timesteps) if cfg.timesteps else respace(chain, cfg.steps)
+
+
+def teacher_denoiser(teacher: Teacher, cfg: SampleConfig) -> tuple[Diffusion, Callable]:
+    """(sampling chain, denoise on its indices): index i of the sampling chain is teacher chain index kept[i]."""
+    d = sampling_chain(teacher.diffusion, cfg)
+    # both timestep maps increase, and every step of d is on the teacher's chain
+    kept = torch.from_numpy(np.searchsorted(teacher.diffusion.timestep_map, d.timestep_map)).long()
 
     def denoise(x_t, t, y=None):
         return teacher.predict(x_t, kept.to(t.device)[t], y)
 
-    return respace(teacher.diffusion, steps), denoise
+    return d, denoise
 
 
 def run_sampler(d: Diffusion, denoise: Callable, var_type: str, cfg: SampleConfig, image_shape: tuple[int, int, int],
@@ -70,9 +80,9 @@ def sample_images(model: torch.nn.Module, chain: Diffusion, var_type: str, cfg: 
                   device: torch.device, num_samples: int | None = None, progress: bool = False,
                   clip_denoised: bool = True, *, v_bound: str,
                   decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Samples of a network trained on ``chain``, on the respacing ``cfg.steps`` of it, its v bounded by
+    """Samples of a network trained on ``chain``, on ``sampling_chain(chain, cfg)``, its v bounded by
     ``v_bound`` (the trainer's, or a checkpoint's ``checkpoint_v_bound``); latents decoded by ``decode``."""
-    d = respace(chain, cfg.steps)
+    d = sampling_chain(chain, cfg)
     denoise = network_denoiser(model.eval(), d, image_shape[0], v_bound)
     return run_sampler(d, denoise, var_type, cfg, image_shape, num_classes, seed, device, num_samples, progress,
                        clip_denoised, decode)
@@ -82,6 +92,6 @@ def sample_teacher(teacher: Teacher, cfg: SampleConfig, seed: int, num_samples: 
                    progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Samples of any teacher (a checkpoint loaded as a ``dkdm`` teacher included); a latent teacher's are
     decoded to images by its autoencoder."""
-    d, denoise = teacher_denoiser(teacher, cfg.steps)
+    d, denoise = teacher_denoiser(teacher, cfg)
     return run_sampler(d, denoise, teacher.var_type, cfg, teacher.image_shape, teacher.num_classes, seed,
                        teacher.device, num_samples, progress, teacher.clip_denoised, latent_decoder(teacher))

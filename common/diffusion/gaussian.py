@@ -139,7 +139,27 @@ def respace(d: Diffusion, respacing: str) -> Diffusion:
     """
     if not respacing:
         return d
-    kept = sorted(space_timesteps(d.num_timesteps, respacing))
+    return _sub_chain(d, sorted(space_timesteps(d.num_timesteps, respacing)))
+
+
+def keep_timesteps(d: Diffusion, timesteps) -> Diffusion:
+    """The sub-chain of ``d`` at the original (network) timesteps ``timesteps``, each one on ``d``'s chain.
+
+    A respacing named by original timesteps rather than by counts of ``d``'s own steps: a full chain
+    and any respacing of it that holds ``timesteps`` give the same chain (the same timestep map, and
+    betas equal up to float64 rounding), so models trained on different chains sample on the same steps.
+    """
+    index = {int(t): i for i, t in enumerate(d.timestep_map)}
+    want = sorted({int(t) for t in timesteps})
+    missing = [t for t in want if t not in index]
+    if not want or missing:
+        raise ValueError(f"timesteps {missing or want} are not on this {d.num_timesteps}-step chain "
+                         f"(its timesteps run {int(d.timestep_map[0])}..{int(d.timestep_map[-1])})")
+    return _sub_chain(d, [index[t] for t in want])
+
+
+def _sub_chain(d: Diffusion, kept: list[int]) -> Diffusion:
+    """The chain of ``d``'s indices ``kept`` (increasing), its alphas_cumprod unchanged (see ``respace``)."""
     last = 1.0
     new_betas = []
     for i in kept:

@@ -93,6 +93,17 @@ def space_timesteps(num_timesteps: int, section_counts: str) -> set[int]:
     return set(all_steps)
 
 
+def respaced_timesteps(num_timesteps: int, *respacings: str) -> list[int]:
+    """The original timesteps (increasing) left after respacing a ``num_timesteps`` chain by each of
+    ``respacings`` in turn ("" keeps every step): what ``respace(respace(d, r1), r2).timestep_map`` holds."""
+    _check_num_timesteps(num_timesteps)
+    kept = list(range(num_timesteps))
+    for r in respacings:
+        if r:
+            kept = [kept[i] for i in sorted(space_timesteps(len(kept), r))]
+    return kept
+
+
 def _parse_count(text: str, spec: str) -> int:
     try:
         count = int(text)

@@ -9,8 +9,10 @@ from common.diffusion import (
     Diffusion,
     betas_for_alpha_bar,
     get_named_beta_schedule,
+    keep_timesteps,
     make_diffusion,
     respace,
+    respaced_timesteps,
     space_timesteps,
 )
 
@@ -146,6 +148,23 @@ def test_respacing_a_respaced_chain_composes_the_timestep_maps():
     inner = sorted(space_timesteps(100, "10"))
     assert np.array_equal(r10.timestep_map, r100.timestep_map[inner])
     assert np.allclose(r10.alphas_cumprod, d.alphas_cumprod[r10.timestep_map], rtol=1e-12)
+
+
+def test_keep_timesteps_gives_one_chain_from_a_full_and_a_respaced_chain():
+    """Issue 22: the steps a 100-step chain visits with 50 of them, named as original timesteps, are the same
+    chain whether cut from the full 1000-step chain or from the 100-step one."""
+    d = make_diffusion("cosine", 1000)
+    r100 = respace(d, "100")
+    ts = respaced_timesteps(1000, "100", "50")
+    assert ts == respace(r100, "50").timestep_map.tolist() and len(ts) == 50
+    assert ts != respaced_timesteps(1000, "50")            # 50 of 100 of 1000 is not 50 of 1000
+    assert respaced_timesteps(1000, "", "50") == respaced_timesteps(1000, "50") == sorted(space_timesteps(1000, "50"))
+    from_full, from_r100 = keep_timesteps(d, ts), keep_timesteps(r100, ts)
+    assert np.array_equal(from_full.timestep_map, ts) and np.array_equal(from_r100.timestep_map, ts)
+    assert np.allclose(from_full.betas, from_r100.betas, rtol=1e-12, atol=0)
+    assert np.array_equal(keep_timesteps(d, respaced_timesteps(1000, "50")).betas, respace(d, "50").betas)
+    with pytest.raises(ValueError, match="not on this 100-step chain"):
+        keep_timesteps(r100, [0, 1])
 
 
 def test_map_timesteps_and_from_betas_validation():
