@@ -267,7 +267,7 @@ def distill_on_ray(cfg: Config) -> dict:
     from common.teachers import make_teacher
     from student_trainer.ray_train import TeacherSpec, TrainerFailureLog, TrainerLedger, train_loop
     from student_trainer.run_dir import RunDir
-    from teacher_workers.group import TeacherGroup
+    from teacher_workers.group import TeacherGroup, on_the_drivers_node
 
     # 1. Validate and build what the driver needs: the run folder, the teacher's spec, the pool size.
     cfg.run.out_dir = str(Path(cfg.run.out_dir).resolve())
@@ -308,7 +308,7 @@ def distill_on_ray(cfg: Config) -> dict:
 
         # 3. Ray Train: the student workers, restarted from the latest checkpoint when one fails (FailureConfig).
         use_gpu = cfg.ray.use_gpu
-        ledger = ray.remote(TrainerLedger).options(num_cpus=0).remote()
+        ledger = ray.remote(TrainerLedger).options(num_cpus=0, scheduling_strategy=on_the_drivers_node()).remote()
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg.model_dump(mode="json"), "pool": pool, "spec": spec, "run_root": str(run.root),

@@ -51,6 +51,14 @@ STOP_TIMEOUT_S = 10.0
 logger = logging.getLogger(__name__)
 
 
+def on_the_drivers_node():
+    """Where the run's bookkeeping actors go: a ledger is not restartable (it is what outlives restarts), so it
+    shares the driver's fate and no other node's (a ledger on a removed node took the run down with it)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
 class TeacherLedger:
     """What outlives a teacher's processes (a restarted process has lost its memory): per worker index
     the restarts, the failures with the last error, and the running totals of every incarnation."""
@@ -231,7 +239,8 @@ class TeacherGroup:
         n = cfg.ray.num_teachers if num_teachers is None else num_teachers
         r = cfg.ray
         ledger_name = f"dkdm_teacher_ledger.{cfg.pool.name}"
-        self.ledger = ray.remote(TeacherLedger).options(num_cpus=0, name=ledger_name).remote()
+        self.ledger = ray.remote(TeacherLedger).options(num_cpus=0, name=ledger_name,
+                                                        scheduling_strategy=on_the_drivers_node()).remote()
         # Restartable actors get names, not actor handles, as constructor arguments: Ray keeps such
         # arguments in the object store and logs an error (core_worker.cc) that a restart may not find them.
         pool_cfg = getattr(pool, "cfg", None)          # a Ray pool is passed by name, any other pool as itself

@@ -33,7 +33,10 @@ LOOPBACK = "127.0.0.1"
 # every address on loopback, as on a laptop): set for the nodes, their workers and every driver.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # A raylet waits for its node's agents; on a loaded 2-core machine they take longer than its default allows.
-NODE_ENV = {**LOOPBACK_ENV, "RAY_agent_register_timeout_ms": "120000", "OMP_NUM_THREADS": "1"}
+# The GCS declares a node dead after 5 failed health checks 1 s apart (Ray's default: 3 s apart), so a removed
+# node's actors are restarted elsewhere within a run of a few hundred steps.
+NODE_ENV = {**LOOPBACK_ENV, "RAY_agent_register_timeout_ms": "120000", "OMP_NUM_THREADS": "1",
+            "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5"}
 OBJECT_STORE_BYTES = 80 * 2**20
 NODES = {"teacher-a": {"num_cpus": 1, "resources": {"teacher": 1}},
          "teacher-b": {"num_cpus": 2, "resources": {"teacher": 2}},
