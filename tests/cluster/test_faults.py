@@ -128,23 +128,25 @@ def _untrained(cfg, folder):
 
 
 @pytest.fixture
-def redis_url(tmp_path):
-    """A real redis-server for the redis pool (the pool tests' RedisServer), stopped afterwards."""
+def redis_server(tmp_path):
+    """A real redis-server without persistence for the redis pool (the pool tests' RedisServer), stopped afterwards."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "pool"))
     from redis_fixtures import RedisServer
 
     server = RedisServer(tmp_path / "redis").start()
-    yield server.url
+    yield server
     server.stop()
 
 
-def test_redis_pool_teacher_node_removed_then_trainer_worker_killed(cluster, tmp_path, redis_url):
-    """The redis pool on the cluster. A whole teacher node drops out mid-run (its raylet and every process on it
-    SIGKILLed): the other teacher carries on and Ray restarts the lost one on the node with room once the death is
-    detected. Then the trainer worker is SIGKILLed: Ray Train restarts it from its latest checkpoint. The run
-    finishes with every slot accounted for and each fault said in one line."""
+def test_redis_pool_node_removed_then_redis_killed_then_trainer_worker_killed(cluster, tmp_path, redis_server):
+    """The redis pool on the cluster, three faults in one run. A whole teacher node drops out (its raylet and every
+    process on it SIGKILLed): the other teacher carries on and Ray restarts the lost one on the node with room once
+    the death is detected. Then redis-server is SIGKILLed and restarted without persistence: the clients reconnect,
+    the pool is re-created empty and warmed up again. Then the trainer worker is SIGKILLed: Ray Train restarts it
+    from its latest checkpoint. The run finishes with every slot accounted for and each fault said in one line."""
     cfg, log, run = service_config(tmp_path, "node"), tmp_path / "node.log", tmp_path / "runs" / "node"
-    proc = start_service(cluster, cfg, log, "distill.steps=1000", "pool.backend=redis", f"pool.redis_url={redis_url}")
+    proc = start_service(cluster, cfg, log, "distill.steps=1000", "pool.backend=redis",
+                         f"pool.redis_url={redis_server.url}")
     try:
         wait_for(lambda: cluster.where("TeacherActor").get("teacher-a"), 300, "a teacher on teacher-a",
                  proc=proc, log=log)
@@ -157,7 +159,12 @@ def test_redis_pool_teacher_node_removed_then_trainer_worker_killed(cluster, tmp
         wait_for(lambda: cluster.where("TeacherActor") == {"teacher-b": 2}, 120,
                  "the lost teacher restarted on teacher-b", proc=proc, log=log)
         step_at_restart = logged_steps(run)[-1]
-        assert step_at_restart < 900, step_at_restart       # seen mid-run, with the trainer's kill still to come
+        assert step_at_restart < 800, step_at_restart       # seen mid-run, with two faults still to come
+
+        redis_server.restart(kill=True)                     # every record lost: the pool comes back empty
+        step_at_redis = logged_steps(run)[-1]
+        wait_for(lambda: logged_steps(run)[-1] >= step_at_redis + 30, 120, "training after the re-warm-up",
+                 proc=proc, log=log)
         wait_for(lambda: newest_intact_checkpoint(run / "train")[0], 120, "a checkpoint", proc=proc, log=log)
         assert cluster.kill("RayTrainWorker", node="trainer") is not None
     except BaseException:
@@ -170,7 +177,8 @@ def test_redis_pool_teacher_node_removed_then_trainer_worker_killed(cluster, tmp
     assert sum("trainer worker failed" in ln for ln in out.splitlines()) == 1, out[-3000:]
     assert sum(t["restarts"] for t in result["teachers"]) >= 1, result["teachers"]
     assert any("restarted by Ray" in ln for ln in out.splitlines()), out[-3000:]
+    assert any("re-created" in ln for ln in out.splitlines()), out[-3000:]     # the pool found missing, said once per client
     steps = logged_steps(run)
     assert steps == list(range(10, 1001, 10)), steps
-    print(f"teacher node removed at step {step_at_removal}, its teacher back at step {step_at_restart}; "
-          "teachers: " + json.dumps(result["teachers"]))
+    print(f"teacher node removed at step {step_at_removal}, its teacher back at step {step_at_restart}, redis-server "
+          f"killed at step {step_at_redis}; teachers: " + json.dumps(result["teachers"]))
