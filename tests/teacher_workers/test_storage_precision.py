@@ -8,7 +8,6 @@ records read back from the pool.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from common.config import config_from_dict
@@ -18,14 +17,6 @@ from teacher_workers.worker import TeacherWorker, teacher_record
 
 T = 100
 N = 64
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def half_ulp_fp16(v: torch.Tensor) -> torch.Tensor:
