@@ -51,7 +51,9 @@ def head(tmp_path_factory):
     dash = _free_port()
     proc = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=1",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-                             f"--ray-client-server-port={_free_port()}", "--disable-usage-stats"],
+                             f"--ray-client-server-port={_free_port()}", "--disable-usage-stats",
+                             # the job agent on a free port, not Ray's fixed default (52365) another node may hold
+                             f"--dashboard-agent-listen-port={_free_port()}"],
                             cwd=tmp, env=env, stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{dash}"

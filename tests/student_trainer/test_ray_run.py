@@ -66,7 +66,9 @@ def head(tmp_path_factory):
     port, dash = _free_port(), _free_port()
     proc = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dash}", "--num-cpus=4", "--include-dashboard=true",
-                             f"--ray-client-server-port={_free_port()}", "--disable-usage-stats"],
+                             f"--ray-client-server-port={_free_port()}", "--disable-usage-stats",
+                             # the job agent on a free port, not Ray's fixed default (52365) another node may hold
+                             f"--dashboard-agent-listen-port={_free_port()}"],
                             cwd=tmp, env=_env(tmp), stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{dash}"

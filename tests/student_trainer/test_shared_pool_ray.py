@@ -52,7 +52,7 @@ def head(tmp_path_factory):
     log = tmp / "head.log"
     proc = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
                              "--include-dashboard=false", f"--ray-client-server-port={_free_port()}",
-                             "--disable-usage-stats"],
+                             "--disable-usage-stats", f"--dashboard-agent-listen-port={_free_port()}"],
                             cwd=tmp, env=_env(tmp), stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
