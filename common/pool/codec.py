@@ -23,8 +23,10 @@ import msgpack
 import numpy as np
 import torch
 
-from common.pool.base import STORAGE_DTYPES, RecordCorrupt
+from common.pool.errors import RecordCorrupt
 from common.records import EMPTY_T, RecordBatch
+
+STORAGE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 SNAPSHOT_MAGIC = b"DKDMPOOL\n"
 SNAPSHOT_VERSION = 2      # 2: logvar stored in fp32 whatever the storage dtype (issue 22)
@@ -156,12 +158,12 @@ class SlotArrays:
         return out
 
 
-_FRAME_FIELDS = ("state", "t", "uses", "produced_at", "x_t", "eps", "logvar", "y")
+FRAME_FIELDS = ("state", "t", "uses", "produced_at", "x_t", "eps", "logvar", "y")
 
 
 def encode_frame(arrays: SlotArrays) -> bytes:
     meta = {"lo": arrays.lo, "n": len(arrays), "crc": arrays.record_crcs().tobytes()}
-    for name in _FRAME_FIELDS:
+    for name in FRAME_FIELDS:
         a = getattr(arrays, name)
         meta[name] = None if a is None else {"dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()}
     return msgpack.packb(meta, use_bin_type=True)
@@ -173,7 +175,7 @@ def decode_frame(data: bytes, where: str) -> tuple[SlotArrays, np.ndarray]:
         meta = msgpack.unpackb(data, raw=False, strict_map_key=False)
         lo, n = int(meta["lo"]), int(meta["n"])
         arrs = {}
-        for name in _FRAME_FIELDS:
+        for name in FRAME_FIELDS:
             m = meta[name]
             if m is None:
                 arrs[name] = None
