@@ -211,10 +211,16 @@ class Pool(ABC):
             raise PoolError(f"claim_refill needs n >= 1, got {n}")
         return self.cfg.block_timeout_s if timeout_s is None else timeout_s
 
-    def _timeout(self, what: str, timeout_s: float, counts: dict[str, int], inserted: int) -> PoolTimeout:
-        c = ", ".join(f"{n}={counts.get(n, 0)}" for n in STATE_NAMES)
-        return PoolTimeout(f"pool timed out after {timeout_s:.3g}s waiting for {what} (slots: {c}, inserted={inserted}, "
-                           f"min_ready={self.min_ready})")
+    def _drawable(self, per: list[dict], n: int, group: str | None) -> bool:
+        """Whether shards with counts ``per`` (PoolShard.counts) let a draw of n through (warm, n to draw)."""
+        col = "READY" if group is None else "available"      # a group draws among the records new to it
+        return sum(c["inserted"] for c in per) >= self.min_ready and sum(c[col] for c in per) >= n
+
+    def _timeout(self, what: str, timeout_s: float, per: list[dict]) -> PoolTimeout:
+        """The PoolTimeout of a call that waited for ``what``, with the shards' counts ``per`` summed."""
+        c = ", ".join(f"{n}={sum(p[n] for p in per)}" for n in STATE_NAMES)
+        return PoolTimeout(f"pool timed out after {timeout_s:.3g}s waiting for {what} (slots: {c}, "
+                           f"inserted={sum(p['inserted'] for p in per)}, min_ready={self.min_ready})")
 
     def _snapshot_header(self, inserted_total: int) -> dict:
         header = {"num_slots": self.num_slots, "record_shape": list(self.record_shape),
@@ -305,6 +311,17 @@ def split_draw(ready: np.ndarray, b: int, rng: np.random.Generator) -> np.ndarra
     if b == 0:
         return np.zeros_like(ready)
     return rng.multivariate_hypergeometric(ready, b).astype(np.int64)
+
+
+def split_claim(refill, n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Up to n REFILL slots per shard in a random shard order (it spreads the teachers over the shards;
+    each shard picks its slots at random) -> [(shard, count)]."""
+    out = []
+    for i in rng.permutation(len(refill)).tolist():
+        m = min(n - sum(k for _, k in out), int(refill[i]))
+        if m:
+            out.append((i, m))
+    return out
 
 
 def merge_groups(per_shard: list[dict[str, dict]]) -> dict[str, dict]:

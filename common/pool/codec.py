@@ -2,14 +2,11 @@
 
 A batch of n records is a dict of numpy arrays: x_t, eps [n, C, H, W] in the storage dtype (bf16 as
 its int16 bits: numpy has no bf16), logvar (optional) [n, C, H, W] in fp32 (``field_storage``), y
-(optional) and t [n] int64. Shards store them so, Ray moves them so between processes (zero-copy
-pickle-5 buffers), and ``batch_over`` views them as a RecordBatch without a copy.
+(optional) and t [n] int64; ``batch_over`` views them as a RecordBatch without a copy.
 
-Snapshots (``write_snapshot``/``read_snapshot``) are one file: a magic line, a
-length-prefixed msgpack header, then one length-prefixed frame per shard.
-A frame holds the shard's slot arrays and one crc32 per record (over that
-record's state, t, uses, tensors and label), so a damaged record is dropped on
-its own while a damaged frame structure fails the whole file.
+A snapshot is one file: a magic line, a length-prefixed msgpack header, then one length-prefixed frame
+per shard with one crc32 per record, so a damaged record is dropped on its own while a damaged frame
+structure fails the whole file.
 """
 
 from __future__ import annotations

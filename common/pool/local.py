@@ -15,7 +15,17 @@ import torch
 
 from common import metrics
 from common.config import PoolConfig
-from common.pool.base import STATE_NAMES, Claim, Draw, Pool, PoolStats, merge_groups, new_key, shard_lag, split_draw
+from common.pool.base import (
+    Claim,
+    Draw,
+    Pool,
+    PoolStats,
+    merge_groups,
+    new_key,
+    shard_lag,
+    split_claim,
+    split_draw,
+)
 from common.pool.codec import batch_over, check_batch, to_arrays, write_snapshot
 from common.pool.memory import tune_malloc
 from common.pool.shard import PoolShard
@@ -52,31 +62,20 @@ class LocalPool(Pool):
 
     # --- helpers ------------------------------------------------------------------------
 
-    def _counts(self, now: float, group: str | None = None) -> tuple[np.ndarray, np.ndarray, int, dict]:
-        per = [s.counts(now, group) for s in self.shards]
-        ready = np.array([c["READY" if group is None else "available"] for c in per])
-        refill = np.array([c["REFILL"] for c in per])
-        inserted = sum(c["inserted"] for c in per)
-        counts = {n: sum(c[n] for c in per) for n in STATE_NAMES}
-        return ready, refill, inserted, counts
-
-    def _wait(self, ok, what: str, side: str, timeout_s: float, group: str | None = None):
-        """Wait on the condition until ok(ready, refill, inserted) or timeout -> PoolTimeout. Holds the lock.
-
-        ``group``: ``ready`` counts the records that consumer group may draw.
-        """
+    def _wait(self, ok, what: str, side: str, timeout_s: float, group: str | None = None) -> list[dict]:
+        """Wait on the condition until ok(per-shard counts) -> the counts; PoolTimeout after ``timeout_s``."""
         start = time.monotonic()
         while True:
-            ready, refill, inserted, counts = self._counts(time.time(), group)
-            if ok(ready, refill, inserted):
+            per = [s.counts(time.time(), group) for s in self.shards]
+            if ok(per):
                 break
             left = timeout_s - (time.monotonic() - start)
             if left <= 0:
                 self._add_blocked(side, time.monotonic() - start)
-                raise self._timeout(what, timeout_s, counts, inserted)
+                raise self._timeout(what, timeout_s, per)
             self.cond.wait(min(left, _WAIT_SLICE_S))
         self._add_blocked(side, time.monotonic() - start)
-        return ready, refill
+        return per
 
     def _add_blocked(self, side: str, s: float) -> None:
         if s > 1e-4:
@@ -89,9 +88,9 @@ class LocalPool(Pool):
         timeout_s, what = self._draw_args(b, timeout_s, group)
         t0 = time.perf_counter()
         with self.cond:
-            ready, _ = self._wait(lambda r, f, ins: ins >= self.min_ready and r.sum() >= b, what, "draw", timeout_s, group)
+            per = self._wait(lambda p: self._drawable(p, b, group), what, "draw", timeout_s, group)
             lease_id = new_key()
-            take = split_draw(ready, b, self.rng)
+            take = split_draw([c["READY" if group is None else "available"] for c in per], b, self.rng)
             now = time.time()
             out = self._arrays(b)      # each shard gathers straight into its rows: one copy
             parts, off = [], 0
@@ -117,17 +116,11 @@ class LocalPool(Pool):
     def claim_refill(self, n: int, timeout_s: float | None = None) -> Claim:
         timeout_s = self._claim_args(n, timeout_s)
         with self.cond:
-            _, refill = self._wait(lambda r, f, ins: f.sum() >= 1, "a REFILL slot", "fill", timeout_s)
+            per = self._wait(lambda p: sum(c["REFILL"] for c in p) >= 1, "a REFILL slot", "fill", timeout_s)
             claim_id = new_key()
             now = time.time()
-            layout, want = [], n
-            # Random shard order spreads teachers over shards; within a shard the slots are random too.
-            for i in self.rng.permutation(len(self.shards)).tolist():
-                m = min(want, int(refill[i]))
-                if m:
-                    layout.append((i, m))
-                    want -= m
-            out = self._arrays(n - want)
+            layout = split_claim([c["REFILL"] for c in per], n, self.rng)
+            out = self._arrays(sum(m for _, m in layout))
             parts, off = [], 0
             for i, m in layout:
                 parts.append(self.shards[i].claim(m, claim_id, now, out={k: v[off:] for k, v in out.items()}))

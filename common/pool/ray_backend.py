@@ -43,10 +43,11 @@ from common.pool.base import (
     new_key,
     shard_lag,
     shard_ranges,
+    split_claim,
     split_draw,
 )
 from common.pool.codec import batch_over, check_batch, to_arrays, write_snapshot
-from common.pool.memory import FLAG_CLOSED, ShardMemory, tune_malloc
+from common.pool.memory import FLAG_CLOSED, SECONDS, ShardMemory, tune_malloc
 from common.pool.shard import SHARD_COUNTERS, OwnerOnly, PoolShard
 from common.records import RecordBatch
 
@@ -54,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 SHARD_NUM_CPUS = 0.05
 POOL_NAMESPACE = "dkdm_pools"     # detached (persistent) pools: any driver finds them whatever its namespace
-_SERVER_METHODS = ("stats", "bind_identity", "get_identity")    # ShardServer's own; the rest are PoolShard's (call)
+_SERVER_METHODS = ("stats", "identity")    # ShardServer's own; the rest are PoolShard's (call)
 DOWN_WAIT_S = 1.0                 # a poll reads the other shards' counts when one answers no sooner (restarting)
 
 
@@ -120,12 +121,10 @@ class ShardServer:
     def meta(self) -> dict:
         return self.meta_
 
-    def bind_identity(self, identity: dict) -> dict:
+    def identity(self, bind: dict | None = None) -> dict | None:
+        """The pool identity this shard holds, ``bind`` stored first if it holds none."""
         if self.identity_ is None:
-            self.identity_ = identity
-        return self.identity_
-
-    def get_identity(self) -> dict | None:
+            self.identity_ = bind
         return self.identity_
 
     def call(self, method: str, *args, **kw):
@@ -138,8 +137,9 @@ class ShardServer:
 
     def stats(self) -> dict:
         self.shard.expire()
-        blocked, seconds, rejected = self.shard.time_totals()
-        return {**self.shard.stats(), "blocked": blocked, "seconds": seconds, "fill_rejected_client": rejected,
+        t = dict(zip(SECONDS, self.shard.seconds.tolist()))       # as PoolShard.add_time summed them
+        return {**self.shard.stats(), "blocked": {"draw": t["draw_blocked"], "fill": t["fill_blocked"]},
+                "seconds": {"draw": t["draw"], "fill": t["fill"]}, "fill_rejected_client": int(t["fill_rejected"]),
                 "restarted": int(self.restarted), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
 
@@ -293,21 +293,13 @@ class RayPool(Pool):
                     pass
             kw = {key: val for key, val in kw.items() if key != "out"}
             remote.append((k, self.handles[i].call.remote(method, *args, **kw)))
-        if remote:
-            for (k, _), res in zip(remote, self._get_each([r for _, r in remote], what, wait_s)):
-                out[k] = None if res is None else (False, res)
-        return out
-
-    def _get_each(self, refs: list, what: str, wait_s: float | None) -> list:
-        if wait_s is not None:
-            ready = set(ray.wait(refs, num_returns=len(refs), timeout=wait_s)[0])
-            refs = [r if r in ready else None for r in refs]
-        out = []
-        for r in refs:
+        refs = [r for _, r in remote]
+        ready = set(refs if wait_s is None else ray.wait(refs, num_returns=len(refs), timeout=wait_s)[0])
+        for k, r in remote:
             try:
-                out.append(None if r is None else self._get(r, what))
+                out[k] = (False, self._get(r, what)) if r in ready else None
             except ray.exceptions.ActorUnavailableError:       # restarting: nothing from this shard for now
-                out.append(None)
+                pass
         return out
 
     def _get(self, refs, what: str):
@@ -359,8 +351,7 @@ class RayPool(Pool):
                 return per, waited if waited > 1e-3 else 0.0
             if waited >= timeout_s:
                 self._add_time(side, waited, waited)
-                counts = {n: sum(c[n] for c in per) for n in STATE_NAMES}
-                raise self._timeout(what, timeout_s, counts, sum(c["inserted"] for c in per))
+                raise self._timeout(what, timeout_s, per)
             time.sleep(min(sleep, timeout_s - waited))
             sleep = min(sleep * 2, 0.05)
 
@@ -398,8 +389,8 @@ class RayPool(Pool):
         self.leases[lease_id] = list(range(len(self.handles)))
         while (off := sum(len(s) for _, s in got)) < b:     # another client may take slots between count and lease
             try:
-                per, waited = self._wait(lambda p: sum(c["inserted"] for c in p) >= self.min_ready and
-                                         sum(c[col] for c in p) >= b - off, what, "draw", deadline_s - time.monotonic(), group)
+                per, waited = self._wait(lambda p: self._drawable(p, b - off, group), what, "draw",
+                                         deadline_s - time.monotonic(), group)
             except PoolTimeout:
                 self.release(lease_id)      # hand back the part already leased
                 raise
@@ -427,13 +418,8 @@ class RayPool(Pool):
                                       deadline_s - time.monotonic())
             if blocked:
                 self._add_time("fill", blocked, 0.0)
-            asked, want = [], n
-            for i in self.rng.permutation(len(self.handles)).tolist():   # random shard order spreads the teachers
-                m = min(want, per[i]["REFILL"])
-                if m:
-                    asked.append((i, m))
-                    want -= m
-            out = self._arrays(n - want)
+            asked = split_claim([c["REFILL"] for c in per], n, self.rng)
+            out = self._arrays(sum(m for _, m in asked))
             got = self._take(asked, "claim", claim_id, out, 0)
         self.claims[claim_id] = [(i, len(s)) for i, s in got]
         total = sum(len(s) for _, s in got)
@@ -478,13 +464,13 @@ class RayPool(Pool):
 
     def bind_identity(self, identity: dict) -> dict:
         """Every shard keeps the identity, so a restarted shard leaves it with the others."""
-        held = self._call_all("bind_identity", identity, what="store the pool identity")
+        held = self._call_all("identity", identity, what="store the pool identity")
         for h in held:
             check_identity(self.cfg.name, h, identity)
         return held[0]
 
     def identity(self) -> dict | None:
-        held = self._call_all("get_identity", what="read the pool identity")
+        held = self._call_all("identity", what="read the pool identity")
         return next((h for h in held if h is not None), None)
 
     def attach_group(self, group: str, policy: str = "wait", max_lag: int | None = None) -> None:

@@ -112,8 +112,8 @@ class RedisPool(Pool):
         return np.array(rows, dtype=np.int64)
 
     @staticmethod
-    def _state_counts(rows: np.ndarray) -> dict[str, int]:
-        return {n: int(rows[:, i].sum()) for i, n in enumerate(STATE_NAMES)}
+    def _per(rows: np.ndarray) -> list[dict]:
+        return [dict(zip((*STATE_NAMES, "inserted"), r)) for r in rows.tolist()]
 
     def _add_blocked(self, side: str, seconds: float) -> None:
         if seconds > 0:
@@ -162,7 +162,7 @@ class RedisPool(Pool):
                     self._release(lease_id, refund=True)
                     self._add_blocked("draw", blocked + time.monotonic() - wait_from)
                     rows = self._counts(group) if rows is None else rows
-                    raise self._timeout(what, timeout_s, self._state_counts(rows), int(rows[:, 4].sum()))
+                    raise self._timeout(what, timeout_s, self._per(rows))
                 if rows is not None:
                     time.sleep(delay)
                     delay = min(delay * 1.5, 0.05)
@@ -215,7 +215,7 @@ class RedisPool(Pool):
             if time.monotonic() - t0 >= timeout_s:
                 self._add_blocked("fill", time.monotonic() - t0)
                 rows = self._counts()
-                raise self._timeout("a REFILL slot", timeout_s, self._state_counts(rows), int(rows[:, 4].sum()))
+                raise self._timeout("a REFILL slot", timeout_s, self._per(rows))
             time.sleep(delay)
             delay = min(delay * 1.5, 0.05)
         if delay > 0.001:           # it waited: the whole call was blocked time
@@ -274,8 +274,9 @@ class RedisPool(Pool):
         for s, (counts, flat, tvals, gstats) in enumerate(self.redis.run([(s, ["stats"]) for s in range(self.shards)])):
             meta = {k.decode(): v for k, v in zip(flat[::2], flat[1::2])}
             t = np.array([int(v) for v in tvals if v is not None], dtype=np.int64)
-            per.append({**{k: int(meta.get(k, 0)) for k in SHARD_COUNTERS}, "counts": dict(zip(STATE_NAMES, map(int, counts))),
-                        "t_histogram": t_histogram(t, self.num_timesteps, self.t_buckets), "groups": self._group_rows(gstats)})
+            per.append({**{k: int(meta.get(k, 0)) for k in SHARD_COUNTERS},
+                        "counts": dict(zip(STATE_NAMES, map(int, counts))), "groups": self._group_rows(gstats),
+                        "t_histogram": t_histogram(t, self.num_timesteps, self.t_buckets)})
             for side in blocked:
                 blocked[side] += float(meta.get(f"{side}_blocked_s", 0.0))
             for name, v in per[-1]["counts"].items():

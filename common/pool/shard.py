@@ -320,12 +320,6 @@ class PoolShard(ShardGroups):
         if blocked_s > 0 and self.record_metrics:
             metrics.inc(metrics.POOL_BLOCKED_SECONDS_TOTAL, blocked_s, side=side)
 
-    def time_totals(self) -> tuple[dict, dict, int]:
-        """(blocked seconds per side, call seconds per side, fills rejected) as add_time summed them."""
-        s = dict(zip(SECONDS, self.seconds.tolist()))
-        return ({"draw": s["draw_blocked"], "fill": s["fill_blocked"]}, {"draw": s["draw"], "fill": s["fill"]},
-                int(s["fill_rejected"]))
-
     @_locked
     def stats(self, now: float | None = None) -> dict:
         counts = self.counts(now)
