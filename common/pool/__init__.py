@@ -72,10 +72,8 @@ def open_named_pool(cfg: PoolConfig, identity: dict, num_slots: int, record_shap
                     num_timesteps: int, seed: int = 0, detached: bool = False) -> tuple[Pool, bool]:
     """Attach to the pool ``cfg.name`` if one is running (it must have this identity), else create it.
 
-    -> (pool, created). Ray: a running pool of that name (this driver's namespace, or a persistent
-    one made by ``dkdm pool create``) is attached to; ``detached`` makes a new one outlive this
-    driver. Redis: the pool's keys are shared by name; it existed if it already holds an identity.
-    Local: always a new in-process pool. A pool of another identity raises PoolError (one line).
+    -> (pool, created). ``detached``: a new Ray pool outlives this driver. A redis pool existed if its
+    keys already hold an identity; a local pool is always new. Another identity: PoolError (one line).
     """
     if cfg.backend == "ray":
         try:

@@ -1,30 +1,17 @@
-"""The pool contract: one narrow interface over every backend.
+"""The pool contract: one narrow interface over every backend; the slot life cycle is states.py's.
 
-The slot life cycle and the rules every backend follows are specified in states.py.
-On top of them (the conformance suite, tests/pool, checks both):
-
-* Global slot ids are ``0 .. num_slots-1``; shard ``i`` owns the contiguous range
-  ``shard_ranges(num_slots, shards)[i]``.
-* ``draw(b)`` returns exactly ``b`` records or raises PoolTimeout; ``claim_refill(n)``
-  returns between 1 and ``n`` slots or raises PoolTimeout. ``timeout_s=None`` means the
-  config's ``block_timeout_s``. A draw waits until the pool is warm and has b READY
-  slots, a claim until a slot is in REFILL; seconds spent waiting are summed per side
-  in ``PoolStats`` and in the metric ``POOL_BLOCKED_SECONDS_TOTAL{side}``.
-* Drawn and claimed records come back with float tensors in the storage dtype (fp32,
-  fp16 or bf16) on the CPU; the caller casts.
-* Corruption: a stored record that fails to decode never reaches a caller; its slot
-  goes to REFILL with t = EMPTY_T and ``corrupt_total`` counts it.
-* ``snapshot(path)`` writes the whole pool shard by shard; ``restore(path)`` replaces
-  the contents (slot count and record layout must match).
-
-Backend constructors take ``(cfg: PoolConfig, num_slots, record_shape, has_logvar,
-has_label, num_timesteps=1000, seed=0, t_buckets=10)`` as keyword arguments; trainers
-and teachers reach them only through ``common.pool`` (``make_pool``, ``open_named_pool``,
-``attach_pool``) and see only this module's ``Pool``.
+On top of it (tests/pool's conformance suite checks both): shard ``i`` owns the global slots
+``shard_ranges(num_slots, shards)[i]``; ``draw(b)`` returns exactly ``b`` records and ``claim_refill(n)``
+between 1 and ``n`` slots, or raise PoolTimeout after ``timeout_s`` (None: ``block_timeout_s``), the
+seconds waited summed per side in PoolStats and ``POOL_BLOCKED_SECONDS_TOTAL{side}``; records come
+back on the CPU in the storage dtype; a record that fails to decode never reaches a caller (its slot
+goes to REFILL, ``corrupt_total`` counts it); ``restore`` needs the snapshot's slot count and layout.
+Trainers and teachers reach the backends only through ``common.pool`` and see only ``Pool``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from abc import ABC, abstractmethod
@@ -33,8 +20,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from common.pool.codec import (  # noqa: F401 - STORAGE_DTYPES: part of the contract
+    FRAME_FIELDS,
+    STORAGE_DTYPES,
+    SlotArrays,
+    new_arrays,
+    read_snapshot,
+)
 from common.pool.errors import PoolError, PoolTimeout, RecordCorrupt  # noqa: F401 - part of the contract
-from common.pool.identity import check_identity
+from common.pool.identity import check_identity, identity_diff
 from common.pool.states import (  # noqa: F401 - re-exported for the backends
     STATE_NAMES,
     SlotState,
@@ -43,9 +37,6 @@ from common.pool.states import (  # noqa: F401 - re-exported for the backends
     record_uses,
 )
 from common.records import RecordBatch
-
-STORAGE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 @dataclass
 class Draw:
@@ -68,6 +59,11 @@ class Claim:
 
     def __len__(self) -> int:
         return int(self.slots.shape[0])
+
+
+# per-shard counters that PoolStats sums into ``<name>_total``
+_SUMMED = ("produced", "consumed", "bytes_in", "bytes_out", "released", "expired_leases", "expired_claims", "corrupt",
+           "fill_rejected", "draws", "fills")
 
 
 @dataclass
@@ -95,6 +91,23 @@ class PoolStats:
     fills_total: int = 0                        # fill calls accepted
     # mean age of drawn records: records produced in the same shard between a record's fill and its draw
     record_age_mean: float = 0.0
+
+    @classmethod
+    def merged(cls, pool: Pool, per_shard: list[dict], blocked: dict, seconds: dict) -> PoolStats:
+        """The pool's stats from per-shard dicts (PoolShard.stats' keys) and per-side seconds."""
+        tot = {k: sum(s[k] for s in per_shard) for k in (*_SUMMED, "inserted", "age_sum")}
+        hist = np.sum([s["t_histogram"] for s in per_shard], axis=0).astype(int).tolist() if pool.t_buckets else []
+        st = cls(num_slots=pool.num_slots, counts={n: sum(s["counts"][n] for s in per_shard) for n in STATE_NAMES},
+                 shard_counts=[dict(s["counts"]) for s in per_shard], t_histogram=hist,
+                 extra={"inserted_total": tot["inserted"]}, warm=tot["inserted"] >= pool.min_ready,
+                 **{f"{k}_total": tot[k] for k in _SUMMED},
+                 **{f"{side}_blocked_seconds_total": blocked.get(side, 0.0) for side in ("draw", "fill")},
+                 **{f"{side}_seconds_total": seconds.get(side, 0.0) for side in ("draw", "fill")},
+                 record_age_mean=tot["age_sum"] / max(tot["consumed"], 1))
+        groups = merge_groups([s.get("groups") or {} for s in per_shard])
+        if groups:       # consumer groups (issue 8): their lag and progress
+            st.extra["groups"] = groups
+        return st
 
     def check_invariant(self) -> None:
         """Raise PoolError unless every slot is in exactly one state (states.py's invariant)."""
@@ -171,6 +184,82 @@ class Pool(ABC):
         """Attached consumer groups -> {policy, max_lag, pending, lag, consumed, skipped, leased}."""
         return {}
 
+    # --- what every backend keeps and checks the same way (not part of the contract) ---
+
+    def _init_layout(self, cfg, num_slots: int, record_shape, has_logvar: bool, has_label: bool, num_timesteps: int,
+                     t_buckets: int) -> None:
+        self.cfg, self.num_slots = cfg, int(num_slots)
+        self.record_shape = tuple(int(s) for s in record_shape)
+        self.storage_dtype, self.has_logvar, self.has_label = cfg.storage_dtype, bool(has_logvar), bool(has_label)
+        self.num_timesteps, self.t_buckets = int(num_timesteps), int(t_buckets)
+        self.ranges = shard_ranges(self.num_slots, cfg.shards)
+        self.min_ready = min_ready_slots(cfg.min_ready_fraction, self.num_slots)
+
+    def _arrays(self, n: int, zeros: bool = False) -> dict[str, np.ndarray]:
+        return new_arrays(n, self.record_shape, self.storage_dtype, self.has_logvar, self.has_label, zeros)
+
+    def _draw_args(self, b: int, timeout_s: float | None, group: str | None) -> tuple[float, str]:
+        """-> (the draw's timeout, what it waits for); PoolError unless 1 <= b <= num_slots."""
+        if not 1 <= b <= self.num_slots:
+            raise PoolError(f"cannot draw {b} records from a pool of {self.num_slots} slots")
+        what = f"{b} READY slots" if group is None else f"{b} records new to consumer group {group!r}"
+        return self._claim_args(1, timeout_s), f"{what} (warm-up needs {self.min_ready} inserted)"
+
+    def _claim_args(self, n: int, timeout_s: float | None) -> float:
+        """-> the claim's timeout; PoolError unless n >= 1."""
+        if n < 1:
+            raise PoolError(f"claim_refill needs n >= 1, got {n}")
+        return self.cfg.block_timeout_s if timeout_s is None else timeout_s
+
+    def _drawable(self, per: list[dict], n: int, group: str | None) -> bool:
+        """Whether shards with counts ``per`` (PoolShard.counts) let a draw of n through (warm, n to draw)."""
+        col = "READY" if group is None else "available"      # a group draws among the records new to it
+        return sum(c["inserted"] for c in per) >= self.min_ready and sum(c[col] for c in per) >= n
+
+    def _timeout(self, what: str, timeout_s: float, per: list[dict]) -> PoolTimeout:
+        """The PoolTimeout of a call that waited for ``what``, with the shards' counts ``per`` summed."""
+        c = ", ".join(f"{n}={sum(p[n] for p in per)}" for n in STATE_NAMES)
+        return PoolTimeout(f"pool timed out after {timeout_s:.3g}s waiting for {what} (slots: {c}, "
+                           f"inserted={sum(p['inserted'] for p in per)}, min_ready={self.min_ready})")
+
+    def _snapshot_header(self, inserted_total: int) -> dict:
+        header = {"num_slots": self.num_slots, "record_shape": list(self.record_shape),
+                  "storage_dtype": self.storage_dtype, "has_logvar": self.has_logvar, "has_label": self.has_label,
+                  "inserted_total": int(inserted_total)}
+        if self.identity() is not None:       # issue 8: a snapshot only restores into a pool of the same identity
+            header["identity"] = json.dumps(self.identity(), sort_keys=True)
+        return header
+
+    def _load_snapshot(self, path: str) -> tuple[dict, list[tuple[SlotArrays, np.ndarray, int]]]:
+        """Read a snapshot of this pool's layout -> (header, [(arrays, bad, inserted_extra)] per shard range).
+
+        ``inserted_extra`` (shard 0's only): the snapshot's inserted records beyond the READY ones it restores,
+        so that a pool warm when snapshotted is warm when restored.
+        """
+        header, frames = read_snapshot(path)
+        for key in ("num_slots", "record_shape", "storage_dtype", "has_logvar", "has_label"):
+            mine = getattr(self, key)
+            mine = list(mine) if key == "record_shape" else mine
+            if header.get(key) != mine:
+                raise PoolError(f"snapshot {path} has {key}={header.get(key)!r}, this pool has {key}={mine!r}")
+        if "identity" in header:
+            theirs, mine = json.loads(header["identity"]), self.identity()
+            if mine is None:
+                self.bind_identity(theirs)      # the restored records carry their identity with them
+            elif identity_diff(theirs, mine) is not None:
+                raise PoolError(f"snapshot {path} {identity_diff(theirs, mine)}")
+        parts = sorted(frames, key=lambda fb: fb[0].lo)
+        covered = sum(len(a) for a, _ in parts)
+        if covered != self.num_slots or (parts and parts[0][0].lo != 0):
+            raise PoolError(f"snapshot {path} covers {covered} slots, this pool has {self.num_slots}")
+        full = {n: None if getattr(parts[0][0], n) is None else np.concatenate([getattr(a, n) for a, _ in parts])
+                for n in FRAME_FIELDS}
+        bad = np.concatenate([b for _, b in parts])
+        ready = int((((full["state"] == 0) | (full["state"] == 1)) & ~bad).sum())
+        extra = max(0, int(header.get("inserted_total", 0)) - ready)
+        return header, [(SlotArrays(lo=lo, **{n: None if v is None else v[lo:hi] for n, v in full.items()}), bad[lo:hi],
+                         extra if lo == 0 else 0) for lo, hi in self.ranges]
+
 
 # --- shared pieces every backend uses -------------------------------------------------
 
@@ -191,6 +280,14 @@ def shard_ranges(num_slots: int, shards: int) -> list[tuple[int, int]]:
         out.append((lo, hi))
         lo = hi
     return out
+
+
+def shard_lag(max_lag: int | None, i: int, shards: int) -> int | None:
+    """Shard i's part of a pool-wide lag bound (the first ``max_lag % shards`` shards get one more)."""
+    if max_lag is None:
+        return None
+    base, extra = divmod(int(max_lag), shards)
+    return base + (1 if i < extra else 0)
 
 
 def t_histogram(t: np.ndarray, num_timesteps: int, buckets: int) -> list[int]:
@@ -216,6 +313,27 @@ def split_draw(ready: np.ndarray, b: int, rng: np.random.Generator) -> np.ndarra
     return rng.multivariate_hypergeometric(ready, b).astype(np.int64)
 
 
-def timeout_message(what: str, timeout_s: float, counts: dict[str, int], extra: str = "") -> str:
-    c = ", ".join(f"{n}={counts.get(n, 0)}" for n in STATE_NAMES)
-    return f"pool timed out after {timeout_s:.3g}s waiting for {what} (slots: {c}{extra})"
+def split_claim(refill, n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Up to n REFILL slots per shard in a random shard order (it spreads the teachers over the shards;
+    each shard picks its slots at random) -> [(shard, count)]."""
+    out = []
+    for i in rng.permutation(len(refill)).tolist():
+        m = min(n - sum(k for _, k in out), int(refill[i]))
+        if m:
+            out.append((i, m))
+    return out
+
+
+def merge_groups(per_shard: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per-shard group stats (PoolShard.group_stats) -> pool-wide: counts summed, idle the least."""
+    out: dict[str, dict] = {}
+    for groups in per_shard:
+        for name, g in groups.items():
+            o = out.setdefault(name, {"policy": g["policy"], "max_lag": None, "pending": 0, "leased": 0, "lag": 0,
+                                      "consumed": 0, "skipped": 0, "idle_s": g["idle_s"]})
+            for k in ("pending", "leased", "lag", "consumed", "skipped"):
+                o[k] += g[k]
+            if g["max_lag"] is not None:
+                o["max_lag"] = (o["max_lag"] or 0) + g["max_lag"]
+            o["idle_s"] = min(o["idle_s"], g["idle_s"])
+    return out

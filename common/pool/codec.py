@@ -2,14 +2,11 @@
 
 A batch of n records is a dict of numpy arrays: x_t, eps [n, C, H, W] in the storage dtype (bf16 as
 its int16 bits: numpy has no bf16), logvar (optional) [n, C, H, W] in fp32 (``field_storage``), y
-(optional) and t [n] int64. Shards store them so, Ray moves them so between processes (zero-copy
-pickle-5 buffers), and ``batch_over`` views them as a RecordBatch without a copy.
+(optional) and t [n] int64; ``batch_over`` views them as a RecordBatch without a copy.
 
-Snapshots (``write_snapshot``/``read_snapshot``) are one file: a magic line, a
-length-prefixed msgpack header, then one length-prefixed frame per shard.
-A frame holds the shard's slot arrays and one crc32 per record (over that
-record's state, t, uses, tensors and label), so a damaged record is dropped on
-its own while a damaged frame structure fails the whole file.
+A snapshot is one file: a magic line, a length-prefixed msgpack header, then one length-prefixed frame
+per shard with one crc32 per record, so a damaged record is dropped on its own while a damaged frame
+structure fails the whole file.
 """
 
 from __future__ import annotations
@@ -23,8 +20,10 @@ import msgpack
 import numpy as np
 import torch
 
-from common.pool.base import STORAGE_DTYPES, RecordCorrupt
+from common.pool.errors import RecordCorrupt
 from common.records import EMPTY_T, RecordBatch
+
+STORAGE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 SNAPSHOT_MAGIC = b"DKDMPOOL\n"
 SNAPSHOT_VERSION = 2      # 2: logvar stored in fp32 whatever the storage dtype (issue 22)
@@ -156,12 +155,12 @@ class SlotArrays:
         return out
 
 
-_FRAME_FIELDS = ("state", "t", "uses", "produced_at", "x_t", "eps", "logvar", "y")
+FRAME_FIELDS = ("state", "t", "uses", "produced_at", "x_t", "eps", "logvar", "y")
 
 
 def encode_frame(arrays: SlotArrays) -> bytes:
     meta = {"lo": arrays.lo, "n": len(arrays), "crc": arrays.record_crcs().tobytes()}
-    for name in _FRAME_FIELDS:
+    for name in FRAME_FIELDS:
         a = getattr(arrays, name)
         meta[name] = None if a is None else {"dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()}
     return msgpack.packb(meta, use_bin_type=True)
@@ -173,7 +172,7 @@ def decode_frame(data: bytes, where: str) -> tuple[SlotArrays, np.ndarray]:
         meta = msgpack.unpackb(data, raw=False, strict_map_key=False)
         lo, n = int(meta["lo"]), int(meta["n"])
         arrs = {}
-        for name in _FRAME_FIELDS:
+        for name in FRAME_FIELDS:
             m = meta[name]
             if m is None:
                 arrs[name] = None

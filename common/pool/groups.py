@@ -1,20 +1,13 @@
 """Consumer groups of a shard (issue 8): several students train on every record of one pool.
 
-Opt-in: a pool without attached groups behaves exactly as states.py says. Once a group is
-attached, every draw names its group, and per group and slot the shard keeps whether the
-group still has to train on the slot's record (``pending``) and whether it holds it leased.
-The slot's global state follows from the groups (``_settle``): LEASED while any group holds
-it, READY while any group still needs it, REFILL once every group has trained on it, so a
-record costs one teacher forward however many students train on it.
+Per group and slot the shard keeps whether the group still has to train on the slot's record
+(``pending``) and whether it holds it leased; the slot's state follows from them (``_settle``, as
+states.py says), so a record costs one teacher forward however many students train on it.
 
-Slow groups: ``lag`` of a group is the number of records that every other group is done
-with and that wait for this group alone (slots it keeps from REFILL). Policy ``wait``: the
-others wait for it (the pool blocks them when nothing is left for them). Policy ``skip``:
-once its lag passes ``max_lag`` the group skips its oldest such records, which go to REFILL.
-
-Groups attach and detach at any time. A group that has no live lease and has not been
-heard from (draw, release, counts) for ``lease_timeout_s`` is detached, so a dead student
-frees the pool after its leases expire. Groups need samples_per_insert = 1.
+A group's ``lag``: the records every other group is done with that wait for it alone. Policy
+``wait``: the others wait for it; ``skip``: past ``max_lag`` it skips its oldest such records, which go
+to REFILL. A group with no live lease that has not been heard from (draw, release, counts) for
+``lease_timeout_s`` is detached, so a dead student frees the pool once its leases expire.
 """
 
 from __future__ import annotations
@@ -31,14 +24,20 @@ from common.pool.states import LEASED, READY, REFILL
 GROUP_POLICIES = ("wait", "skip")
 
 
+def check_group(name: str, policy: str, max_lag: int | None, k: float) -> None:
+    """PoolError (one line) unless a pool of samples per insert ``k`` can attach this group."""
+    if policy not in GROUP_POLICIES:
+        raise PoolError(f"consumer group {name!r}: policy={policy!r} is not one of {GROUP_POLICIES}")
+    if policy == "skip" and (max_lag is None or max_lag < 0):
+        raise PoolError(f"consumer group {name!r}: policy 'skip' needs max_lag >= 0 records, got {max_lag}")
+    if k != 1.0:
+        raise PoolError(f"consumer groups need pool.samples_per_insert=1, this pool has {k}")
+
+
 class Group:
     """One consumer group's view of a shard: ``pending`` [n] records it has yet to train on, ``leased`` [n]."""
 
     def __init__(self, name: str, n: int, policy: str, max_lag: int | None, now: float):
-        if policy not in GROUP_POLICIES:
-            raise PoolError(f"consumer group {name!r}: policy={policy!r} is not one of {GROUP_POLICIES}")
-        if policy == "skip" and (max_lag is None or max_lag < 0):
-            raise PoolError(f"consumer group {name!r}: policy 'skip' needs max_lag >= 0 records, got {max_lag}")
         self.name, self.policy, self.max_lag = name, policy, max_lag
         self.pending = np.zeros(n, dtype=bool)
         self.leased = np.zeros(n, dtype=bool)
@@ -52,20 +51,14 @@ class ShardGroups:
     mem (and runs them under its lock: they are called from its locked methods or through the pool's)."""
 
     def attach_group(self, name: str, policy: str = "wait", max_lag: int | None = None, now: float | None = None) -> None:
-        """Attach (or re-configure) a group; it starts with every record now held in the shard pending.
-
-        Groups need samples_per_insert = 1 (each group trains on each record once) and no plain
-        (group-less) leases outstanding: plain draws and groups do not mix.
-        """
+        """Attach (or re-configure) a group; it starts with every record now held in the shard pending."""
         now = time.time() if now is None else now
         self.expire(now)
-        if self.k != 1.0:
-            raise PoolError(f"consumer groups need pool.samples_per_insert=1, this pool has {self.k}")
+        check_group(name, policy, max_lag, self.k)
         if ((self.state == LEASED) & (self.owner != 0)).any():
             raise PoolError("a plain (group-less) consumer holds leases on this pool: consumer groups and plain draws do not mix")
         g = self.groups.get(name)
         if g is not None:
-            Group(name, 0, policy, max_lag, now)        # validates
             g.policy, g.max_lag, g.seen = policy, max_lag, now
             return
         g = Group(name, self.n, policy, max_lag, now)

@@ -3,14 +3,8 @@
 A record (x_t, t, eps_T, logvar_T[, y]) is only meaningful for the teacher whose forward
 produced it, on the chain it walks (respacing: ``Diffusion.fingerprint``), in the pool's
 storage layout. Two runs whose identities are equal can share one pool, warm; a run
-whose identity differs is refused with one line naming the first field that differs.
-
-    ident = pool_identity(teacher.identity(), teacher.diffusion.fingerprint(), num_slots=n,
-                          storage_dtype="fp32", record_shape=(3, 32, 32), has_logvar=True,
-                          has_label=False, num_timesteps=T, rho=0.4)
-    pool.bind_identity(ident)          # stores it, or raises PoolError saying what differs
-
-The digest (``identity_digest``) is a sha256 of the canonical JSON of the identity.
+whose identity differs is refused with one line naming the first field that differs
+(``pool.bind_identity(teacher_pool_identity(teacher, n, "fp32"))``).
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
 """ShardMemory: where one shard's slots live, private to a process or shared by the processes of a node.
 
-A PoolShard keeps all of its state in these arrays (slot states, lease and claim
-owners with their deadlines, counters, the records). Private memory serves the
-local backend and shard actors whose clients are elsewhere. Shared memory is an
-anonymous memory file (memfd) that the shard actor creates and every co-located
-client maps through ``/proc/<actor pid>/fd/<fd>``: a client then runs the shard's
-transitions itself, under the file's lock, and copies records straight between
-the mapping and its tensors, with no RPC and no serialization (the Ray backend's
-fast path, docs/pool.md). A memfd lives exactly as long as some process holds it,
-so a killed actor leaks nothing, and it is not bounded by a container's small
-``/dev/shm``.
+A PoolShard keeps all of its state in these arrays. Shared memory is an anonymous memfd that the
+shard actor creates and every client on its node maps through ``/proc/<actor pid>/fd/<fd>``, to run
+the shard's transitions itself (the Ray backend's fast path, docs/pool.md). A memfd lives exactly as
+long as some process holds it, so a killed actor leaks nothing, and a container's small ``/dev/shm``
+does not bound it.
 
 File layout (every array 64-byte aligned, in this order):
 
@@ -20,15 +15,10 @@ File layout (every array 64-byte aligned, in this order):
     y int64[n] (has_label), x_t, eps [n, C, H, W] storage dtype (bf16 as int16 bits), logvar (has_logvar) fp32,
     each record array starting 2048 bytes past a page boundary (_align_records)
 
-Locking: ``fcntl.flock`` on the file, exclusive, behind a threading.RLock (threads of one
-process, e.g. a trainer's prefetching thread, take turns; re-entrant within a thread). The
-kernel drops the lock of a process that dies, so a killed client never wedges a
-shard; every transition writes a slot's owner and deadline before its state, so a
-client killed inside one leaves each slot in exactly one valid state.
-
-Lifetime: clients check the owner's pid (at most every 50 ms) and the header's closed flag
-before each call; a dead or closed owner means the shard actor died (Ray restarts it with a
-new segment, which the client then maps) or the pool was dropped.
+Locking: ``fcntl.flock`` on the file, behind a threading.RLock for the threads of one process.
+The kernel drops the lock of a process that dies, so a killed client never wedges a shard.
+Lifetime: clients check the owner's pid (at most every 50 ms) and the closed flag before each
+call; a dead or closed owner means the actor died (its restart has a new segment) or the pool was dropped.
 """
 
 from __future__ import annotations
@@ -145,11 +135,8 @@ class ShardMemory:
     @classmethod
     def create(cls, tag: str, n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool,
                counters: int) -> "ShardMemory":
-        """New shared memory (an anonymous memfd, every page reserved up front); clients open it by
-        ``path`` (``/proc/<pid>/fd/<fd>``), so it vanishes with its last user and never leaks.
-
-        Raises PoolError (one line) when memory cannot hold it, instead of an out-of-memory kill later.
-        """
+        """New shared memory, every page reserved up front: PoolError (one line) when memory cannot hold it,
+        instead of an out-of-memory kill later."""
         plan, size = _plan(n, record_shape, storage_dtype, has_logvar, has_label, counters)
         check_memory(size, f"a pool shard ({tag})")
         if not hasattr(os, "memfd_create"):
@@ -208,10 +195,6 @@ class ShardMemory:
         return int(self.a["header"][_H_UID])
 
     @property
-    def owner_pid(self) -> int:
-        return int(self.a["header"][_H_PID])
-
-    @property
     def flags(self) -> int:
         return int(self.a["header"][_H_FLAGS])
 
@@ -225,7 +208,7 @@ class ShardMemory:
             return False
         now = time.monotonic()
         if now - self._checked >= every_s:
-            self._alive = pid_alive(self.owner_pid)
+            self._alive = pid_alive(int(self.a["header"][_H_PID]))
             self._checked = now
         return self._alive
 
@@ -250,11 +233,9 @@ _MALLOC_TUNED = False
 def tune_malloc(trim_bytes: int = 256 << 20, mmap_bytes: int = 32 << 20) -> bool:
     """Let glibc keep freed memory for reuse (once per process; True if it was set now).
 
-    A drawn batch is a few MB; by default glibc hands a freed batch back to the kernel (heap trim
-    above 2x the dynamic mmap threshold, or munmap) and the next draw faults every page of it in
-    again, which costs as much as the copy itself. Allocations below ``mmap_bytes`` come from the heap and up to
-    ``trim_bytes`` of free heap stays mapped. A user who sets MALLOC_TRIM_THRESHOLD_ or
-    MALLOC_MMAP_THRESHOLD_ (glibc's own variables) keeps them; other C libraries are left alone.
+    By default glibc hands a freed batch (a few MB) back to the kernel and the next draw faults every
+    page in again, which costs as much as the copy itself. A user's MALLOC_TRIM_THRESHOLD_ or
+    MALLOC_MMAP_THRESHOLD_ is kept; other C libraries are left alone.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED or "MALLOC_TRIM_THRESHOLD_" in os.environ or "MALLOC_MMAP_THRESHOLD_" in os.environ:

@@ -1,34 +1,18 @@
-"""RayPool: the pool as N shard actors (PoolShard behind ``ray.remote`` here, at the edge).
+"""RayPool: the pool as N shard actors (PoolShard behind ``ray.remote`` here, at the edge); docs/pool.md.
 
-The client object (RayPool) holds only actor handles and the layout, so it is
-picklable: pass it to Ray tasks, actors or Train workers, or attach from another
-driver with ``RayPool.attach(name)`` (actors are named ``dkdm_pool.<name>.<i>``;
-``detached=True`` keeps them alive after the creating driver exits, in the namespace
-``dkdm_pools``). Without ``detached`` the actors die with the last handle of the
-creating client (Ray's ownership).
+The client holds only actor handles and the layout, so it pickles into Ray tasks and actors;
+``RayPool.attach(name)`` finds a running pool (actors ``dkdm_pool.<name>.<i>``; ``detached=True``
+ones live in the namespace ``dkdm_pools`` and outlive the creating driver).
 
-Every operation takes one path: the pool splits it over the shards and runs each
-shard's part either in this process, on a mapped view of the shard's slots, or by an
-RPC to the shard actor. With ``pool.shared_memory`` (the default) each shard's slots
-live in a memfd the actor owns (memory.py) and a client on the actor's node maps it at
-its first call and runs the same PoolShard transitions itself under the file's lock:
-no RPC, records copied once. Clients on other nodes, and consumer groups (whose
-bookkeeping lives in the actor), use RPCs, where records cross as a few numpy arrays
-per call (zero-copy pickle-5 buffers). Blocking is client-side polling with
-exponential backoff (1 ms to 50 ms) until the limiter allows or the timeout passes.
+Each shard's part of an operation runs on this process's mapped view of the shard's memfd
+(``pool.shared_memory``, a client on the actor's node: the same PoolShard transitions under the
+file's lock, records copied once) or as an RPC to the actor (other nodes, and while consumer groups,
+whose bookkeeping lives in the actor, are attached). Blocking is client-side polling, 1 ms doubling
+to 50 ms.
 
-Placement: ``pool.shard_strategy="spread"`` puts the shards on different nodes
-(Ray's SPREAD), ``pool.shard_resources`` pins them to nodes that offer a custom
-resource (``{"pool": 1}`` on nodes started with ``--resources='{"pool": 4}'``).
-
-A shard actor that dies (its process killed, its node lost) is restarted by Ray
-(``pool.shard_max_restarts``) as an empty shard: every slot in REFILL with no record,
-which the teachers warm up again. Its leases and claims are gone with it (releases
-and fills of them are no-ops), clients map its new memory at their next call, and
-draws meanwhile come from the other shards; a one-shard pool waits for the re-warm-up.
-The shard logs one line and counts ``POOL_SHARD_RESTARTS_TOTAL``. Tasks are not
-retried (``max_task_retries=0``): a call that was in flight when the shard died
-answers "nothing from this shard", which is what its new incarnation would say.
+A shard actor that dies is restarted by Ray (``pool.shard_max_restarts``) empty, every slot in
+REFILL; its leases and claims are gone with it. Tasks are not retried (``max_task_retries=0``): a
+call in flight when the shard died answers "nothing from this shard", as its new incarnation would.
 """
 
 from __future__ import annotations
@@ -55,15 +39,15 @@ from common.pool.base import (
     PoolStats,
     PoolTimeout,
     check_identity,
-    min_ready_slots,
+    merge_groups,
     new_key,
+    shard_lag,
     shard_ranges,
+    split_claim,
     split_draw,
-    timeout_message,
 )
-from common.pool.codec import batch_over, check_batch, new_arrays, to_arrays, write_snapshot
-from common.pool.local import load_snapshot_for, merge_groups, merge_stats, shard_lag, snapshot_header, surplus_inserted
-from common.pool.memory import FLAG_CLOSED, ShardMemory, tune_malloc
+from common.pool.codec import batch_over, check_batch, to_arrays, write_snapshot
+from common.pool.memory import FLAG_CLOSED, SECONDS, ShardMemory, tune_malloc
 from common.pool.shard import SHARD_COUNTERS, OwnerOnly, PoolShard
 from common.records import RecordBatch
 
@@ -71,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 SHARD_NUM_CPUS = 0.05
 POOL_NAMESPACE = "dkdm_pools"     # detached (persistent) pools: any driver finds them whatever its namespace
-_SERVER_METHODS = ("stats", "bind_identity", "get_identity")    # ShardServer's own; the rest are PoolShard's (call)
+_SERVER_METHODS = ("stats", "identity")    # ShardServer's own; the rest are PoolShard's (call)
 DOWN_WAIT_S = 1.0                 # a poll reads the other shards' counts when one answers no sooner (restarting)
 
 
@@ -137,12 +121,10 @@ class ShardServer:
     def meta(self) -> dict:
         return self.meta_
 
-    def bind_identity(self, identity: dict) -> dict:
+    def identity(self, bind: dict | None = None) -> dict | None:
+        """The pool identity this shard holds, ``bind`` stored first if it holds none."""
         if self.identity_ is None:
-            self.identity_ = identity
-        return self.identity_
-
-    def get_identity(self) -> dict | None:
+            self.identity_ = bind
         return self.identity_
 
     def call(self, method: str, *args, **kw):
@@ -155,8 +137,9 @@ class ShardServer:
 
     def stats(self) -> dict:
         self.shard.expire()
-        blocked, seconds, rejected = self.shard.time_totals()
-        return {**self.shard.stats(), "blocked": blocked, "seconds": seconds, "fill_rejected_client": rejected,
+        t = dict(zip(SECONDS, self.shard.seconds.tolist()))       # as PoolShard.add_time summed them
+        return {**self.shard.stats(), "blocked": {"draw": t["draw_blocked"], "fill": t["fill_blocked"]},
+                "seconds": {"draw": t["draw"], "fill": t["fill"]}, "fill_rejected_client": int(t["fill_rejected"]),
                 "restarted": int(self.restarted), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
 
@@ -193,7 +176,6 @@ class RayPool(Pool):
         t_buckets: int = 10,
         detached: bool = False,
         reuse_actors: bool = False,
-        shard_num_cpus: float = SHARD_NUM_CPUS,
     ):
         """Start ``cfg.shards`` shard actors named after ``cfg.name`` (Ray is initialized if it is not).
 
@@ -204,7 +186,7 @@ class RayPool(Pool):
             ray.init(include_dashboard=False)
         meta = {"cfg": cfg.model_dump(), "num_slots": int(num_slots), "record_shape": list(record_shape),
                 "has_logvar": has_logvar, "has_label": has_label, "t_buckets": t_buckets, "num_timesteps": num_timesteps}
-        opts = {"num_cpus": shard_num_cpus, "max_restarts": cfg.shard_max_restarts, "max_task_retries": 0,
+        opts = {"num_cpus": SHARD_NUM_CPUS, "max_restarts": cfg.shard_max_restarts, "max_task_retries": 0,
                 "resources": dict(cfg.shard_resources)}
         if cfg.shard_strategy == "spread":
             opts["scheduling_strategy"] = "SPREAD"
@@ -226,12 +208,8 @@ class RayPool(Pool):
 
     def _setup(self, meta: dict, handles: list, owner: bool, seed: int | None = None) -> None:
         self.meta, self.handles, self.owner = meta, handles, owner
-        self.cfg = PoolConfig(**meta["cfg"])
-        self.num_slots, self.record_shape = meta["num_slots"], tuple(meta["record_shape"])
-        self.storage_dtype, self.has_logvar, self.has_label = self.cfg.storage_dtype, meta["has_logvar"], meta["has_label"]
-        self.t_buckets, self.num_timesteps = meta["t_buckets"], meta["num_timesteps"]
-        self.ranges = shard_ranges(self.num_slots, self.cfg.shards)
-        self.min_ready = min_ready_slots(self.cfg.min_ready_fraction, self.num_slots)
+        self._init_layout(PoolConfig(**meta["cfg"]), meta["num_slots"], meta["record_shape"], meta["has_logvar"],
+                          meta["has_label"], meta["num_timesteps"], meta["t_buckets"])
         self.rng = np.random.default_rng(None if seed is None else seed + 7919)
         self.leases: dict[str, list[int]] = {}               # lease id -> shards it spans
         self.claims: dict[str, list[tuple[int, int]]] = {}   # claim id -> [(shard, count)] in slot order
@@ -315,21 +293,13 @@ class RayPool(Pool):
                     pass
             kw = {key: val for key, val in kw.items() if key != "out"}
             remote.append((k, self.handles[i].call.remote(method, *args, **kw)))
-        if remote:
-            for (k, _), res in zip(remote, self._get_each([r for _, r in remote], what, wait_s)):
-                out[k] = None if res is None else (False, res)
-        return out
-
-    def _get_each(self, refs: list, what: str, wait_s: float | None) -> list:
-        if wait_s is not None:
-            ready = set(ray.wait(refs, num_returns=len(refs), timeout=wait_s)[0])
-            refs = [r if r in ready else None for r in refs]
-        out = []
-        for r in refs:
+        refs = [r for _, r in remote]
+        ready = set(refs if wait_s is None else ray.wait(refs, num_returns=len(refs), timeout=wait_s)[0])
+        for k, r in remote:
             try:
-                out.append(None if r is None else self._get(r, what))
+                out[k] = (False, self._get(r, what)) if r in ready else None
             except ray.exceptions.ActorUnavailableError:       # restarting: nothing from this shard for now
-                out.append(None)
+                pass
         return out
 
     def _get(self, refs, what: str):
@@ -381,9 +351,7 @@ class RayPool(Pool):
                 return per, waited if waited > 1e-3 else 0.0
             if waited >= timeout_s:
                 self._add_time(side, waited, waited)
-                counts = {n: sum(c[n] for c in per) for n in STATE_NAMES}
-                extra = f", inserted={sum(c['inserted'] for c in per)}, min_ready={self.min_ready}"
-                raise PoolTimeout(timeout_message(what, timeout_s, counts, extra))
+                raise self._timeout(what, timeout_s, per)
             time.sleep(min(sleep, timeout_s - waited))
             sleep = min(sleep * 2, 0.05)
 
@@ -413,22 +381,16 @@ class RayPool(Pool):
                 a[off:off + len(keep)] = a[keep]
         return got
 
-    def _arrays(self, n: int) -> dict[str, np.ndarray]:
-        return new_arrays(n, self.record_shape, self.storage_dtype, self.has_logvar, self.has_label)
-
     def draw(self, b: int, timeout_s: float | None = None, group: str | None = None) -> Draw:
-        if not 1 <= b <= self.num_slots:
-            raise PoolError(f"cannot draw {b} records from a pool of {self.num_slots} slots")
-        t0, deadline_s = time.perf_counter(), time.monotonic() + (self.cfg.block_timeout_s if timeout_s is None else timeout_s)
+        timeout_s, what = self._draw_args(b, timeout_s, group)
+        t0, deadline_s = time.perf_counter(), time.monotonic() + timeout_s
         col = "READY" if group is None else "available"      # a group draws among the records new to it
-        what = f"{b} READY slots (warm-up needs {self.min_ready} inserted)" if group is None else \
-            f"{b} records new to consumer group {group!r} (warm-up needs {self.min_ready} inserted)"
         lease_id, out, got, blocked = new_key(), self._arrays(b), [], 0.0
         self.leases[lease_id] = list(range(len(self.handles)))
         while (off := sum(len(s) for _, s in got)) < b:     # another client may take slots between count and lease
             try:
-                per, waited = self._wait(lambda p: sum(c["inserted"] for c in p) >= self.min_ready and
-                                         sum(c[col] for c in p) >= b - off, what, "draw", deadline_s - time.monotonic(), group)
+                per, waited = self._wait(lambda p: self._drawable(p, b - off, group), what, "draw",
+                                         deadline_s - time.monotonic(), group)
             except PoolTimeout:
                 self.release(lease_id)      # hand back the part already leased
                 raise
@@ -449,22 +411,15 @@ class RayPool(Pool):
         self._on_shards([(i, "release", (lease_id,), {}) for i in shards], "release a lease", DOWN_WAIT_S)
 
     def claim_refill(self, n: int, timeout_s: float | None = None) -> Claim:
-        if n < 1:
-            raise PoolError(f"claim_refill needs n >= 1, got {n}")
-        deadline_s = time.monotonic() + (self.cfg.block_timeout_s if timeout_s is None else timeout_s)
+        deadline_s = time.monotonic() + self._claim_args(n, timeout_s)
         claim_id, got = new_key(), []
         while not got:          # another client may take the slots first: poll again
             per, blocked = self._wait(lambda p: sum(c["REFILL"] for c in p) >= 1, "a REFILL slot", "fill",
                                       deadline_s - time.monotonic())
             if blocked:
                 self._add_time("fill", blocked, 0.0)
-            asked, want = [], n
-            for i in self.rng.permutation(len(self.handles)).tolist():   # random shard order spreads the teachers
-                m = min(want, per[i]["REFILL"])
-                if m:
-                    asked.append((i, m))
-                    want -= m
-            out = self._arrays(n - want)
+            asked = split_claim([c["REFILL"] for c in per], n, self.rng)
+            out = self._arrays(sum(m for _, m in asked))
             got = self._take(asked, "claim", claim_id, out, 0)
         self.claims[claim_id] = [(i, len(s)) for i, s in got]
         total = sum(len(s) for _, s in got)
@@ -501,8 +456,7 @@ class RayPool(Pool):
 
     def stats(self) -> PoolStats:
         per = self._call_all("stats", what="read stats")
-        inserted = sum(p["inserted"] for p in per)
-        st = merge_stats(self.num_slots, per, inserted >= self.min_ready, self.t_buckets, per[0]["blocked"], per[0]["seconds"])
+        st = PoolStats.merged(self, per, per[0]["blocked"], per[0]["seconds"])
         st.fill_rejected_total += per[0]["fill_rejected_client"]
         st.extra["shard_restarts"] = sum(p["restarted"] for p in per)
         st.extra["shard_nodes"] = [p["node_id"] for p in per]
@@ -510,13 +464,13 @@ class RayPool(Pool):
 
     def bind_identity(self, identity: dict) -> dict:
         """Every shard keeps the identity, so a restarted shard leaves it with the others."""
-        held = self._call_all("bind_identity", identity, what="store the pool identity")
+        held = self._call_all("identity", identity, what="store the pool identity")
         for h in held:
             check_identity(self.cfg.name, h, identity)
         return held[0]
 
     def identity(self) -> dict | None:
-        held = self._call_all("get_identity", what="read the pool identity")
+        held = self._call_all("identity", what="read the pool identity")
         return next((h for h in held if h is not None), None)
 
     def attach_group(self, group: str, policy: str = "wait", max_lag: int | None = None) -> None:
@@ -533,12 +487,11 @@ class RayPool(Pool):
     def snapshot(self, path: str) -> None:
         inserted = sum(c["inserted"] for c in self._counts())
         frames = (self._get(h.call.remote("snapshot"), "snapshot a shard") for h in self.handles)   # one shard at a time
-        write_snapshot(path, snapshot_header(self, inserted), frames)
+        write_snapshot(path, self._snapshot_header(inserted), frames)
 
     def restore(self, path: str) -> None:
-        header, parts = load_snapshot_for(self, path, self.ranges)
-        extra = surplus_inserted(header, parts)
-        self._call_all("restore", what="restore the shards", per_shard=lambda i: (*parts[i], extra if i == 0 else 0))
+        _, parts = self._load_snapshot(path)
+        self._call_all("restore", what="restore the shards", per_shard=lambda i: parts[i])
         self.leases.clear()
         self.claims.clear()
 

@@ -1,20 +1,13 @@
 """The Redis backend of the pool: each shard a group of keys, each transition one Lua call.
 
-The slot life cycle is the one states.py specifies; ``common/pool/lua/`` implements it per shard (lib.lua
-lists the keys), ``redis_client.RedisShards`` makes the calls (pipelines per server, retries, lost
-shards re-created) and ``redis_records`` stores a record per slot. Round trips:
-
-- draw: the draw script leases the slots (one shard: it checks the warm-up and READY itself; several: a
-  counts round first gives the READY counts for the uniform split, base.split_draw), then one MGET of
-  their records per shard. Records never pass through Lua, which would copy them twice more.
-- release: the release script on every shard.
-- claim: the claim script (several shards: after a counts round), then one MGET of the previous records.
-- fill: one MSET of the records into staging keys and the fill script, which renames them onto the
-  claim's slots if the claim still holds them and deletes them if not, in one pipeline.
-
-A call retried after its reply was lost keeps the slots of its first attempt under the same lease or
-claim id: a lease releases them with its own, a claim's fill is refused and its slots expire back to
-REFILL. With AOF a restarted server holds the pool as it was, leases and claims included.
+``common/pool/lua/`` runs states.py's transitions per shard (lib.lua lists the keys),
+``redis_client.RedisShards`` makes the calls and ``redis_records`` stores a record per slot. Records
+never pass through Lua, which would copy them twice more: a draw or claim runs its script (after a
+counts round for the uniform split when there are several shards), then one MGET per shard; a fill
+MSETs the records into staging keys that its script renames onto the claim's slots, or deletes if the
+claim is gone, in one pipeline. A call retried after its reply was lost keeps the slots of its first
+attempt under the same lease or claim id: a lease releases them with its own, a claim's fill is
+refused and its slots expire back to REFILL.
 """
 
 from __future__ import annotations
@@ -24,13 +17,13 @@ import logging
 import math
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from common import metrics
 from common.config import PoolConfig
+from common.config import mask_url
 from common.pool.base import (
     STATE_NAMES,
     Claim,
@@ -38,38 +31,27 @@ from common.pool.base import (
     Pool,
     PoolError,
     PoolStats,
-    PoolTimeout,
     check_samples_per_insert,
-    min_ready_slots,
+    merge_groups,
     new_key,
     record_uses,
-    shard_ranges,
+    shard_lag,
     split_draw,
     t_histogram,
-    timeout_message,
 )
-from common.pool.codec import SlotArrays, batch_over, check_batch, field_storage, new_arrays, to_numpy, write_snapshot
+from common.pool.codec import SlotArrays, batch_over, check_batch, to_arrays, write_snapshot
+from common.pool.groups import check_group
 from common.pool.identity import check_identity
-from common.pool.local import (
-    load_snapshot_for,
-    merge_groups,
-    shard_lag,
-    snapshot_header,
-    surplus_inserted,
-)
 from common.pool.memory import tune_malloc
 from common.pool.redis_client import RedisShards, queued
-from common.config import mask_url
 from common.pool.redis_records import RecordCodec
+from common.pool.shard import SHARD_COUNTERS
+from common.pool.states import READY, REFILL
 from common.records import EMPTY_T, RecordBatch
 
 logger = logging.getLogger(__name__)
 
 LAYOUT_VERSION = "dkdm-pool-redis/5"     # 5: logvar in fp32 (codec.field_storage)
-_LUA = "\n".join((Path(__file__).parent / "lua" / f).read_text() for f in ("lib.lua", "groups.lua", "ops.lua"))
-_COUNTERS = ("produced", "inserted", "consumed", "released", "bytes_in", "bytes_out", "expired_leases",
-             "expired_claims", "corrupt", "fill_rejected", "draws", "fills", "age_sum")
-_SLOT_OVERHEAD = 256     # bytes per slot besides its record (set and hash entries): a lower bound
 _RESTORE_CHUNK = 4 << 20  # bytes of records per restore call
 
 
@@ -82,15 +64,8 @@ class RedisPool(Pool):
 
     def __init__(self, cfg: PoolConfig, num_slots: int, record_shape: tuple[int, int, int], has_logvar: bool,
                  has_label: bool, num_timesteps: int = 1000, seed: int = 0, t_buckets: int = 10):
-        self.cfg = cfg
-        self.num_slots = int(num_slots)
-        self.record_shape = tuple(int(s) for s in record_shape)
-        self.has_logvar, self.has_label = bool(has_logvar), bool(has_label)
-        self.storage_dtype = cfg.storage_dtype
-        self.num_timesteps, self.t_buckets, self._seed = int(num_timesteps), int(t_buckets), seed
-        self.k = check_samples_per_insert(cfg.samples_per_insert)
-        self.min_ready = min_ready_slots(cfg.min_ready_fraction, self.num_slots)
-        self.ranges = shard_ranges(self.num_slots, cfg.shards)
+        self._init_layout(cfg, num_slots, record_shape, has_logvar, has_label, num_timesteps, t_buckets)
+        self._seed, self.k = seed, check_samples_per_insert(cfg.samples_per_insert)
         self.shards = len(self.ranges)
         # a stream of its own per process: clients built with one seed must not draw the same splits
         self.rng = np.random.default_rng([seed, uuid.uuid4().int & 0xFFFFFFFF])
@@ -100,8 +75,7 @@ class RedisPool(Pool):
         )
         self.codec = RecordCodec(self.record_shape, self.storage_dtype, self.has_logvar, self.has_label)
         # tensor bytes of a record, counted as shard.py counts them (the stored record adds its header)
-        self.record_bytes = sum(a.nbytes for a in new_arrays(1, self.record_shape, self.storage_dtype, self.has_logvar,
-                                                             self.has_label).values())
+        self.record_bytes = sum(a.nbytes for a in self._arrays(1).values())
         self._claims: dict[str, list[tuple[int, list[int]]]] = {}   # claim id -> [(shard, slots in order)]
         self.redis = RedisShards(cfg, self.ranges, self.layout, self.record_bytes, self.codec.record_bytes)
         self.local = self.redis.local               # retries and re-created shards, then this client's seconds
@@ -138,8 +112,8 @@ class RedisPool(Pool):
         return np.array(rows, dtype=np.int64)
 
     @staticmethod
-    def _state_counts(rows: np.ndarray) -> dict[str, int]:
-        return {n: int(rows[:, i].sum()) for i, n in enumerate(STATE_NAMES)}
+    def _per(rows: np.ndarray) -> list[dict]:
+        return [dict(zip((*STATE_NAMES, "inserted"), r)) for r in rows.tolist()]
 
     def _add_blocked(self, side: str, seconds: float) -> None:
         if seconds > 0:
@@ -175,9 +149,7 @@ class RedisPool(Pool):
 
     def draw(self, b: int, timeout_s: float | None = None, group: str | None = None) -> Draw:
         """Lease b READY slots uniformly at random over all shards (multivariate hypergeometric split)."""
-        if not 1 <= b <= self.num_slots:
-            raise PoolError(f"cannot draw {b} records from a pool of {self.num_slots} slots")
-        timeout_s = self.cfg.block_timeout_s if timeout_s is None else timeout_s
+        timeout_s, what = self._draw_args(b, timeout_s, group)
         t0, lease_id = time.monotonic(), new_key()
         parts, slots, ages = [], [], []
         have, blocked, wait_from, delay, deadline = 0, 0.0, None, 0.001, math.inf
@@ -190,10 +162,7 @@ class RedisPool(Pool):
                     self._release(lease_id, refund=True)
                     self._add_blocked("draw", blocked + time.monotonic() - wait_from)
                     rows = self._counts(group) if rows is None else rows
-                    what = f"{b - have} READY slots" if group is None else f"{b - have} records new to consumer group {group!r}"
-                    raise PoolTimeout(timeout_message(f"{what} (warm-up needs {self.min_ready} inserted)", timeout_s,
-                                                      self._state_counts(rows),
-                                                      f", inserted={int(rows[:, 4].sum())}, min_ready={self.min_ready}"))
+                    raise self._timeout(what, timeout_s, self._per(rows))
                 if rows is not None:
                     time.sleep(delay)
                     delay = min(delay * 1.5, 0.05)
@@ -231,9 +200,7 @@ class RedisPool(Pool):
 
     def claim_refill(self, n: int, timeout_s: float | None = None) -> Claim:
         """Claim up to n REFILL slots, spread uniformly over the shards' REFILL slots; previous records returned."""
-        if n < 1:
-            raise PoolError(f"claim_refill needs n >= 1, got {n}")
-        timeout_s = self.cfg.block_timeout_s if timeout_s is None else timeout_s
+        timeout_s = self._claim_args(n, timeout_s)
         t0, claim_id, delay = time.monotonic(), new_key(), 0.001
         while True:
             split = {0: n}
@@ -247,7 +214,8 @@ class RedisPool(Pool):
                 break
             if time.monotonic() - t0 >= timeout_s:
                 self._add_blocked("fill", time.monotonic() - t0)
-                raise PoolTimeout(timeout_message("a REFILL slot", timeout_s, self._state_counts(self._counts())))
+                rows = self._counts()
+                raise self._timeout("a REFILL slot", timeout_s, self._per(rows))
             time.sleep(delay)
             delay = min(delay * 1.5, 0.05)
         if delay > 0.001:           # it waited: the whole call was blocked time
@@ -262,18 +230,11 @@ class RedisPool(Pool):
         prev, ok = self._read(dict(parts))
         if ok.all():
             return prev
-        out, at = self._empty(len(ok)), torch.from_numpy(np.flatnonzero(ok))
-        for name in ("x_t", "t", "eps", "logvar", "y"):
-            if getattr(out, name) is not None:
-                getattr(out, name)[at] = getattr(prev, name)
-        return out
-
-    def _empty(self, n: int) -> RecordBatch:
-        """n empty records: zeros (pages the kernel maps only when written), t = EMPTY_T."""
-        out = batch_over(new_arrays(n, self.record_shape, self.storage_dtype, self.has_logvar, self.has_label, zeros=True),
-                         self.storage_dtype)
-        out.t.fill_(EMPTY_T)
-        return out
+        out = self._arrays(len(ok), zeros=True)      # zeros: pages the kernel maps only when written
+        out["t"][:] = EMPTY_T
+        for name, v in to_arrays(prev, self.storage_dtype).items():
+            out[name][ok] = v
+        return batch_over(out, self.storage_dtype)
 
     def _claim_parts(self, claim_id: str) -> list[tuple[int, list[int]]]:
         """A claim made by another client object: its slots per shard, in order, read from the shards."""
@@ -309,36 +270,20 @@ class RedisPool(Pool):
         return accepted == n
 
     def stats(self) -> PoolStats:
-        res = self.redis.run([(s, ["stats"]) for s in range(self.shards)])
-        shard_counts, totals, blocked, ts, groups = [], dict.fromkeys(_COUNTERS, 0), {"draw": 0.0, "fill": 0.0}, [], []
-        for s, (counts, flat, tvals, gstats) in enumerate(res):
-            shard_counts.append(dict(zip(STATE_NAMES, (int(c) for c in counts))))
+        per, blocked = [], {"draw": 0.0, "fill": 0.0}
+        for s, (counts, flat, tvals, gstats) in enumerate(self.redis.run([(s, ["stats"]) for s in range(self.shards)])):
             meta = {k.decode(): v for k, v in zip(flat[::2], flat[1::2])}
-            for k in _COUNTERS:
-                totals[k] += int(meta.get(k, 0))
+            t = np.array([int(v) for v in tvals if v is not None], dtype=np.int64)
+            per.append({**{k: int(meta.get(k, 0)) for k in SHARD_COUNTERS},
+                        "counts": dict(zip(STATE_NAMES, map(int, counts))), "groups": self._group_rows(gstats),
+                        "t_histogram": t_histogram(t, self.num_timesteps, self.t_buckets)})
             for side in blocked:
                 blocked[side] += float(meta.get(f"{side}_blocked_s", 0.0))
-            ts += [int(v) for v in tvals if v is not None]
-            groups.append(self._group_rows(gstats))
-            for name, v in shard_counts[-1].items():
+            for name, v in per[-1]["counts"].items():
                 metrics.set(metrics.POOL_SLOTS, v, shard=s, state=name)
-        extra = {"backend": "redis", "urls": [mask_url(u) for u in self.redis.urls], "inserted_total": totals["inserted"], **self.local}
-        merged = merge_groups(groups)
-        if merged:
-            extra["groups"] = merged
-        return PoolStats(
-            num_slots=self.num_slots, counts={n: sum(c[n] for c in shard_counts) for n in STATE_NAMES},
-            shard_counts=shard_counts, produced_total=totals["produced"], consumed_total=totals["consumed"],
-            bytes_in_total=totals["bytes_in"], bytes_out_total=totals["bytes_out"],
-            draw_blocked_seconds_total=blocked["draw"], fill_blocked_seconds_total=blocked["fill"],
-            t_histogram=t_histogram(np.array(ts, dtype=np.int64), self.num_timesteps, self.t_buckets),
-            warm=totals["inserted"] >= self.min_ready, released_total=totals["released"],
-            expired_leases_total=totals["expired_leases"], expired_claims_total=totals["expired_claims"],
-            corrupt_total=totals["corrupt"], fill_rejected_total=totals["fill_rejected"],
-            draw_seconds_total=self.local["draw_s"], fill_seconds_total=self.local["fill_s"],
-            draws_total=totals["draws"], fills_total=totals["fills"],
-            record_age_mean=totals["age_sum"] / max(totals["consumed"], 1), extra=extra,
-        )
+        st = PoolStats.merged(self, per, blocked, {"draw": self.local["draw_s"], "fill": self.local["fill_s"]})
+        st.extra.update(backend="redis", urls=[mask_url(u) for u in self.redis.urls], **self.local)
+        return st
 
     # --- consumer groups (the rules of groups.py, run by lua/groups.lua) --------------------------------
 
@@ -354,12 +299,7 @@ class RedisPool(Pool):
 
     def attach_group(self, group: str, policy: str = "wait", max_lag: int | None = None) -> None:
         """Attach consumer group ``group`` (``max_lag``: records, summed over shards, split evenly)."""
-        if policy not in ("wait", "skip"):
-            raise PoolError(f"consumer group {group!r}: policy={policy!r} is not one of ('wait', 'skip')")
-        if policy == "skip" and (max_lag is None or max_lag < 0):
-            raise PoolError(f"consumer group {group!r}: policy 'skip' needs max_lag >= 0 records, got {max_lag}")
-        if self.k != 1.0:
-            raise PoolError(f"consumer groups need pool.samples_per_insert=1, this pool has {self.k}")
+        check_group(group, policy, max_lag, self.k)
         lags = [shard_lag(max_lag, s, self.shards) for s in range(self.shards)]
         self.redis.run([(s, ["attach", group, policy, "" if lag is None else lag, self.cfg.lease_timeout_s])
                         for s, lag in enumerate(lags)])
@@ -389,43 +329,37 @@ class RedisPool(Pool):
         """One shard as SlotArrays, copied by one atomic script call (a snapshot stops one shard at a time)."""
         ready, leased, held, uses, born, recs = self.redis.run([(s, ["dump"])])[0]
         lo, hi = self.ranges[s]
-        state = np.full(hi - lo, 2, dtype=np.uint8)        # LEASED written as READY, FILLING as REFILL
-        state[[int(m) - lo for m in ready + leased]] = 0
-        empty = self._empty(hi - lo)
-        a = {name: to_numpy(getattr(empty, name), field_storage(name, self.storage_dtype)) for name in self.codec.fields}
-        t, y = empty.t.numpy().copy(), None if empty.y is None else empty.y.numpy().copy()
+        a = self._arrays(hi - lo, zeros=True)
+        a["t"][:] = EMPTY_T
+        state = np.full(hi - lo, REFILL, dtype=np.uint8)        # LEASED written as READY, FILLING as REFILL
+        state[[int(m) - lo for m in ready + leased]] = READY
         at = np.array([int(m) - lo for m in held], dtype=np.int64)
         out_uses, out_born = np.zeros(hi - lo, dtype=np.int32), np.zeros(hi - lo, dtype=np.int64)
         out_born[at] = [int(v or 0) for v in born]
         batch, ok = self.codec.decode(recs)
-        good = at[ok]
-        for name in self.codec.fields:
-            a[name][good] = to_numpy(getattr(batch, name), field_storage(name, self.storage_dtype))
-        t[good] = batch.t.numpy()
-        if y is not None:
-            y[good] = batch.y.numpy()
-        out_uses[good] = [int(u or 0) for u, g in zip(uses, ok) if g]
-        state[(state == 0) & (t == EMPTY_T)] = 2          # READY without an intact record: an empty REFILL slot
-        out_uses[state == 2] = 0
-        return SlotArrays(lo=lo, state=state, t=t, uses=out_uses, produced_at=out_born, x_t=a["x_t"], eps=a["eps"],
-                          logvar=a.get("logvar"), y=y)
+        for name, v in to_arrays(batch, self.storage_dtype).items():
+            a[name][at[ok]] = v
+        out_uses[at[ok]] = [int(u or 0) for u, g in zip(uses, ok) if g]
+        state[(state == READY) & (a["t"] == EMPTY_T)] = REFILL     # READY without an intact record: empty
+        out_uses[state == REFILL] = 0
+        return SlotArrays(lo=lo, state=state, uses=out_uses, produced_at=out_born,
+                          **{n: a.get(n) for n in ("t", "x_t", "eps", "logvar", "y")})
 
     def snapshot(self, path: str) -> None:
         """Write the pool to ``path`` in the snapshot format every backend reads, one shard at a time."""
         inserted = int(self._counts()[:, 4].sum())
-        write_snapshot(path, snapshot_header(self, inserted), (self._dump_shard(s) for s in range(self.shards)))
+        write_snapshot(path, self._snapshot_header(inserted), (self._dump_shard(s) for s in range(self.shards)))
 
     def restore(self, path: str) -> None:
         """Replace the pool's contents with a snapshot (slot count and record layout must match; the shard
         count may differ). LEASED come back READY, FILLING and damaged records as REFILL."""
-        header, parts = load_snapshot_for(self, path, self.ranges)
-        extra = surplus_inserted(header, parts)
+        _, parts = self._load_snapshot(path)
         chunk = max(1, _RESTORE_CHUNK // self.codec.record_bytes)
-        for s, (a, bad) in enumerate(parts):
+        for s, (a, bad, extra) in enumerate(parts):
             bad = bad | (a.state > 3)
             keep = ~bad & (a.t != EMPTY_T)
             ready = np.isin(a.state, (0, 1)) & keep
-            self.redis.run([(s, ["restore_begin", self.layout, a.lo, a.lo + len(a), self.record_bytes, extra if s == 0 else 0])])
+            self.redis.run([(s, ["restore_begin", self.layout, a.lo, a.lo + len(a), self.record_bytes, extra])])
             for c0 in range(0, len(a), chunk):
                 c1 = min(len(a), c0 + chunk)
                 rows = self.codec.encode(batch_over({name: getattr(a, name)[c0:c1] for name in ("x_t", "t", "eps", "logvar", "y")

@@ -1,13 +1,10 @@
 """The calls of a Redis pool to its servers: pipelines, the pool's Lua script, connection loss and lost shards.
 
-Every call goes through redis-py (hiredis parses the replies): the commands for one server go in one
-pipeline, the Lua of ``common/pool/lua/`` runs as one registered script whose first ARGV names the
-operation. Connection loss (refused, reset, timeout, a server loading its data) is retried by redis-py's
-``Retry`` with ``ExponentialBackoff`` for ``pool.redis_retry_timeout_s`` in all, then raises one
-PoolError naming the server; an outage is logged once when it starts and once when it ends. A shard whose
-keys are gone (a server restarted without persistence) is re-created with every slot empty in REFILL,
-so the teachers warm it up again, and one line says so. URLs reach logs and errors only through
-``mask_url`` (and error texts with any password scrubbed).
+The commands for one server go in one redis-py pipeline; the Lua of ``common/pool/lua/`` is one script
+whose first ARGV names the operation. Connection loss is retried with exponential backoff for
+``pool.redis_retry_timeout_s``, then one PoolError names the server. A shard whose keys are gone (a
+server restarted without persistence) is re-created empty, every slot in REFILL. URLs reach logs and
+errors only through ``mask_url``, error texts with any password scrubbed.
 """
 
 from __future__ import annotations

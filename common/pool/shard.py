@@ -1,24 +1,11 @@
-"""PoolShard: n slots of B+ held as preallocated arrays, and every state transition on them.
+"""PoolShard: n slots of B+ held as preallocated arrays, and states.py's transitions on them.
 
-A plain class that never blocks; blocking, rate limiting across shards and the
-random split of a draw over shards live in the pool that owns the shards
-(local.py, ray_backend.py). The transitions are states.py's, run on this shard's
-arrays for one contiguous range of global slots.
-
-All of its state lives in a ShardMemory (memory.py): private arrays (LocalPool, which
-serializes calls with its own lock, and shard actors without shared memory) or a
-shared file that the shard actor and every client on its node map. Every transition
-runs under the memory's lock, so several processes may run transitions on one shared
-shard; records are copied in and out of slots that a lease or claim holds, after the
-lock is released. A process that is not the memory's owner (``view=True``) runs only
-the plain transitions and raises OwnerOnly while consumer groups are attached (their
-bookkeeping lives in the owner process).
-
-Storage per slot: the records (codec.py's arrays: x_t, eps, logvar, y); t [n] int64
-(EMPTY_T = no record); state [n] uint8; uses [n] int32 (uses left); produced_at [n]
-int64 (the shard's produced counter when the record was filled, for the record age);
-owner [n] int64 (memory.lease_key of the lease or claim, 0 = none) with deadline [n]
-float64. Consumer-group leases are kept in the owner's ``leases`` dict instead.
+A plain class that never blocks: blocking and the split of a draw over shards live in the pool
+(local.py, ray_backend.py). Its state lives in a ShardMemory (memory.py, which lists the arrays):
+private, or shared by the shard actor and every client on its node. Transitions run under the
+memory's lock; records are copied in and out of the slots a lease or claim holds after the lock
+is released. A process that is not the memory's owner (``view=True``) raises OwnerOnly while consumer
+groups are attached, since their bookkeeping (and consumer-group leases) lives in the owner process.
 """
 
 from __future__ import annotations
@@ -31,7 +18,7 @@ import numpy as np
 from common import metrics
 from common.pool import states
 from common.pool.base import STATE_NAMES, STORAGE_DTYPES, PoolError, check_samples_per_insert, record_uses, t_histogram
-from common.pool.codec import RECORD_FIELDS, SlotArrays, batch_over, new_arrays, zero_batch  # noqa: F401 - zero_batch: the backends'
+from common.pool.codec import RECORD_FIELDS, SlotArrays, batch_over, new_arrays
 from common.pool.groups import ShardGroups
 from common.pool.memory import FLAG_GROUPS, SECONDS, ShardMemory, lease_key
 from common.pool.states import FILLING, LEASED, READY, REFILL
@@ -213,12 +200,12 @@ class PoolShard(ShardGroups):
         The records are copied after the lock is released: a leased slot's record cannot change
         while the lease holds.
         """
-        idx, deadline = self._lease(m, lease_id, now, group, count_call)
+        idx, deadline = self._take(m, lease_id, now, LEASED, group, count_call)
         return idx + self.lo, self._copy_out(idx, out, lease_id if group is None else None, LEASED, deadline)
 
     def claim(self, m: int, claim_id: str, now: float | None = None, out: dict | None = None) -> tuple[np.ndarray, RecordBatch]:
         """Claim min(m, REFILL) random slots -> (global slots, their previous records; t = EMPTY_T where empty)."""
-        idx, deadline = self._claim(m, claim_id, now)
+        idx, deadline = self._take(m, claim_id, now, FILLING)
         return idx + self.lo, self._copy_out(idx, out, claim_id, FILLING, deadline)
 
     def _copy_out(self, idx: np.ndarray, out: dict | None, key_id: str | None, state: int, deadline: float) -> RecordBatch:
@@ -240,27 +227,31 @@ class PoolShard(ShardGroups):
             raise PoolError(f"lease or claim {key_id} expired while its records were copied; raise pool.lease_timeout_s")
 
     @_locked
-    def _lease(self, m: int, lease_id: str, now: float | None, group: str | None, count_call: bool) -> tuple[np.ndarray, float]:
-        """The draw's transition: READY -> LEASED (or a group's pending -> leased) -> (local slots, deadline)."""
+    def _take(self, m: int, key_id: str, now: float | None, to: int, group: str | None = None,
+              count_call: bool = True) -> tuple[np.ndarray, float]:
+        """The draw's (to = LEASED; with ``group``, that group's pending -> leased) or the claim's (to = FILLING)
+        transition of min(m, available) random slots -> (local slots, deadline)."""
         now = time.time() if now is None else now
         self.expire(now)
-        g = self._group_for_draw(group, now)
-        ready = np.flatnonzero(self.state == READY) if g is None else np.flatnonzero(g.pending)
-        m = min(int(m), len(ready))
-        idx = np.sort(self.rng.choice(ready, size=m, replace=False, shuffle=False)) if m else ready[:0]
-        deadline = now + self.lease_timeout_s
+        g = self._group_for_draw(group, now) if to == LEASED else None
+        free = np.flatnonzero(g.pending if g is not None else self.state == (READY if to == LEASED else REFILL))
+        m = min(int(m), len(free))
+        idx = np.sort(self.rng.choice(free, size=m, replace=False, shuffle=False)) if m else free[:0]
+        deadline = now + (self.lease_timeout_s if to == LEASED else self.claim_timeout_s)
         if m and g is not None:
             g.pending[idx] = False
             g.leased[idx] = True
             g.consumed += m
-            self.lease_group[lease_id] = group
+            self.lease_group[key_id] = group
             self._settle(idx)
-            prev = self.leases.get(lease_id)
-            self.leases[lease_id] = (idx if prev is None else np.concatenate([prev[0], idx]), deadline)
+            prev = self.leases.get(key_id)
+            self.leases[key_id] = (idx if prev is None else np.concatenate([prev[0], idx]), deadline)
         elif m:
-            states.take(self.state, self.owner, self.deadline, idx, lease_key(lease_id), deadline, LEASED)
-        if m:
+            states.take(self.state, self.owner, self.deadline, idx, lease_key(key_id), deadline, to)
+        if m and to == LEASED:
             self._count("consumed", idx, count_call)
+        elif m:
+            self._publish()
         return idx, deadline
 
     @_locked
@@ -285,19 +276,6 @@ class PoolShard(ShardGroups):
     def _owned(self, key_id: str, state: int) -> np.ndarray:
         """Local slots in ``state`` owned by a lease or claim id, ascending (a claim's slot order)."""
         return np.flatnonzero((self.owner == lease_key(key_id)) & (self.state == state))
-
-    @_locked
-    def _claim(self, m: int, claim_id: str, now: float | None) -> tuple[np.ndarray, float]:
-        now = time.time() if now is None else now
-        self.expire(now)
-        refill = np.flatnonzero(self.state == REFILL)
-        m = min(int(m), len(refill))
-        idx = np.sort(self.rng.choice(refill, size=m, replace=False, shuffle=False)) if m else refill[:0]
-        deadline = now + self.claim_timeout_s
-        if m:
-            states.take(self.state, self.owner, self.deadline, idx, lease_key(claim_id), deadline, FILLING)
-            self._publish()
-        return idx, deadline
 
     @_locked
     def claim_size(self, claim_id: str) -> int:
@@ -341,12 +319,6 @@ class PoolShard(ShardGroups):
             self.seconds[SECONDS.index(k)] += v
         if blocked_s > 0 and self.record_metrics:
             metrics.inc(metrics.POOL_BLOCKED_SECONDS_TOTAL, blocked_s, side=side)
-
-    def time_totals(self) -> tuple[dict, dict, int]:
-        """(blocked seconds per side, call seconds per side, fills rejected) as add_time summed them."""
-        s = dict(zip(SECONDS, self.seconds.tolist()))
-        return ({"draw": s["draw_blocked"], "fill": s["fill_blocked"]}, {"draw": s["draw"], "fill": s["fill"]},
-                int(s["fill_rejected"]))
 
     @_locked
     def stats(self, now: float | None = None) -> dict:
