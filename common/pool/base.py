@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -186,6 +187,8 @@ class Pool(ABC):
 
     # --- what every backend keeps and checks the same way (not part of the contract) ---
 
+    _POLL_S = (0.001, 0.05)      # seconds between polls for slots: the first pause, doubling up to the last
+
     def _init_layout(self, cfg, num_slots: int, record_shape, has_logvar: bool, has_label: bool, num_timesteps: int,
                      t_buckets: int) -> None:
         self.cfg, self.num_slots = cfg, int(num_slots)
@@ -213,8 +216,36 @@ class Pool(ABC):
 
     def _drawable(self, per: list[dict], n: int, group: str | None) -> bool:
         """Whether shards with counts ``per`` (PoolShard.counts) let a draw of n through (warm, n to draw)."""
-        col = "READY" if group is None else "available"      # a group draws among the records new to it
-        return sum(c["inserted"] for c in per) >= self.min_ready and sum(c[col] for c in per) >= n
+        return sum(c["inserted"] for c in per) >= self.min_ready and sum(c[_drawn(group)] for c in per) >= n
+
+    def _split_draw(self, per: list[dict], b: int, group: str | None) -> list[tuple[int, int]]:
+        """``split_draw`` of b over shards with counts ``per`` -> [(shard, count)] of the shards drawn from."""
+        take = split_draw([c[_drawn(group)] for c in per], b, self.rng)
+        return [(i, m) for i, m in enumerate(take.tolist()) if m]
+
+    def _poll(self, attempt, what: str, side: str, timeout_s: float, group: str | None = None) -> tuple:
+        """Call ``attempt()`` until it returns other than None -> (that, seconds blocked; 0 if the first call did).
+
+        It pauses ``_POLL_S[0]`` between calls, doubling up to ``_POLL_S[1]``. After ``timeout_s`` the seconds
+        waited go to the backend's ``_add_blocked(side, s)`` and it raises PoolTimeout with its ``_counts(group)``.
+        """
+        start, pause, slept = time.monotonic(), self._POLL_S[0], False
+        while (got := attempt()) is None:
+            waited = time.monotonic() - start
+            if waited >= timeout_s:
+                self._add_blocked(side, waited)
+                raise self._timeout(what, timeout_s, self._counts(group))
+            self._sleep(min(pause, timeout_s - waited))
+            pause = min(2 * pause, self._POLL_S[1])
+            slept = True
+        return got, time.monotonic() - start if slept else 0.0
+
+    def _sleep(self, s: float) -> None:
+        time.sleep(s)
+
+    def _wait(self, ok, what: str, side: str, timeout_s: float, group: str | None = None) -> tuple[list[dict], float]:
+        """``_poll`` the shards' counts until ok(counts) -> (counts, seconds blocked)."""
+        return self._poll(lambda: per if ok(per := self._counts(group)) else None, what, side, timeout_s, group)
 
     def _timeout(self, what: str, timeout_s: float, per: list[dict]) -> PoolTimeout:
         """The PoolTimeout of a call that waited for ``what``, with the shards' counts ``per`` summed."""
@@ -311,6 +342,11 @@ def split_draw(ready: np.ndarray, b: int, rng: np.random.Generator) -> np.ndarra
     if b == 0:
         return np.zeros_like(ready)
     return rng.multivariate_hypergeometric(ready, b).astype(np.int64)
+
+
+def _drawn(group: str | None) -> str:
+    """The count a draw takes its records from: a group draws among the records new to it."""
+    return "READY" if group is None else "available"
 
 
 def split_claim(refill, n: int, rng: np.random.Generator) -> list[tuple[int, int]]:

@@ -24,7 +24,6 @@ from common.pool.base import (
     new_key,
     shard_lag,
     split_claim,
-    split_draw,
 )
 from common.pool.codec import batch_over, check_batch, to_arrays, write_snapshot
 from common.pool.memory import tune_malloc
@@ -62,25 +61,30 @@ class LocalPool(Pool):
 
     # --- helpers ------------------------------------------------------------------------
 
-    def _wait(self, ok, what: str, side: str, timeout_s: float, group: str | None = None) -> list[dict]:
-        """Wait on the condition until ok(per-shard counts) -> the counts; PoolTimeout after ``timeout_s``."""
-        start = time.monotonic()
-        while True:
-            per = [s.counts(time.time(), group) for s in self.shards]
-            if ok(per):
-                break
-            left = timeout_s - (time.monotonic() - start)
-            if left <= 0:
-                self._add_blocked(side, time.monotonic() - start)
-                raise self._timeout(what, timeout_s, per)
-            self.cond.wait(min(left, _WAIT_SLICE_S))
-        self._add_blocked(side, time.monotonic() - start)
-        return per
+    _POLL_S = (_WAIT_SLICE_S, _WAIT_SLICE_S)
+
+    def _sleep(self, s: float) -> None:
+        self.cond.wait(s)            # a release or fill ends the wait early
+
+    def _counts(self, group: str | None = None) -> list[dict]:
+        return [s.counts(time.time(), group) for s in self.shards]
 
     def _add_blocked(self, side: str, s: float) -> None:
         if s > 1e-4:
             self.blocked[side] += s
             metrics.inc(metrics.POOL_BLOCKED_SECONDS_TOTAL, s, side=side)
+
+    def _gather(self, method: str, asked: list[tuple[int, int]], key_id: str, now: float, **kw):
+        """Each shard's part (shard, m) of a draw or claim, written straight into its rows of one batch (one copy)
+        -> (global slots, the batch's arrays)."""
+        out, slots, off = self._arrays(sum(m for _, m in asked)), [], 0
+        for i, m in asked:
+            part, _ = getattr(self.shards[i], method)(m, key_id, now, out={k: v[off:] for k, v in out.items()}, **kw)
+            slots.append(part)
+            if "count_call" in kw:
+                kw["count_call"] = False     # a pool call is counted once, by the first shard
+            off += m
+        return torch.from_numpy(np.concatenate(slots)), out
 
     # --- the contract ---------------------------------------------------------------------
 
@@ -88,19 +92,13 @@ class LocalPool(Pool):
         timeout_s, what = self._draw_args(b, timeout_s, group)
         t0 = time.perf_counter()
         with self.cond:
-            per = self._wait(lambda p: self._drawable(p, b, group), what, "draw", timeout_s, group)
+            per, blocked = self._wait(lambda p: self._drawable(p, b, group), what, "draw", timeout_s, group)
+            self._add_blocked("draw", blocked)
             lease_id = new_key()
-            take = split_draw([c["READY" if group is None else "available"] for c in per], b, self.rng)
             now = time.time()
-            out = self._arrays(b)      # each shard gathers straight into its rows: one copy
-            parts, off = [], 0
-            for i, m in enumerate(take.tolist()):
-                if m:
-                    parts.append(self.shards[i].draw(m, lease_id, now, out={k: v[off:] for k, v in out.items()},
-                                                     group=group, count_call=not parts))      # one draw call, counted once
-                    off += m
+            slots, out = self._gather("draw", self._split_draw(per, b, group), lease_id, now, group=group,
+                                      count_call=True)
             deadline = now + self.cfg.lease_timeout_s
-        slots = torch.from_numpy(np.concatenate([p[0] for p in parts]))
         batch = batch_over(out, self.storage_dtype)
         dt = time.perf_counter() - t0
         self.seconds["draw"] += dt
@@ -116,20 +114,15 @@ class LocalPool(Pool):
     def claim_refill(self, n: int, timeout_s: float | None = None) -> Claim:
         timeout_s = self._claim_args(n, timeout_s)
         with self.cond:
-            per = self._wait(lambda p: sum(c["REFILL"] for c in p) >= 1, "a REFILL slot", "fill", timeout_s)
+            per, blocked = self._wait(lambda p: sum(c["REFILL"] for c in p) >= 1, "a REFILL slot", "fill", timeout_s)
+            self._add_blocked("fill", blocked)
             claim_id = new_key()
             now = time.time()
             layout = split_claim([c["REFILL"] for c in per], n, self.rng)
-            out = self._arrays(sum(m for _, m in layout))
-            parts, off = [], 0
-            for i, m in layout:
-                parts.append(self.shards[i].claim(m, claim_id, now, out={k: v[off:] for k, v in out.items()}))
-                off += m
+            slots, out = self._gather("claim", layout, claim_id, now)
             self.claims[claim_id] = layout
             deadline = now + self.cfg.claim_timeout_s
-        slots = torch.from_numpy(np.concatenate([p[0] for p in parts]))
-        batch = batch_over(out, self.storage_dtype)
-        return Claim(claim_id=claim_id, slots=slots, batch=batch, deadline=deadline)
+        return Claim(claim_id=claim_id, slots=slots, batch=batch_over(out, self.storage_dtype), deadline=deadline)
 
     def fill(self, claim_id: str, batch: RecordBatch) -> bool:
         t0 = time.perf_counter()

@@ -44,7 +44,6 @@ from common.pool.base import (
     shard_lag,
     shard_ranges,
     split_claim,
-    split_draw,
 )
 from common.pool.codec import batch_over, check_batch, to_arrays, write_snapshot
 from common.pool.memory import FLAG_CLOSED, SECONDS, ShardMemory, tune_malloc
@@ -340,21 +339,6 @@ class RayPool(Pool):
                               "read the shard counts", DOWN_WAIT_S)
         return [empty if r is None else r[1] for r in res]
 
-    def _wait(self, ok, what: str, side: str, timeout_s: float, group: str | None = None) -> tuple[list[dict], float]:
-        """Poll the counts until ok(per-shard counts), sleeping 1 ms doubling to 50 ms -> (counts, seconds
-        blocked); PoolTimeout (one line) after ``timeout_s``."""
-        start, sleep = time.monotonic(), 0.001
-        while True:
-            per = self._counts(group)
-            waited = time.monotonic() - start
-            if ok(per):
-                return per, waited if waited > 1e-3 else 0.0
-            if waited >= timeout_s:
-                self._add_time(side, waited, waited)
-                raise self._timeout(what, timeout_s, per)
-            time.sleep(min(sleep, timeout_s - waited))
-            sleep = min(sleep * 2, 0.05)
-
     def _take(self, asked: list[tuple[int, int]], method: str, key_id: str, out: dict, off: int, **kw) -> list:
         """Draw or claim m slots of each shard (shard, m), their records written into ``out`` from row ``off``
         on -> [(shard, global slots)] in row order. Views write straight into their rows; RPC replies are
@@ -384,7 +368,6 @@ class RayPool(Pool):
     def draw(self, b: int, timeout_s: float | None = None, group: str | None = None) -> Draw:
         timeout_s, what = self._draw_args(b, timeout_s, group)
         t0, deadline_s = time.perf_counter(), time.monotonic() + timeout_s
-        col = "READY" if group is None else "available"      # a group draws among the records new to it
         lease_id, out, got, blocked = new_key(), self._arrays(b), [], 0.0
         self.leases[lease_id] = list(range(len(self.handles)))
         while (off := sum(len(s) for _, s in got)) < b:     # another client may take slots between count and lease
@@ -395,8 +378,7 @@ class RayPool(Pool):
                 self.release(lease_id)      # hand back the part already leased
                 raise
             blocked += waited
-            take = split_draw(np.array([c[col] for c in per]), b - off, self.rng)
-            got += self._take([(i, int(m)) for i, m in enumerate(take) if m], "draw", lease_id, out, off, group=group,
+            got += self._take(self._split_draw(per, b - off, group), "draw", lease_id, out, off, group=group,
                               count_call=off == 0)
         self.leases[lease_id] = sorted({i for i, _ in got})
         dt = time.perf_counter() - t0
@@ -446,6 +428,10 @@ class RayPool(Pool):
         self._add_time("fill", 0.0, dt, 0 if ok else 1)
         metrics.observe(metrics.POOL_FILL_SECONDS, dt)
         return ok
+
+    def _add_blocked(self, side: str, s: float) -> None:
+        """A timed-out call's seconds (``_poll``): blocked, and inside the call."""
+        self._add_time(side, s, s)
 
     def _add_time(self, side: str, blocked_s: float, call_s: float, rejected: int = 0) -> None:
         """Add a call's seconds to the pool-wide totals kept on shard 0 (an RPC is not waited for)."""

@@ -31,6 +31,7 @@ from common.pool.base import (
     Pool,
     PoolError,
     PoolStats,
+    PoolTimeout,
     check_samples_per_insert,
     merge_groups,
     new_key,
@@ -106,14 +107,10 @@ class RedisPool(Pool):
 
     # --- helpers ---------------------------------------------------------------------------------
 
-    def _counts(self, group: str | None = None) -> np.ndarray:
-        """[S, 6]: READY, LEASED, REFILL, FILLING, inserted, records the group may draw (READY without one)."""
+    def _counts(self, group: str | None = None) -> list[dict]:
+        """Every shard's counts (PoolShard.counts' keys; ``available``: READY without a group)."""
         rows = self.redis.run([(s, ["counts", group or ""]) for s in range(self.shards)])
-        return np.array(rows, dtype=np.int64)
-
-    @staticmethod
-    def _per(rows: np.ndarray) -> list[dict]:
-        return [dict(zip((*STATE_NAMES, "inserted"), r)) for r in rows.tolist()]
+        return [dict(zip((*STATE_NAMES, "inserted", "available"), map(int, r))) for r in rows]
 
     def _add_blocked(self, side: str, seconds: float) -> None:
         if seconds > 0:
@@ -132,43 +129,35 @@ class RedisPool(Pool):
 
     # --- the contract ----------------------------------------------------------------------------
 
-    def _lease(self, lease_id: str, need: int, group: str | None, first: bool):
-        """One attempt to lease ``need`` slots -> ({shard: (slots, ages)}, counts [S, 6] when nothing was leased
-        for want of slots; None after a race with another client, which the caller simply runs again)."""
+    def _lease(self, lease_id: str, need: int, group: str | None, first: bool) -> dict | None:
+        """One attempt to lease ``need`` slots -> {shard: (slots, ages)}; None when it leased none (too few slots,
+        or another client was faster)."""
         argv = ["draw", need, lease_id, self.cfg.lease_timeout_s, group or ""]
         if self.shards == 1:
             r = self.redis.run([(0, [*argv, self.min_ready, 1, int(first)])])[0]
-            return ({0: (_split(r[0]), _split(r[1]))}, None) if r[0] else ({}, np.array([r[2]], dtype=np.int64))
-        rows = self._counts(group)
-        if rows[:, 4].sum() < self.min_ready or rows[:, 5].sum() < need:
-            return {}, rows
-        split = split_draw(rows[:, 5], need, self.rng)
-        shards = np.flatnonzero(split).tolist()
-        res = self.redis.run([(s, ["draw", int(split[s]), *argv[2:], 0, 0, int(first and j == 0)]) for j, s in enumerate(shards)])
-        return {s: (_split(r[0]), _split(r[1])) for s, r in zip(shards, res) if r[0]}, None
+            return {0: (_split(r[0]), _split(r[1]))} if r[0] else None
+        per = self._counts(group)
+        if not self._drawable(per, need, group):
+            return None
+        asked = self._split_draw(per, need, group)
+        res = self.redis.run([(s, ["draw", m, *argv[2:], 0, 0, int(first and j == 0)])
+                              for j, (s, m) in enumerate(asked)])
+        return {s: (_split(r[0]), _split(r[1])) for (s, _), r in zip(asked, res) if r[0]} or None
 
     def draw(self, b: int, timeout_s: float | None = None, group: str | None = None) -> Draw:
         """Lease b READY slots uniformly at random over all shards (multivariate hypergeometric split)."""
         timeout_s, what = self._draw_args(b, timeout_s, group)
         t0, lease_id = time.monotonic(), new_key()
-        parts, slots, ages = [], [], []
-        have, blocked, wait_from, delay, deadline = 0, 0.0, None, 0.001, math.inf
-        while have < b:
-            got, rows = self._lease(lease_id, b - have, group, first=have == 0)
-            if not got:
-                if wait_from is None:       # blocked from the call's start when it has leased nothing yet
-                    wait_from = time.monotonic() if parts else t0
-                if time.monotonic() - t0 >= timeout_s:
-                    self._release(lease_id, refund=True)
-                    self._add_blocked("draw", blocked + time.monotonic() - wait_from)
-                    rows = self._counts(group) if rows is None else rows
-                    raise self._timeout(what, timeout_s, self._per(rows))
-                if rows is not None:
-                    time.sleep(delay)
-                    delay = min(delay * 1.5, 0.05)
-                continue
-            if wait_from is not None:
-                blocked, wait_from = blocked + time.monotonic() - wait_from, None
+        parts, slots, ages, blocked, deadline = [], [], [], 0.0, math.inf
+        while (have := sum(len(s) for s in slots)) < b:
+            try:
+                got, waited = self._poll(lambda: self._lease(lease_id, b - have, group, first=have == 0), what, "draw",
+                                         t0 + timeout_s - time.monotonic(), group)
+            except PoolTimeout:
+                self._release(lease_id, refund=True)      # hand back the part already leased
+                self._add_blocked("draw", blocked)
+                raise
+            blocked += waited
             deadline = min(deadline, time.time() + self.cfg.lease_timeout_s)
             batch, ok = self._read({s: m for s, (m, _) in got.items()})
             members = np.array([m for s in got for m in got[s][0]], dtype=np.int64)
@@ -176,7 +165,6 @@ class RedisPool(Pool):
             parts.append(batch)
             slots.append(members[ok])
             ages += [a for s in got for a in got[s][1]][:4]
-            have += int(ok.sum())
             if not ok.all():            # damaged records go to REFILL; the loop tops the batch up
                 bad = {int(s): members[~ok & (shard_of == s)].tolist() for s in np.unique(shard_of[~ok])}
                 self.redis.run([(s, ["corrupt", lease_id, *bad[s]]) for s in bad])
@@ -200,29 +188,22 @@ class RedisPool(Pool):
 
     def claim_refill(self, n: int, timeout_s: float | None = None) -> Claim:
         """Claim up to n REFILL slots, spread uniformly over the shards' REFILL slots; previous records returned."""
-        timeout_s = self._claim_args(n, timeout_s)
-        t0, claim_id, delay = time.monotonic(), new_key(), 0.001
-        while True:
-            split = {0: n}
-            if self.shards > 1:
-                refill = self._counts()[:, 2]
-                split = {} if refill.sum() == 0 else dict(enumerate(split_draw(refill, min(n, int(refill.sum())), self.rng).tolist()))
-            split = {s: k for s, k in split.items() if k}
-            res = self.redis.run([(s, ["claim", k, claim_id, self.cfg.claim_timeout_s]) for s, k in split.items()])
-            parts = [(s, _split(r[0])) for s, r in zip(split, res) if r[0]]
-            if parts:
-                break
-            if time.monotonic() - t0 >= timeout_s:
-                self._add_blocked("fill", time.monotonic() - t0)
-                rows = self._counts()
-                raise self._timeout("a REFILL slot", timeout_s, self._per(rows))
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.05)
-        if delay > 0.001:           # it waited: the whole call was blocked time
-            self._add_blocked("fill", time.monotonic() - t0)
+        timeout_s, claim_id = self._claim_args(n, timeout_s), new_key()
+        parts, blocked = self._poll(lambda: self._claim(claim_id, n), "a REFILL slot", "fill", timeout_s)
+        self._add_blocked("fill", blocked)
         self._claims[claim_id] = parts
         return Claim(claim_id=claim_id, slots=torch.tensor([m for _, members in parts for m in members], dtype=torch.int64),
                      batch=self._previous(parts), deadline=time.time() + self.cfg.claim_timeout_s)
+
+    def _claim(self, claim_id: str, n: int) -> list[tuple[int, list[int]]] | None:
+        """One attempt to claim up to n slots -> [(shard, slots in order)]; None when it claimed none."""
+        split = {0: n}
+        if self.shards > 1:
+            refill = [c["REFILL"] for c in self._counts()]
+            split = dict(enumerate(split_draw(refill, min(n, sum(refill)), self.rng).tolist()))
+        split = {s: k for s, k in split.items() if k}
+        res = self.redis.run([(s, ["claim", k, claim_id, self.cfg.claim_timeout_s]) for s, k in split.items()])
+        return [(s, _split(r[0])) for s, r in zip(split, res) if r[0]] or None
 
     def _previous(self, parts: list[tuple[int, list[int]]]) -> RecordBatch:
         """The records claimed slots hold, in claim order; an empty slot (or a damaged record, which the
@@ -347,7 +328,7 @@ class RedisPool(Pool):
 
     def snapshot(self, path: str) -> None:
         """Write the pool to ``path`` in the snapshot format every backend reads, one shard at a time."""
-        inserted = int(self._counts()[:, 4].sum())
+        inserted = sum(c["inserted"] for c in self._counts())
         write_snapshot(path, self._snapshot_header(inserted), (self._dump_shard(s) for s in range(self.shards)))
 
     def restore(self, path: str) -> None:
