@@ -198,6 +198,14 @@ class Pool(ABC):
         self.ranges = shard_ranges(self.num_slots, cfg.shards)
         self.min_ready = min_ready_slots(cfg.min_ready_fraction, self.num_slots)
 
+    def _shard_kw(self, i: int, seed: int) -> dict:
+        """PoolShard's arguments for shard i of this pool."""
+        lo, hi = self.ranges[i]
+        return dict(shard_id=i, lo=lo, n=hi - lo, record_shape=self.record_shape, storage_dtype=self.storage_dtype,
+                    has_logvar=self.has_logvar, has_label=self.has_label, lease_timeout_s=self.cfg.lease_timeout_s,
+                    claim_timeout_s=self.cfg.claim_timeout_s, samples_per_insert=self.cfg.samples_per_insert,
+                    num_timesteps=self.num_timesteps, t_buckets=self.t_buckets, seed=seed)
+
     def _arrays(self, n: int, zeros: bool = False) -> dict[str, np.ndarray]:
         return new_arrays(n, self.record_shape, self.storage_dtype, self.has_logvar, self.has_label, zeros)
 
@@ -227,14 +235,17 @@ class Pool(ABC):
         """Call ``attempt()`` until it returns other than None -> (that, seconds blocked; 0 if the first call did).
 
         It pauses ``_POLL_S[0]`` between calls, doubling up to ``_POLL_S[1]``. After ``timeout_s`` the seconds
-        waited go to the backend's ``_add_blocked(side, s)`` and it raises PoolTimeout with its ``_counts(group)``.
+        waited go to the backend's ``_add_blocked(side, s)`` and it raises PoolTimeout with the shards' counts summed.
         """
         start, pause, slept = time.monotonic(), self._POLL_S[0], False
         while (got := attempt()) is None:
             waited = time.monotonic() - start
             if waited >= timeout_s:
                 self._add_blocked(side, waited)
-                raise self._timeout(what, timeout_s, self._counts(group))
+                per = self._counts(group)
+                c = ", ".join(f"{n}={sum(p[n] for p in per)}" for n in STATE_NAMES)
+                raise PoolTimeout(f"pool timed out after {timeout_s:.3g}s waiting for {what} (slots: {c}, "
+                                  f"inserted={sum(p['inserted'] for p in per)}, min_ready={self.min_ready})")
             self._sleep(min(pause, timeout_s - waited))
             pause = min(2 * pause, self._POLL_S[1])
             slept = True
@@ -246,12 +257,6 @@ class Pool(ABC):
     def _wait(self, ok, what: str, side: str, timeout_s: float, group: str | None = None) -> tuple[list[dict], float]:
         """``_poll`` the shards' counts until ok(counts) -> (counts, seconds blocked)."""
         return self._poll(lambda: per if ok(per := self._counts(group)) else None, what, side, timeout_s, group)
-
-    def _timeout(self, what: str, timeout_s: float, per: list[dict]) -> PoolTimeout:
-        """The PoolTimeout of a call that waited for ``what``, with the shards' counts ``per`` summed."""
-        c = ", ".join(f"{n}={sum(p[n] for p in per)}" for n in STATE_NAMES)
-        return PoolTimeout(f"pool timed out after {timeout_s:.3g}s waiting for {what} (slots: {c}, "
-                           f"inserted={sum(p['inserted'] for p in per)}, min_ready={self.min_ready})")
 
     def _snapshot_header(self, inserted_total: int) -> dict:
         header = {"num_slots": self.num_slots, "record_shape": list(self.record_shape),

@@ -184,8 +184,6 @@ def decode_frame(data: bytes, where: str) -> tuple[SlotArrays, np.ndarray]:
         crc = np.frombuffer(meta["crc"], dtype=np.uint32)
         if crc.shape[0] != n:
             raise ValueError("checksum table has the wrong length")
-    except RecordCorrupt:
-        raise
     except Exception as err:  # noqa: BLE001 - any structural failure is one error
         raise RecordCorrupt(f"{where}: unreadable shard frame ({type(err).__name__}: {err})") from None
     arrays = SlotArrays(lo=lo, **arrs)

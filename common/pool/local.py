@@ -46,11 +46,7 @@ class LocalPool(Pool):
         t_buckets: int = 10,
     ):
         self._init_layout(cfg, num_slots, record_shape, has_logvar, has_label, num_timesteps, t_buckets)
-        self.shards = [
-            PoolShard(i, lo, hi - lo, self.record_shape, cfg.storage_dtype, has_logvar, has_label,
-                      cfg.lease_timeout_s, cfg.claim_timeout_s, cfg.samples_per_insert, num_timesteps, t_buckets, seed)
-            for i, (lo, hi) in enumerate(self.ranges)
-        ]
+        self.shards = [PoolShard(**self._shard_kw(i, seed)) for i in range(len(self.ranges))]
         self.rng = np.random.default_rng(seed + 7919)
         self.cond = threading.Condition()
         tune_malloc()        # each draw's batch reuses freed pages instead of faulting them in

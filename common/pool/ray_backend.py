@@ -42,7 +42,6 @@ from common.pool.base import (
     merge_groups,
     new_key,
     shard_lag,
-    shard_ranges,
     split_claim,
 )
 from common.pool.codec import batch_over, check_batch, to_arrays, write_snapshot
@@ -142,16 +141,6 @@ class ShardServer:
                 "restarted": int(self.restarted), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
 
-def _shard_kw(meta: dict, i: int, seed: int) -> dict:
-    """PoolShard's arguments for shard i of the pool ``meta`` describes."""
-    cfg = meta["cfg"]
-    lo, hi = shard_ranges(meta["num_slots"], cfg["shards"])[i]
-    return dict(shard_id=i, lo=lo, n=hi - lo, record_shape=tuple(meta["record_shape"]), storage_dtype=cfg["storage_dtype"],
-                has_logvar=meta["has_logvar"], has_label=meta["has_label"], lease_timeout_s=cfg["lease_timeout_s"],
-                claim_timeout_s=cfg["claim_timeout_s"], samples_per_insert=cfg["samples_per_insert"],
-                num_timesteps=meta["num_timesteps"], t_buckets=meta["t_buckets"], seed=seed)
-
-
 def _find_actor(name: str, i: int):
     """The shard actor i of pool ``name``: in this driver's namespace, else among the persistent pools."""
     for ns in (None, POOL_NAMESPACE):
@@ -191,9 +180,10 @@ class RayPool(Pool):
             opts["scheduling_strategy"] = "SPREAD"
         if detached:
             opts.update(lifetime="detached", namespace=POOL_NAMESPACE)
-        handles, refs = [], []
+        self._setup(meta, [], owner=not reuse_actors, seed=seed)
+        refs = []
         for i in range(cfg.shards):
-            shard_kw = _shard_kw(meta, i, seed)
+            shard_kw = self._shard_kw(i, seed)
             h = _find_actor(cfg.name, i)
             if h is not None and not reuse_actors:
                 raise PoolError(f"a Ray pool named {cfg.name!r} already exists; attach with RayPool.attach({cfg.name!r}) or pick another pool.name")
@@ -201,9 +191,8 @@ class RayPool(Pool):
                 h = ray.remote(ShardServer).options(name=actor_name(cfg.name, i), **opts).remote(meta, **shard_kw)
             else:
                 refs.append(h.reset.remote(meta, **shard_kw))
-            handles.append(h)
-        self._setup(meta, handles, owner=not reuse_actors, seed=seed)
-        self._get(refs + [h.meta.remote() for h in handles], "start the shard actors")   # fail here, not at first use
+            self.handles.append(h)
+        self._get(refs + [h.meta.remote() for h in self.handles], "start the shard actors")    # fail here, not later
 
     def _setup(self, meta: dict, handles: list, owner: bool, seed: int | None = None) -> None:
         self.meta, self.handles, self.owner = meta, handles, owner
@@ -267,7 +256,7 @@ class RayPool(Pool):
             return None
         if info["node_id"] != ray.get_runtime_context().get_node_id() or not os.path.exists(info["path"]):
             return None
-        kw = _shard_kw(self.meta, i, seed=int.from_bytes(os.urandom(4), "little"))
+        kw = self._shard_kw(i, seed=int.from_bytes(os.urandom(4), "little"))
         mem = ShardMemory.attach(info["path"], kw["n"], kw["record_shape"], kw["storage_dtype"], kw["has_logvar"],
                                  kw["has_label"], len(SHARD_COUNTERS), info["uid"])
         return PoolShard(**kw, memory=mem, view=True)

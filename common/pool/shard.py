@@ -36,22 +36,6 @@ class OwnerOnly(Exception):
     """A view (non-owner process) was asked for a transition only the owner can run (consumer groups)."""
 
 
-class Counters:
-    """The shard's counters over an int64 array of its memory, read and written by name."""
-
-    def __init__(self, arr: np.ndarray):
-        self.arr = arr
-
-    def __getitem__(self, k: str) -> int:
-        return int(self.arr[SHARD_COUNTERS.index(k)])
-
-    def __setitem__(self, k: str, v: int) -> None:
-        self.arr[SHARD_COUNTERS.index(k)] = v
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(zip(SHARD_COUNTERS, self.arr.tolist()))
-
-
 def _locked(fn):
     """Run a public method under the memory's lock (re-entrant; a no-op for private memory)."""
 
@@ -106,7 +90,7 @@ class PoolShard(ShardGroups):
         self.records = {name: a[name] for name in RECORD_FIELDS if name in a}
         self.t, self.state, self.uses, self.produced_at = a["t"], a["state"], a["uses"], a["produced_at"]
         self.owner, self.deadline = a["owner"], a["deadline"]
-        self.c = Counters(a["counters"])
+        self.c = a["counters"].view([(k, np.int64) for k in SHARD_COUNTERS])[0]    # the counters by name, a view
         self.seconds = a["seconds"]
         if not view:                     # a new shard: every slot empty, in REFILL
             with memory.lock:
@@ -123,14 +107,12 @@ class PoolShard(ShardGroups):
 
     @_locked
     def counts(self, now: float | None = None, group: str | None = None) -> dict[str, int]:
-        """State counts (after expiry) plus ``inserted``, the records inserted since the shard started.
-
-        With ``group``: also ``available``, the records that group may draw (and it counts as alive).
-        """
+        """State counts (after expiry) plus ``inserted``, the records inserted since the shard started; with
+        ``group`` also ``available``, the records that group may draw (and the group counts as alive)."""
         now = time.time() if now is None else now
         self.expire(now)
         out = dict(zip(STATE_NAMES, np.bincount(self.state, minlength=4).tolist()))
-        out["inserted"] = self.c["inserted"]
+        out["inserted"] = int(self.c["inserted"])
         if group is not None:
             out["available"] = int(self._group_for_draw(group, now).pending.sum())
         return out
@@ -197,8 +179,7 @@ class PoolShard(ShardGroups):
         ``out``: arrays for m records (codec.new_arrays); the m' records go to its first rows.
         ``group``: lease among the records that consumer group has not trained on yet.
         ``count_call``: count a draw call (False for the other shards of a pool's draw: one call, one count).
-        The records are copied after the lock is released: a leased slot's record cannot change
-        while the lease holds.
+        The records are copied after the lock is released: a leased slot's record cannot change meanwhile.
         """
         idx, deadline = self._take(m, lease_id, now, LEASED, group, count_call)
         return idx + self.lo, self._copy_out(idx, out, lease_id if group is None else None, LEASED, deadline)
@@ -328,7 +309,7 @@ class PoolShard(ShardGroups):
             for i, v in enumerate(hist):
                 metrics.set(metrics.POOL_READY_T, v, shard=self.shard_id, bucket=i)
         return {"shard": self.shard_id, "counts": {k: counts[k] for k in STATE_NAMES}, "t_histogram": hist,
-                **self.c.as_dict(), "groups": self.group_stats()}
+                **dict(zip(SHARD_COUNTERS, self.c.item())), "groups": self.group_stats()}
 
     @_locked
     def snapshot(self, now: float | None = None) -> SlotArrays:
@@ -342,10 +323,7 @@ class PoolShard(ShardGroups):
     @_locked
     def restore(self, arrays: SlotArrays, bad: np.ndarray, inserted_extra: int = 0) -> None:
         """Replace every slot with ``arrays`` (this shard's range); ``bad`` records become empty REFILL slots.
-
-        ``inserted`` restarts at the restored READY count plus ``inserted_extra`` (the owner passes the
-        snapshot's surplus to one shard, so a pool that was warm when snapshotted is warm when restored).
-        """
+        ``inserted`` restarts at the READY count plus ``inserted_extra`` (Pool._load_snapshot says why)."""
         if len(arrays) != self.n or arrays.lo != self.lo:
             raise ValueError(f"shard {self.shard_id}: restore got slots [{arrays.lo}, {arrays.lo + len(arrays)}), owns [{self.lo}, {self.lo + self.n})")
         self.leases.clear()
