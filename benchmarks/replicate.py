@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -384,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--eval-every", type=int, default=1000, help="FID every this many steps")
     c.add_argument("--jobs", type=int, default=2, help="runs side by side, one process each")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("benchmarks").setLevel(logging.INFO)      # the curves' progress; the libraries stay quiet
     if args.curves and (args.eval_every < 1 or args.steps % args.eval_every or args.max_steps < args.steps):
         p.error("--curves: --steps must be a multiple of --eval-every and no more than --max-steps")
     torch.set_num_threads(1)

@@ -16,6 +16,7 @@ different units run side by side, one process each; only this process writes the
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import threading
@@ -33,6 +34,8 @@ from common.data import load_dataset, mix_datasets
 from common.teachers import make_teacher
 from common.teachers.dkdm_teacher import DKDMTeacher
 from student_trainer import experiments as ex
+
+logger = logging.getLogger(__name__)
 
 TABLES = ("table2_digits", "table5_cross")
 CONVERGED_RATIO = 2.0       # data-based FID within this factor of the teacher's: the curves stop there
@@ -232,8 +235,8 @@ def run_curves(ctx: rp.Context, exps: list[str], steps: int, max_steps: int, eva
     t0 = time.perf_counter()
 
     def on_point(p: dict) -> None:
-        print(f"[curves] {p['exp']} {p['method']} seed {p['seed']} step {p['step']}: FID {p['metrics']['fid']:.2f} "
-              f"(train {p['train_s']:.0f} s, eval {p['eval_s']:.0f} s)", flush=True)
+        logger.info("%s %s seed %s step %s: FID %.2f (train %.0f s, eval %.0f s)", p["exp"], p["method"], p["seed"],
+                    p["step"], p["metrics"]["fid"], p["train_s"], p["eval_s"])
         write_curves_report(results, ctx.out)
 
     target = steps

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from common.data import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, load_digits
 from common.eval.features import (CONFIG_NAME, DIGITS_REBUILD_COMMAND, WEIGHTS_NAME, DigitsCNN,
                                   sha256_file)
+
+logger = logging.getLogger(__name__)
 
 ARCH = dict(c1=16, c2=32, c3=32, hidden=64, num_classes=10, dropout=0.25)
 
@@ -98,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=40)
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
     model, summary = train(seed=args.seed, epochs=args.epochs)
     out = save(model, summary, args.out)
-    print(f"test accuracy {summary['test_accuracy']:.4f} (train {summary['train_accuracy']:.4f}); wrote {out}")  # the script's report
+    logger.info("test accuracy %.4f (train %.4f); wrote %s", summary["test_accuracy"], summary["train_accuracy"], out)
     return 0
 
 

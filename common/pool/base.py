@@ -262,8 +262,9 @@ class Pool(ABC):
         header = {"num_slots": self.num_slots, "record_shape": list(self.record_shape),
                   "storage_dtype": self.storage_dtype, "has_logvar": self.has_logvar, "has_label": self.has_label,
                   "inserted_total": int(inserted_total)}
-        if self.identity() is not None:       # issue 8: a snapshot only restores into a pool of the same identity
-            header["identity"] = json.dumps(self.identity(), sort_keys=True)
+        identity = self.identity()           # a round trip on ray and redis
+        if identity is not None:              # issue 8: a snapshot only restores into a pool of the same identity
+            header["identity"] = json.dumps(identity, sort_keys=True)
         return header
 
     def _load_snapshot(self, path: str) -> tuple[dict, list[tuple[SlotArrays, np.ndarray, int]]]:
