@@ -90,7 +90,9 @@ def test_killed_and_raising_teachers_restart_and_the_run_finishes(cluster, tmp_p
     """One run, both faults during the warm-up: teacher 0 SIGKILLed, teacher 1's forward raises (first incarnation)."""
     from student_trainer.run import distill_on_ray
 
-    cfg = run_config(tmp_path, cluster, "tfault", T=200, num_teachers=2, claim_timeout_s=5.0,
+    # claims of the killed teacher expire after 15 s; 5 s let a restarted teacher's own warm-up claims (chains of
+    # T = 200 forwards) expire on a busy machine, and its warm-up guard then stopped it (a second failure)
+    cfg = run_config(tmp_path, cluster, "tfault", T=200, num_teachers=2, claim_timeout_s=15.0,
                      fault={"raise_after_forwards": 3000, "incarnations": 1, "teachers": [1]})
     killed: dict = {}
     killer = threading.Thread(target=kill_during_warmup, args=("dkdm_teacher.tfault.0", killed), daemon=True)
