@@ -10,16 +10,10 @@ from safetensors.torch import load_file, save_file
 
 from common.models import CheckpointError, build_network, from_pretrained, load_extra, save_pretrained
 from common.models.checkpoint import load_ema_state
+from weights import randomize
 
 torch.set_num_threads(1)
 
-
-def randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model
 
 
 CASES = [

@@ -13,6 +13,7 @@ from common.models.adm import (
 )
 from common.models.registry import adm_flags
 from common.teachers.base import TeacherLoadError
+from weights import randomize
 
 torch.set_num_threads(1)
 
@@ -21,14 +22,6 @@ TINY = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2"
             class_cond=True, num_classes=10, attention_resolutions="8", num_head_channels=32,
             use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=True, in_channels=3)
 
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Perturb every parameter (zero-initialised layers would make outputs trivially equal)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def _resblock_keys(prefix: str, skip: bool) -> set[str]:

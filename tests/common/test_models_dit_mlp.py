@@ -9,16 +9,10 @@ import torch
 from common.models import DiT, MLPDenoiser, adm_flags, build_network, dit_flags, mlp_flags
 from common.models.dit import get_2d_sincos_pos_embed
 from common.models.registry import ADM_SIZES, DIT_SIZES, MLP_SIZES
+from weights import randomize
 
 torch.set_num_threads(1)
 
-
-def randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model
 
 
 @pytest.mark.parametrize("patch,learn_sigma", [(2, True), (2, False), (4, True)])

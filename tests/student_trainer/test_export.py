@@ -19,17 +19,13 @@ from common.models.registry import ADM_SIZES, DIT_SIZES, MLP_SIZES
 from student_trainer.checkpoints import model_config
 from student_trainer.cli import main as cli_main
 from student_trainer.export import ddpm_scheduler, export_diffusers
+from weights import randomize
 
 torch.set_num_threads(1)
 
 
-def randomize(model, seed=0):
-    """Random weights everywhere (ADM zero-initialises its residual branches and output)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
+def _randomize(model, seed=0):
+    return randomize(model, seed, scale=0.05).eval()
 
 
 def assert_same_function(model, unet, seed=1):
@@ -54,7 +50,7 @@ LAYOUTS = [(size, {}) for size in ADM_SIZES] + [
 
 @pytest.mark.parametrize("size,flags", LAYOUTS, ids=[f"{s}-{'-'.join(f) or 'as-registered'}" for s, f in LAYOUTS])
 def test_adm_layout_maps_to_unet2d(size, flags):
-    model = randomize(build_network("adm", size, dict(NARROW, **flags)))
+    model = _randomize(build_network("adm", size, dict(NARROW, **flags)))
     assert_same_function(model, to_unet2d(model))
 
 
@@ -73,7 +69,7 @@ def test_layouts_diffusers_cannot_express_are_refused_in_one_line(arch, size, fl
 
 def student_checkpoint(folder, respacing="100", var_type="learned_range", size="tiny-8", flags=None, v_bound="none"):
     flags = flags if flags is not None else {"channel_mult": "1", "attention_resolutions": ""}
-    model = randomize(build_network("adm", size, flags))
+    model = _randomize(build_network("adm", size, flags))
     chain = make_diffusion("cosine", 1000, respacing)
     config = model_config({"arch": "adm", "size": size, "flags": flags}, chain, "cosine", var_type, True,
                           (model.in_channels, model.image_size, model.image_size), None, v_bound=v_bound)
