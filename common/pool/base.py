@@ -17,26 +17,18 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import numpy as np
 import torch
 
+from common import metrics
 from common.pool.codec import (  # noqa: F401 - STORAGE_DTYPES: part of the contract
-    FRAME_FIELDS,
-    STORAGE_DTYPES,
-    SlotArrays,
-    new_arrays,
-    read_snapshot,
-)
+    FRAME_FIELDS, STORAGE_DTYPES, SlotArrays, new_arrays, read_snapshot)
 from common.pool.errors import PoolError, PoolTimeout, RecordCorrupt  # noqa: F401 - part of the contract
 from common.pool.identity import check_identity, identity_diff
 from common.pool.states import (  # noqa: F401 - re-exported for the backends
-    STATE_NAMES,
-    SlotState,
-    check_samples_per_insert,
-    min_ready_slots,
-    record_uses,
-)
+    STATE_NAMES, SlotState, check_samples_per_insert, min_ready_slots, record_uses)
 from common.records import RecordBatch
 
 @dataclass
@@ -94,8 +86,12 @@ class PoolStats:
     record_age_mean: float = 0.0
 
     @classmethod
-    def merged(cls, pool: Pool, per_shard: list[dict], blocked: dict, seconds: dict) -> PoolStats:
-        """The pool's stats from per-shard dicts (PoolShard.stats' keys) and per-side seconds."""
+    def merged(cls, pool: Pool, per_shard: list[dict], blocked: dict | None = None,
+               seconds: dict | None = None) -> PoolStats:
+        """The pool's stats from per-shard dicts (PoolShard.stats' keys) and per-side seconds (None: shard 0's,
+        where PoolShard.add_time keeps them with the fills the pool rejected)."""
+        blocked = per_shard[0]["blocked"] if blocked is None else blocked
+        seconds = per_shard[0]["seconds"] if seconds is None else seconds
         tot = {k: sum(s[k] for s in per_shard) for k in (*_SUMMED, "inserted", "age_sum")}
         hist = np.sum([s["t_histogram"] for s in per_shard], axis=0).astype(int).tolist() if pool.t_buckets else []
         st = cls(num_slots=pool.num_slots, counts={n: sum(s["counts"][n] for s in per_shard) for n in STATE_NAMES},
@@ -105,6 +101,7 @@ class PoolStats:
                  **{f"{side}_blocked_seconds_total": blocked.get(side, 0.0) for side in ("draw", "fill")},
                  **{f"{side}_seconds_total": seconds.get(side, 0.0) for side in ("draw", "fill")},
                  record_age_mean=tot["age_sum"] / max(tot["consumed"], 1))
+        st.fill_rejected_total += per_shard[0].get("fill_rejected_client", 0)
         groups = merge_groups([s.get("groups") or {} for s in per_shard])
         if groups:       # consumer groups (issue 8): their lag and progress
             st.extra["groups"] = groups
@@ -167,23 +164,26 @@ class Pool(ABC):
         if held is None:
             self._identity = dict(identity)
             return self._identity
-        check_identity(getattr(getattr(self, "cfg", None), "name", "?"), held, identity)
+        check_identity(self.cfg.name, held, identity)
         return held
 
     def identity(self) -> dict | None:
         """The identity stored with the pool (None: none bound yet)."""
         return getattr(self, "_identity", None)
 
+    @abstractmethod
     def attach_group(self, group: str, policy: str = "wait", max_lag: int | None = None) -> None:
-        """Attach a consumer group: from now on it trains on every record once (groups.py)."""
-        raise PoolError(f"consumer groups are not supported by the {type(self).__name__} backend yet")
+        """Attach a consumer group: from now on it trains on every record once (groups.py).
 
-    def detach_group(self, group: str) -> None:
-        raise PoolError(f"consumer groups are not supported by the {type(self).__name__} backend yet")
+        ``max_lag``: records, summed over the shards, split evenly (``shard_share``).
+        """
 
+    @abstractmethod
+    def detach_group(self, group: str) -> None: ...
+
+    @abstractmethod
     def groups(self) -> dict[str, dict]:
-        """Attached consumer groups -> {policy, max_lag, pending, lag, consumed, skipped, leased}."""
-        return {}
+        """Attached consumer groups -> {policy, max_lag, pending, lag, consumed, skipped, leased, idle_s}."""
 
     # --- what every backend keeps and checks the same way (not part of the contract) ---
 
@@ -235,7 +235,7 @@ class Pool(ABC):
         """Call ``attempt()`` until it returns other than None -> (that, seconds blocked; 0 if the first call did).
 
         It pauses ``_POLL_S[0]`` between calls, doubling up to ``_POLL_S[1]``. After ``timeout_s`` the seconds
-        waited go to the backend's ``_add_blocked(side, s)`` and it raises PoolTimeout with the shards' counts summed.
+        waited go to ``_add_blocked(side, s)`` and it raises PoolTimeout with the shards' counts summed.
         """
         start, pause, slept = time.monotonic(), self._POLL_S[0], False
         while (got := attempt()) is None:
@@ -254,14 +254,32 @@ class Pool(ABC):
     def _sleep(self, s: float) -> None:
         time.sleep(s)
 
+    def _add_time(self, side: str, blocked_s: float, call_s: float, rejected: int = 0) -> None:
+        """Add seconds ``side`` spent blocked and inside its calls, and fills rejected, to the pool's totals."""
+        raise NotImplementedError
+
+    def _add_blocked(self, side: str, s: float) -> None:
+        """A timed-out call's seconds (``_poll``): blocked."""
+        self._add_time(side, s, 0.0)
+
+    def _timed(self, side: str, t0: float, blocked_s: float = 0.0, rejected: int = 0) -> float:
+        """A call's seconds since ``t0`` (perf_counter) to the totals (``_add_time``) and its histogram -> them."""
+        dt = time.perf_counter() - t0
+        self._add_time(side, blocked_s, dt, rejected)
+        metrics.observe(metrics.POOL_DRAW_SECONDS if side == "draw" else metrics.POOL_FILL_SECONDS, dt)
+        return dt
+
     def _wait(self, ok, what: str, side: str, timeout_s: float, group: str | None = None) -> tuple[list[dict], float]:
         """``_poll`` the shards' counts until ok(counts) -> (counts, seconds blocked)."""
         return self._poll(lambda: per if ok(per := self._counts(group)) else None, what, side, timeout_s, group)
 
-    def _snapshot_header(self, inserted_total: int) -> dict:
-        header = {"num_slots": self.num_slots, "record_shape": list(self.record_shape),
-                  "storage_dtype": self.storage_dtype, "has_logvar": self.has_logvar, "has_label": self.has_label,
-                  "inserted_total": int(inserted_total)}
+    def _layout(self) -> dict:
+        """What a snapshot must share with the pool it restores into."""
+        return {"num_slots": self.num_slots, "record_shape": list(self.record_shape),
+                "storage_dtype": self.storage_dtype, "has_logvar": self.has_logvar, "has_label": self.has_label}
+
+    def _snapshot_header(self) -> dict:
+        header = {**self._layout(), "inserted_total": sum(c["inserted"] for c in self._counts())}
         identity = self.identity()           # a round trip on ray and redis
         if identity is not None:              # issue 8: a snapshot only restores into a pool of the same identity
             header["identity"] = json.dumps(identity, sort_keys=True)
@@ -274,9 +292,7 @@ class Pool(ABC):
         so that a pool warm when snapshotted is warm when restored.
         """
         header, frames = read_snapshot(path)
-        for key in ("num_slots", "record_shape", "storage_dtype", "has_logvar", "has_label"):
-            mine = getattr(self, key)
-            mine = list(mine) if key == "record_shape" else mine
+        for key, mine in self._layout().items():
             if header.get(key) != mine:
                 raise PoolError(f"snapshot {path} has {key}={header.get(key)!r}, this pool has {key}={mine!r}")
         if "identity" in header:
@@ -306,25 +322,21 @@ def new_key() -> str:
     return uuid.uuid4().hex
 
 
+def shard_share(total: int | None, i: int, shards: int) -> int | None:
+    """Shard i's part of ``total`` (its slots, or of a pool-wide lag bound; None: None) split evenly over the
+    shards, the first ``total % shards`` getting one more."""
+    if total is None:
+        return None
+    base, extra = divmod(int(total), shards)
+    return base + (1 if i < extra else 0)
+
+
 def shard_ranges(num_slots: int, shards: int) -> list[tuple[int, int]]:
-    """Contiguous global slot ranges [lo, hi) per shard; the first ``num_slots % shards`` get one more."""
+    """Contiguous global slot ranges [lo, hi) per shard, ``shard_share`` slots each."""
     if shards < 1 or num_slots < shards:
         raise PoolError(f"cannot split {num_slots} slots into {shards} shards (need at least one slot per shard)")
-    base, extra = divmod(num_slots, shards)
-    out, lo = [], 0
-    for i in range(shards):
-        hi = lo + base + (1 if i < extra else 0)
-        out.append((lo, hi))
-        lo = hi
-    return out
-
-
-def shard_lag(max_lag: int | None, i: int, shards: int) -> int | None:
-    """Shard i's part of a pool-wide lag bound (the first ``max_lag % shards`` shards get one more)."""
-    if max_lag is None:
-        return None
-    base, extra = divmod(int(max_lag), shards)
-    return base + (1 if i < extra else 0)
+    ends = list(accumulate(shard_share(num_slots, i, shards) for i in range(shards)))
+    return list(zip([0, *ends[:-1]], ends))
 
 
 def t_histogram(t: np.ndarray, num_timesteps: int, buckets: int) -> list[int]:

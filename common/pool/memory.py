@@ -52,14 +52,11 @@ def _align(off: int) -> int:
     return (off + 63) & ~63
 
 
-_RECORD_PAGE_OFFSET = 2048
-
-
 def _align_records(off: int) -> int:
     """The next offset at 2048 bytes past a page boundary, for record arrays: a batch that numpy or
     torch allocates starts just past a page, and a memcpy whose destination lies just past its
     source modulo 4 KiB ("4K aliasing") runs several times slower."""
-    return off + (_RECORD_PAGE_OFFSET - off) % 4096
+    return off + (2048 - off) % 4096
 
 
 def layout_fingerprint(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool, counters: int) -> int:

@@ -30,22 +30,10 @@ import torch
 
 from common import metrics
 from common.config import PoolConfig
-from common.pool.base import (
-    STATE_NAMES,
-    Claim,
-    Draw,
-    Pool,
-    PoolError,
-    PoolStats,
-    PoolTimeout,
-    check_identity,
-    merge_groups,
-    new_key,
-    shard_lag,
-    split_claim,
-)
+from common.pool.base import (STATE_NAMES, Claim, Draw, Pool, PoolError, PoolStats, PoolTimeout, check_identity,
+                              merge_groups, new_key, shard_share, split_claim)
 from common.pool.codec import batch_over, check_batch, to_arrays, write_snapshot
-from common.pool.memory import FLAG_CLOSED, SECONDS, ShardMemory, tune_malloc
+from common.pool.memory import FLAG_CLOSED, ShardMemory, tune_malloc
 from common.pool.shard import SHARD_COUNTERS, OwnerOnly, PoolShard
 from common.records import RecordBatch
 
@@ -134,11 +122,8 @@ class ShardServer:
         return out
 
     def stats(self) -> dict:
-        self.shard.expire()
-        t = dict(zip(SECONDS, self.shard.seconds.tolist()))       # as PoolShard.add_time summed them
-        return {**self.shard.stats(), "blocked": {"draw": t["draw_blocked"], "fill": t["fill_blocked"]},
-                "seconds": {"draw": t["draw"], "fill": t["fill"]}, "fill_rejected_client": int(t["fill_rejected"]),
-                "restarted": int(self.restarted), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+        return {**self.shard.stats(), "restarted": int(self.restarted), "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def _find_actor(name: str, i: int):
@@ -152,19 +137,9 @@ def _find_actor(name: str, i: int):
 
 
 class RayPool(Pool):
-    def __init__(
-        self,
-        cfg: PoolConfig,
-        num_slots: int,
-        record_shape: tuple[int, int, int],
-        has_logvar: bool = False,
-        has_label: bool = False,
-        num_timesteps: int = 1000,
-        seed: int = 0,
-        t_buckets: int = 10,
-        detached: bool = False,
-        reuse_actors: bool = False,
-    ):
+    def __init__(self, cfg: PoolConfig, num_slots: int, record_shape: tuple[int, int, int], has_logvar: bool = False,
+                 has_label: bool = False, num_timesteps: int = 1000, seed: int = 0, t_buckets: int = 10,
+                 detached: bool = False, reuse_actors: bool = False):
         """Start ``cfg.shards`` shard actors named after ``cfg.name`` (Ray is initialized if it is not).
 
         ``reuse_actors``: running shard actors of the same name are reset to empty shards of this
@@ -370,9 +345,7 @@ class RayPool(Pool):
             got += self._take(self._split_draw(per, b - off, group), "draw", lease_id, out, off, group=group,
                               count_call=off == 0)
         self.leases[lease_id] = sorted({i for i, _ in got})
-        dt = time.perf_counter() - t0
-        self._add_time("draw", blocked, dt)
-        metrics.observe(metrics.POOL_DRAW_SECONDS, dt)
+        dt = self._timed("draw", t0, blocked)
         return Draw(lease_id=lease_id, slots=torch.from_numpy(np.concatenate([s for _, s in got])),
                     batch=batch_over(out, self.storage_dtype), deadline=time.time() + self.cfg.lease_timeout_s - dt)
 
@@ -413,9 +386,7 @@ class RayPool(Pool):
                 calls.append((i, "fill", (claim_id, {k: v[off:off + m] for k, v in records.items()}), {"count_call": off == 0}))
                 off += m
             ok = all(r is not None and r[1] for r in self._on_shards(calls, "fill slots"))
-        dt = time.perf_counter() - t0
-        self._add_time("fill", 0.0, dt, 0 if ok else 1)
-        metrics.observe(metrics.POOL_FILL_SECONDS, dt)
+        self._timed("fill", t0, rejected=0 if ok else 1)
         return ok
 
     def _add_blocked(self, side: str, s: float) -> None:
@@ -431,10 +402,8 @@ class RayPool(Pool):
 
     def stats(self) -> PoolStats:
         per = self._call_all("stats", what="read stats")
-        st = PoolStats.merged(self, per, per[0]["blocked"], per[0]["seconds"])
-        st.fill_rejected_total += per[0]["fill_rejected_client"]
-        st.extra["shard_restarts"] = sum(p["restarted"] for p in per)
-        st.extra["shard_nodes"] = [p["node_id"] for p in per]
+        st = PoolStats.merged(self, per)
+        st.extra.update(shard_restarts=sum(p["restarted"] for p in per), shard_nodes=[p["node_id"] for p in per])
         return st
 
     def bind_identity(self, identity: dict) -> dict:
@@ -451,7 +420,7 @@ class RayPool(Pool):
     def attach_group(self, group: str, policy: str = "wait", max_lag: int | None = None) -> None:
         n = len(self.handles)
         self._call_all("attach_group", group, policy, what=f"attach consumer group {group!r}",
-                       per_shard=lambda i: (shard_lag(max_lag, i, n),))
+                       per_shard=lambda i: (shard_share(max_lag, i, n),))
 
     def detach_group(self, group: str) -> None:
         self._call_all("detach_group", group, what=f"detach consumer group {group!r}")
@@ -460,9 +429,8 @@ class RayPool(Pool):
         return merge_groups(self._call_all("group_stats", what="read the consumer groups"))
 
     def snapshot(self, path: str) -> None:
-        inserted = sum(c["inserted"] for c in self._counts())
         frames = (self._get(h.call.remote("snapshot"), "snapshot a shard") for h in self.handles)   # one shard at a time
-        write_snapshot(path, self._snapshot_header(inserted), frames)
+        write_snapshot(path, self._snapshot_header(), frames)
 
     def restore(self, path: str) -> None:
         _, parts = self._load_snapshot(path)
