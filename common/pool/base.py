@@ -27,6 +27,7 @@ from common.pool.codec import (  # noqa: F401 - STORAGE_DTYPES: part of the cont
     FRAME_FIELDS, STORAGE_DTYPES, SlotArrays, new_arrays, read_snapshot)
 from common.pool.errors import PoolError, PoolTimeout, RecordCorrupt  # noqa: F401 - part of the contract
 from common.pool.identity import check_identity, identity_diff
+from common.pool.memory import tune_malloc
 from common.pool.states import (  # noqa: F401 - re-exported for the backends
     STATE_NAMES, SlotState, check_samples_per_insert, min_ready_slots, record_uses)
 from common.records import RecordBatch
@@ -86,12 +87,10 @@ class PoolStats:
     record_age_mean: float = 0.0
 
     @classmethod
-    def merged(cls, pool: Pool, per_shard: list[dict], blocked: dict | None = None,
-               seconds: dict | None = None) -> PoolStats:
-        """The pool's stats from per-shard dicts (PoolShard.stats' keys) and per-side seconds (None: shard 0's,
-        where PoolShard.add_time keeps them with the fills the pool rejected)."""
-        blocked = per_shard[0]["blocked"] if blocked is None else blocked
-        seconds = per_shard[0]["seconds"] if seconds is None else seconds
+    def merged(cls, pool: Pool, per_shard: list[dict]) -> PoolStats:
+        """The pool's stats from per-shard dicts (PoolShard.stats' keys; shard 0's carries the pool-wide seconds
+        blocked and in calls per side, and the fills the pool rejected: PoolShard.add_time)."""
+        blocked, seconds = per_shard[0]["blocked"], per_shard[0]["seconds"]
         tot = {k: sum(s[k] for s in per_shard) for k in (*_SUMMED, "inserted", "age_sum")}
         hist = np.sum([s["t_histogram"] for s in per_shard], axis=0).astype(int).tolist() if pool.t_buckets else []
         st = cls(num_slots=pool.num_slots, counts={n: sum(s["counts"][n] for s in per_shard) for n in STATE_NAMES},
@@ -197,6 +196,7 @@ class Pool(ABC):
         self.num_timesteps, self.t_buckets = int(num_timesteps), int(t_buckets)
         self.ranges = shard_ranges(self.num_slots, cfg.shards)
         self.min_ready = min_ready_slots(cfg.min_ready_fraction, self.num_slots)
+        tune_malloc()        # each draw's batch reuses freed pages instead of faulting them in (memory.tune_malloc)
 
     def _shard_kw(self, i: int, seed: int) -> dict:
         """PoolShard's arguments for shard i of this pool."""
@@ -208,6 +208,26 @@ class Pool(ABC):
 
     def _arrays(self, n: int, zeros: bool = False) -> dict[str, np.ndarray]:
         return new_arrays(n, self.record_shape, self.storage_dtype, self.has_logvar, self.has_label, zeros)
+
+    def _check_fill(self, batch: RecordBatch, n: int) -> None:
+        """Raise ValueError (one line) unless ``batch`` is n records of this pool's layout."""
+        if len(batch) != n:
+            raise ValueError(f"fill got {len(batch)} records for a claim of {n} slots")
+        want = (n, *self.record_shape)
+        for name in ("x_t", "eps") + (("logvar",) if self.has_logvar else ()):
+            v = getattr(batch, name)
+            if v is None or tuple(v.shape) != want:
+                got = None if v is None else tuple(v.shape)
+                raise ValueError(f"fill: {name} has shape {got}, the pool stores {want}")
+        if not self.has_logvar and batch.logvar is not None:
+            raise ValueError("fill: records carry logvar but the pool was built without has_logvar")
+        if self.has_label != (batch.y is not None):
+            raise ValueError(f"fill: records {'lack' if self.has_label else 'carry'} labels y but the pool has "
+                             f"has_label={self.has_label}")
+        if n:
+            lo, hi = (int(v) for v in torch.aminmax(batch.t))
+            if lo < 0 or hi >= self.num_timesteps:
+                raise ValueError(f"fill: t must lie in [0, {self.num_timesteps}), got [{lo}, {hi}]")
 
     def _draw_args(self, b: int, timeout_s: float | None, group: str | None) -> tuple[float, str]:
         """-> (the draw's timeout, what it waits for); PoolError unless 1 <= b <= num_slots."""
@@ -222,14 +242,25 @@ class Pool(ABC):
             raise PoolError(f"claim_refill needs n >= 1, got {n}")
         return self.cfg.block_timeout_s if timeout_s is None else timeout_s
 
-    def _drawable(self, per: list[dict], n: int, group: str | None) -> bool:
-        """Whether shards with counts ``per`` (PoolShard.counts) let a draw of n through (warm, n to draw)."""
-        return sum(c["inserted"] for c in per) >= self.min_ready and sum(c[_drawn(group)] for c in per) >= n
+    def _split_draw(self, b: int, group: str | None) -> list[tuple[int, int]] | None:
+        """A draw of b over the shards' counts now: None unless the pool is warm and holds b records to draw (a
+        group draws among those new to it), else ``split_draw``'s [(shard, count)] of the shards drawn from."""
+        per = self._counts(group)
+        have = [c["READY" if group is None else "available"] for c in per]
+        if sum(c["inserted"] for c in per) < self.min_ready or sum(have) < b:
+            return None
+        return [(i, m) for i, m in enumerate(split_draw(have, b, self.rng).tolist()) if m]
 
-    def _split_draw(self, per: list[dict], b: int, group: str | None) -> list[tuple[int, int]]:
-        """``split_draw`` of b over shards with counts ``per`` -> [(shard, count)] of the shards drawn from."""
-        take = split_draw([c[_drawn(group)] for c in per], b, self.rng)
-        return [(i, m) for i, m in enumerate(take.tolist()) if m]
+    def _wait_refill(self, timeout_s: float) -> list[dict]:
+        """``_poll`` the shards' counts until one has a REFILL slot -> those counts (the wait counted as blocked)."""
+        def refill():
+            per = self._counts()
+            return per if any(c["REFILL"] for c in per) else None
+
+        per, blocked = self._poll(refill, "a REFILL slot", "fill", timeout_s)
+        if blocked:
+            self._add_time("fill", blocked, 0.0)
+        return per
 
     def _poll(self, attempt, what: str, side: str, timeout_s: float, group: str | None = None) -> tuple:
         """Call ``attempt()`` until it returns other than None -> (that, seconds blocked; 0 if the first call did).
@@ -268,10 +299,6 @@ class Pool(ABC):
         self._add_time(side, blocked_s, dt, rejected)
         metrics.observe(metrics.POOL_DRAW_SECONDS if side == "draw" else metrics.POOL_FILL_SECONDS, dt)
         return dt
-
-    def _wait(self, ok, what: str, side: str, timeout_s: float, group: str | None = None) -> tuple[list[dict], float]:
-        """``_poll`` the shards' counts until ok(counts) -> (counts, seconds blocked)."""
-        return self._poll(lambda: per if ok(per := self._counts(group)) else None, what, side, timeout_s, group)
 
     def _layout(self) -> dict:
         """What a snapshot must share with the pool it restores into."""
@@ -360,11 +387,6 @@ def split_draw(ready: np.ndarray, b: int, rng: np.random.Generator) -> np.ndarra
     if b == 0:
         return np.zeros_like(ready)
     return rng.multivariate_hypergeometric(ready, b).astype(np.int64)
-
-
-def _drawn(group: str | None) -> str:
-    """The count a draw takes its records from: a group draws among the records new to it."""
-    return "READY" if group is None else "available"
 
 
 def split_claim(refill, n: int, rng: np.random.Generator) -> list[tuple[int, int]]:

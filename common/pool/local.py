@@ -15,8 +15,7 @@ import torch
 
 from common.config import PoolConfig
 from common.pool.base import Claim, Draw, Pool, PoolStats, merge_groups, new_key, shard_share, split_claim
-from common.pool.codec import batch_over, check_batch, to_arrays, write_snapshot
-from common.pool.memory import tune_malloc
+from common.pool.codec import batch_over, to_arrays, write_snapshot
 from common.pool.shard import PoolShard
 from common.records import RecordBatch
 
@@ -28,7 +27,6 @@ class LocalPool(Pool):
         self.shards = [PoolShard(**self._shard_kw(i, seed)) for i in range(len(self.ranges))]
         self.rng = np.random.default_rng(seed + 7919)
         self.cond = threading.Condition()
-        tune_malloc()        # each draw's batch reuses freed pages instead of faulting them in
         self.claims: dict[str, list[tuple[int, int]]] = {}      # claim id -> [(shard, count)] in slot order
 
     # --- helpers ------------------------------------------------------------------------
@@ -62,11 +60,10 @@ class LocalPool(Pool):
         timeout_s, what = self._draw_args(b, timeout_s, group)
         t0 = time.perf_counter()
         with self.cond:
-            per, blocked = self._wait(lambda p: self._drawable(p, b, group), what, "draw", timeout_s, group)
+            asked, blocked = self._poll(lambda: self._split_draw(b, group), what, "draw", timeout_s, group)
             lease_id = new_key()
             now = time.time()
-            slots, out = self._gather("draw", self._split_draw(per, b, group), lease_id, now, group=group,
-                                      count_call=True)
+            slots, out = self._gather("draw", asked, lease_id, now, group=group, count_call=True)
             deadline = now + self.cfg.lease_timeout_s
         batch = batch_over(out, self.storage_dtype)
         self._timed("draw", t0, blocked)
@@ -81,8 +78,7 @@ class LocalPool(Pool):
     def claim_refill(self, n: int, timeout_s: float | None = None) -> Claim:
         timeout_s = self._claim_args(n, timeout_s)
         with self.cond:
-            per, blocked = self._wait(lambda p: sum(c["REFILL"] for c in p) >= 1, "a REFILL slot", "fill", timeout_s)
-            self._add_time("fill", blocked, 0.0)
+            per = self._wait_refill(timeout_s)
             claim_id = new_key()
             now = time.time()
             layout = split_claim([c["REFILL"] for c in per], n, self.rng)
@@ -96,14 +92,11 @@ class LocalPool(Pool):
         with self.cond:
             layout = self.claims.get(claim_id)
             now = time.time()
-            for s in self.shards:
-                s.expire(now)
             if layout is None or any(self.shards[i].claim_size(claim_id) != m for i, m in layout):
                 self.claims.pop(claim_id, None)
                 self._add_time("fill", 0.0, 0.0, rejected=1)
                 return False
-            check_batch(batch, sum(m for _, m in layout), self.record_shape, self.has_logvar, self.has_label,
-                        self.num_timesteps)
+            self._check_fill(batch, sum(m for _, m in layout))
             records, off = to_arrays(batch, self.storage_dtype), 0
             for i, m in layout:
                 self.shards[i].fill(claim_id, {k: v[off:off + m] for k, v in records.items()}, now, count_call=off == 0)

@@ -17,6 +17,7 @@ call in flight when the shard died answers "nothing from this shard", as its new
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -32,8 +33,8 @@ from common import metrics
 from common.config import PoolConfig
 from common.pool.base import (STATE_NAMES, Claim, Draw, Pool, PoolError, PoolStats, PoolTimeout, check_identity,
                               merge_groups, new_key, shard_share, split_claim)
-from common.pool.codec import batch_over, check_batch, to_arrays, write_snapshot
-from common.pool.memory import FLAG_CLOSED, ShardMemory, tune_malloc
+from common.pool.codec import batch_over, to_arrays, write_snapshot
+from common.pool.memory import FLAG_CLOSED, ShardMemory
 from common.pool.shard import SHARD_COUNTERS, OwnerOnly, PoolShard
 from common.records import RecordBatch
 
@@ -177,7 +178,6 @@ class RayPool(Pool):
         self.leases: dict[str, list[int]] = {}               # lease id -> shards it spans
         self.claims: dict[str, list[tuple[int, int]]] = {}   # claim id -> [(shard, count)] in slot order
         self.views: dict[int, PoolShard | None] = {}         # shard -> its mapped slots (None: RPCs), once located
-        tune_malloc()        # each draw's batch reuses freed pages instead of faulting them in (memory.tune_malloc)
 
     @classmethod
     def attach(cls, name: str) -> "RayPool":
@@ -336,14 +336,13 @@ class RayPool(Pool):
         self.leases[lease_id] = list(range(len(self.handles)))
         while (off := sum(len(s) for _, s in got)) < b:     # another client may take slots between count and lease
             try:
-                per, waited = self._wait(lambda p: self._drawable(p, b - off, group), what, "draw",
-                                         deadline_s - time.monotonic(), group)
+                asked, waited = self._poll(lambda: self._split_draw(b - off, group), what, "draw",
+                                           deadline_s - time.monotonic(), group)
             except PoolTimeout:
                 self.release(lease_id)      # hand back the part already leased
                 raise
             blocked += waited
-            got += self._take(self._split_draw(per, b - off, group), "draw", lease_id, out, off, group=group,
-                              count_call=off == 0)
+            got += self._take(asked, "draw", lease_id, out, off, group=group, count_call=off == 0)
         self.leases[lease_id] = sorted({i for i, _ in got})
         dt = self._timed("draw", t0, blocked)
         return Draw(lease_id=lease_id, slots=torch.from_numpy(np.concatenate([s for _, s in got])),
@@ -358,10 +357,7 @@ class RayPool(Pool):
         deadline_s = time.monotonic() + self._claim_args(n, timeout_s)
         claim_id, got = new_key(), []
         while not got:          # another client may take the slots first: poll again
-            per, blocked = self._wait(lambda p: sum(c["REFILL"] for c in p) >= 1, "a REFILL slot", "fill",
-                                      deadline_s - time.monotonic())
-            if blocked:
-                self._add_time("fill", blocked, 0.0)
+            per = self._wait_refill(deadline_s - time.monotonic())
             asked = split_claim([c["REFILL"] for c in per], n, self.rng)
             out = self._arrays(sum(m for _, m in asked))
             got = self._take(asked, "claim", claim_id, out, 0)
@@ -379,8 +375,7 @@ class RayPool(Pool):
             layout = [(i, r[1]) for i, r in enumerate(sizes) if r is not None and r[1]]
         ok = bool(layout)
         if ok:
-            check_batch(batch, sum(m for _, m in layout), self.record_shape, self.has_logvar, self.has_label,
-                        self.num_timesteps)
+            self._check_fill(batch, sum(m for _, m in layout))
             records, calls, off = to_arrays(batch, self.storage_dtype), [], 0
             for i, m in layout:
                 calls.append((i, "fill", (claim_id, {k: v[off:off + m] for k, v in records.items()}), {"count_call": off == 0}))
@@ -453,8 +448,6 @@ class RayPool(Pool):
         refs = [h.shutdown.remote() for h in self.handles]
         ray.wait(refs, num_returns=len(refs), timeout=10)
         for h in self.handles:
-            try:
+            with contextlib.suppress(Exception):     # already gone
                 ray.kill(h, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
         self.owner = False

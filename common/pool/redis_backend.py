@@ -25,10 +25,9 @@ from common.config import PoolConfig, mask_url
 from common.pool.base import (STATE_NAMES, Claim, Draw, Pool, PoolError, PoolStats, PoolTimeout,
                               check_samples_per_insert, merge_groups, new_key, record_uses, shard_share, split_draw,
                               t_histogram)
-from common.pool.codec import SlotArrays, batch_over, check_batch, to_arrays, write_snapshot
+from common.pool.codec import SlotArrays, batch_over, to_arrays, write_snapshot
 from common.pool.groups import check_group
 from common.pool.identity import check_identity
-from common.pool.memory import tune_malloc
 from common.pool.redis_client import RedisShards, queued
 from common.pool.redis_records import RecordCodec
 from common.pool.shard import AGE_SAMPLE, SHARD_COUNTERS
@@ -53,10 +52,9 @@ class RedisPool(Pool):
         self.shards = len(self.ranges)
         # a stream of its own per process: clients built with one seed must not draw the same splits
         self.rng = np.random.default_rng([seed, uuid.uuid4().int & 0xFFFFFFFF])
-        self.layout = (
-            f"{LAYOUT_VERSION} slots={self.num_slots} shards={self.shards} shape={'x'.join(map(str, self.record_shape))} "
-            f"dtype={self.storage_dtype} logvar={int(self.has_logvar)} label={int(self.has_label)} T={self.num_timesteps}"
-        )
+        self.layout = (f"{LAYOUT_VERSION} slots={self.num_slots} shards={self.shards} "
+                       f"shape={'x'.join(map(str, self.record_shape))} dtype={self.storage_dtype} "
+                       f"logvar={int(self.has_logvar)} label={int(self.has_label)} T={self.num_timesteps}")
         self.codec = RecordCodec(self.record_shape, self.storage_dtype, self.has_logvar, self.has_label)
         # tensor bytes of a record, counted as shard.py counts them (the stored record adds its header)
         self.record_bytes = sum(a.nbytes for a in self._arrays(1).values())
@@ -65,7 +63,6 @@ class RedisPool(Pool):
         self.local = self.redis.local               # retries and re-created shards, then this client's seconds
         self.local.update(draw_s=0.0, fill_s=0.0)
         self.redis.init(list(range(self.shards)), force=False)
-        tune_malloc()        # each draw's batch reuses freed pages instead of faulting them in (memory.tune_malloc)
 
     def __reduce__(self):
         # A pool travels to other processes (Ray actors, workers) as its arguments; the copy reconnects.
@@ -123,10 +120,9 @@ class RedisPool(Pool):
         if self.shards == 1:
             r = self.redis.run([(0, [*argv, self.min_ready, 1, int(first)])])[0]
             return {0: (_split(r[0]), _split(r[1]))} if r[0] else None
-        per = self._counts(group)
-        if not self._drawable(per, need, group):
+        asked = self._split_draw(need, group)
+        if asked is None:
             return None
-        asked = self._split_draw(per, need, group)
         res = self.redis.run([(s, ["draw", m, *argv[2:], 0, 0, int(first and j == 0)])
                               for j, (s, m) in enumerate(asked)])
         return {s: (_split(r[0]), _split(r[1])) for (s, _), r in zip(asked, res) if r[0]} or None
@@ -140,7 +136,8 @@ class RedisPool(Pool):
                 got, waited = self._poll(lambda: self._lease(lease_id, b - have, group, first=have == 0), what, "draw",
                                          t0 + timeout_s - time.perf_counter(), group)
             except PoolTimeout:
-                self._release(lease_id, refund=True)      # hand back the part already leased
+                # hand back the part already leased, its uses refunded (ops.lua's release, refund '1')
+                self.redis.run([(s, ["release", lease_id, 1]) for s in range(self.shards)])
                 self._add_time("draw", blocked, 0.0)
                 raise
             blocked += waited
@@ -163,10 +160,7 @@ class RedisPool(Pool):
         return Draw(lease_id=lease_id, slots=torch.from_numpy(np.concatenate(slots)), batch=batch, deadline=deadline)
 
     def release(self, lease_id: str) -> None:
-        self._release(lease_id, refund=False)
-
-    def _release(self, lease_id: str, refund: bool) -> None:
-        self.redis.run([(s, ["release", lease_id, int(refund)]) for s in range(self.shards)])
+        self.redis.run([(s, ["release", lease_id, 0]) for s in range(self.shards)])     # refund '0': spend a use
 
     def claim_refill(self, n: int, timeout_s: float | None = None) -> Claim:
         """Claim up to n REFILL slots, spread uniformly over the shards' REFILL slots; previous records returned."""
@@ -210,7 +204,7 @@ class RedisPool(Pool):
         if n == 0:
             self._add_time("fill", 0.0, 0.0, rejected=1)
             return False
-        check_batch(batch, n, self.record_shape, self.has_logvar, self.has_label, self.num_timesteps)
+        self._check_fill(batch, n)
         self._claims.pop(claim_id, None)
         rows, t, uses = self.codec.encode(batch), batch.t.tolist(), record_uses(self.k, n, self.rng).tolist()
         calls, i = [], 0
@@ -240,7 +234,8 @@ class RedisPool(Pool):
                 blocked[side] += float(meta.get(f"{side}_blocked_s", 0.0))
             for name, v in per[-1]["counts"].items():
                 metrics.set(metrics.POOL_SLOTS, v, shard=s, state=name)
-        st = PoolStats.merged(self, per, blocked, {"draw": self.local["draw_s"], "fill": self.local["fill_s"]})
+        per[0].update(blocked=blocked, seconds={"draw": self.local["draw_s"], "fill": self.local["fill_s"]})
+        st = PoolStats.merged(self, per)
         st.extra.update(backend="redis", urls=[mask_url(u) for u in self.redis.urls], **self.local)
         return st
 
