@@ -155,10 +155,8 @@ class Pool(ABC):
     # --- identity and consumer groups (identity.py, groups.py, docs/shared_pools.md) ---
 
     def bind_identity(self, identity: dict) -> dict:
-        """Store ``identity`` with the pool if it has none; refuse (PoolError) if it holds another one.
-
-        Returns the identity the pool now holds. Backends keep it where their slots live.
-        """
+        """Store ``identity`` with the pool if it has none, else refuse (PoolError) another one -> the identity
+        the pool now holds. Backends keep it where their slots live."""
         held = getattr(self, "_identity", None)
         if held is None:
             self._identity = dict(identity)
@@ -172,10 +170,8 @@ class Pool(ABC):
 
     @abstractmethod
     def attach_group(self, group: str, policy: str = "wait", max_lag: int | None = None) -> None:
-        """Attach a consumer group: from now on it trains on every record once (groups.py).
-
-        ``max_lag``: records, summed over the shards, split evenly (``shard_share``).
-        """
+        """Attach a consumer group: from now on it trains on every record once (groups.py). ``max_lag``:
+        records, summed over the shards, split evenly (``shard_share``)."""
 
     @abstractmethod
     def detach_group(self, group: str) -> None: ...

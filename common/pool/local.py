@@ -29,8 +29,6 @@ class LocalPool(Pool):
         self.cond = threading.Condition()
         self.claims: dict[str, list[tuple[int, int]]] = {}      # claim id -> [(shard, count)] in slot order
 
-    # --- helpers ------------------------------------------------------------------------
-
     _POLL_S = (0.05, 0.05)
 
     def _sleep(self, s: float) -> None:

@@ -177,8 +177,7 @@ class ShardMemory:
     def _init_header(self, n: int, layout: int) -> None:
         h = self.a["header"]
         h[_H_MAGIC], h[_H_VERSION], h[_H_N], h[_H_PID] = MAGIC, VERSION, n, os.getpid()
-        h[_H_UID] = int.from_bytes(os.urandom(7), "little")
-        h[_H_LAYOUT] = layout
+        h[_H_UID], h[_H_LAYOUT] = int.from_bytes(os.urandom(7), "little"), layout
 
     # --- views -------------------------------------------------------------------------------
 

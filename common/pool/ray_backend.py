@@ -7,8 +7,7 @@ ones live in the namespace ``dkdm_pools`` and outlive the creating driver).
 Each shard's part of an operation runs on this process's mapped view of the shard's memfd
 (``pool.shared_memory``, a client on the actor's node: the same PoolShard transitions under the
 file's lock, records copied once) or as an RPC to the actor (other nodes, and while consumer groups,
-whose bookkeeping lives in the actor, are attached). Blocking is client-side polling, 1 ms doubling
-to 50 ms.
+whose bookkeeping lives in the actor, are attached). Blocking is client-side polling (Pool._poll).
 
 A shard actor that dies is restarted by Ray (``pool.shard_max_restarts``) empty, every slot in
 REFILL; its leases and claims are gone with it. Tasks are not retried (``max_task_retries=0``): a
@@ -130,10 +129,8 @@ class ShardServer:
 def _find_actor(name: str, i: int):
     """The shard actor i of pool ``name``: in this driver's namespace, else among the persistent pools."""
     for ns in (None, POOL_NAMESPACE):
-        try:
+        with contextlib.suppress(ValueError):
             return ray.get_actor(actor_name(name, i), namespace=ns)
-        except ValueError:
-            continue
     return None
 
 
