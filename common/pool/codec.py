@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from common.pool.errors import RecordCorrupt
-from common.records import EMPTY_T, RecordBatch
+from common.records import RecordBatch
 
 STORAGE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -84,15 +84,6 @@ def batch_over(arrays: dict[str, np.ndarray], storage: str) -> RecordBatch:
         return torch.from_numpy(np.ascontiguousarray(arrays[name]))
 
     return RecordBatch(x_t=tensor("x_t"), t=tensor("t"), eps=tensor("eps"), logvar=tensor("logvar"), y=tensor("y"))
-
-
-def zero_batch(n: int, record_shape, storage: str, has_logvar: bool, has_label: bool) -> RecordBatch:
-    """The previous records of n empty slots (a claim during the warm-up): one zero row broadcast to n
-    (read only), t = EMPTY_T."""
-    z = torch.zeros((1, *record_shape), dtype=STORAGE_DTYPES[storage]).expand(n, *record_shape)
-    return RecordBatch(x_t=z, t=torch.full((n,), EMPTY_T, dtype=torch.int64), eps=z,
-                       logvar=torch.zeros((1, *record_shape)).expand(n, *record_shape) if has_logvar else None,
-                       y=torch.zeros(n, dtype=torch.int64) if has_label else None)
 
 
 def _crc(b: bytes | memoryview) -> int:
