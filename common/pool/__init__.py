@@ -8,15 +8,7 @@ from __future__ import annotations
 
 from common.config import PoolConfig
 from common.pool.base import (  # noqa: F401 - the public contract
-    Claim,
-    Draw,
-    Pool,
-    PoolError,
-    PoolStats,
-    PoolTimeout,
-    RecordCorrupt,
-    SlotState,
-)
+    Claim, Draw, Pool, PoolError, PoolStats, PoolTimeout, RecordCorrupt, SlotState)
 
 
 def pool_size(cfg: PoolConfig, T: int, b: int) -> int:
@@ -42,17 +34,8 @@ def _backend(name: str) -> type[Pool]:
     raise PoolError(f"pool.backend={name!r} is not one of local, ray, redis")
 
 
-def make_pool(
-    cfg: PoolConfig,
-    num_slots: int,
-    record_shape: tuple[int, int, int],
-    has_logvar: bool,
-    has_label: bool,
-    num_timesteps: int = 1000,
-    seed: int = 0,
-    t_buckets: int = 10,
-    **backend_kw,
-) -> Pool:
+def make_pool(cfg: PoolConfig, num_slots: int, record_shape: tuple[int, int, int], has_logvar: bool, has_label: bool,
+              num_timesteps: int = 1000, seed: int = 0, t_buckets: int = 10, **backend_kw) -> Pool:
     """Build the pool ``cfg.backend`` names; ``backend_kw`` go to that backend only (e.g. ray's ``detached``)."""
     return _backend(cfg.backend)(cfg, num_slots=num_slots, record_shape=tuple(record_shape), has_logvar=has_logvar,
                                  has_label=has_label, num_timesteps=num_timesteps, seed=seed, t_buckets=t_buckets,

@@ -17,26 +17,19 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import numpy as np
 import torch
 
+from common import metrics
 from common.pool.codec import (  # noqa: F401 - STORAGE_DTYPES: part of the contract
-    FRAME_FIELDS,
-    STORAGE_DTYPES,
-    SlotArrays,
-    new_arrays,
-    read_snapshot,
-)
+    FRAME_FIELDS, STORAGE_DTYPES, SlotArrays, new_arrays, read_snapshot)
 from common.pool.errors import PoolError, PoolTimeout, RecordCorrupt  # noqa: F401 - part of the contract
 from common.pool.identity import check_identity, identity_diff
+from common.pool.memory import tune_malloc
 from common.pool.states import (  # noqa: F401 - re-exported for the backends
-    STATE_NAMES,
-    SlotState,
-    check_samples_per_insert,
-    min_ready_slots,
-    record_uses,
-)
+    STATE_NAMES, SlotState, check_samples_per_insert, min_ready_slots, record_uses)
 from common.records import RecordBatch
 
 @dataclass
@@ -94,8 +87,10 @@ class PoolStats:
     record_age_mean: float = 0.0
 
     @classmethod
-    def merged(cls, pool: Pool, per_shard: list[dict], blocked: dict, seconds: dict) -> PoolStats:
-        """The pool's stats from per-shard dicts (PoolShard.stats' keys) and per-side seconds."""
+    def merged(cls, pool: Pool, per_shard: list[dict]) -> PoolStats:
+        """The pool's stats from per-shard dicts (PoolShard.stats' keys; shard 0's carries the pool-wide seconds
+        blocked and in calls per side, and the fills the pool rejected: PoolShard.add_time)."""
+        blocked, seconds = per_shard[0]["blocked"], per_shard[0]["seconds"]
         tot = {k: sum(s[k] for s in per_shard) for k in (*_SUMMED, "inserted", "age_sum")}
         hist = np.sum([s["t_histogram"] for s in per_shard], axis=0).astype(int).tolist() if pool.t_buckets else []
         st = cls(num_slots=pool.num_slots, counts={n: sum(s["counts"][n] for s in per_shard) for n in STATE_NAMES},
@@ -105,6 +100,7 @@ class PoolStats:
                  **{f"{side}_blocked_seconds_total": blocked.get(side, 0.0) for side in ("draw", "fill")},
                  **{f"{side}_seconds_total": seconds.get(side, 0.0) for side in ("draw", "fill")},
                  record_age_mean=tot["age_sum"] / max(tot["consumed"], 1))
+        st.fill_rejected_total += per_shard[0].get("fill_rejected_client", 0)
         groups = merge_groups([s.get("groups") or {} for s in per_shard])
         if groups:       # consumer groups (issue 8): their lag and progress
             st.extra["groups"] = groups
@@ -159,31 +155,30 @@ class Pool(ABC):
     # --- identity and consumer groups (identity.py, groups.py, docs/shared_pools.md) ---
 
     def bind_identity(self, identity: dict) -> dict:
-        """Store ``identity`` with the pool if it has none; refuse (PoolError) if it holds another one.
-
-        Returns the identity the pool now holds. Backends keep it where their slots live.
-        """
+        """Store ``identity`` with the pool if it has none, else refuse (PoolError) another one -> the identity
+        the pool now holds. Backends keep it where their slots live."""
         held = getattr(self, "_identity", None)
         if held is None:
             self._identity = dict(identity)
             return self._identity
-        check_identity(getattr(getattr(self, "cfg", None), "name", "?"), held, identity)
+        check_identity(self.cfg.name, held, identity)
         return held
 
     def identity(self) -> dict | None:
         """The identity stored with the pool (None: none bound yet)."""
         return getattr(self, "_identity", None)
 
+    @abstractmethod
     def attach_group(self, group: str, policy: str = "wait", max_lag: int | None = None) -> None:
-        """Attach a consumer group: from now on it trains on every record once (groups.py)."""
-        raise PoolError(f"consumer groups are not supported by the {type(self).__name__} backend yet")
+        """Attach a consumer group: from now on it trains on every record once (groups.py). ``max_lag``:
+        records, summed over the shards, split evenly (``shard_share``)."""
 
-    def detach_group(self, group: str) -> None:
-        raise PoolError(f"consumer groups are not supported by the {type(self).__name__} backend yet")
+    @abstractmethod
+    def detach_group(self, group: str) -> None: ...
 
+    @abstractmethod
     def groups(self) -> dict[str, dict]:
-        """Attached consumer groups -> {policy, max_lag, pending, lag, consumed, skipped, leased}."""
-        return {}
+        """Attached consumer groups -> {policy, max_lag, pending, lag, consumed, skipped, leased, idle_s}."""
 
     # --- what every backend keeps and checks the same way (not part of the contract) ---
 
@@ -197,6 +192,7 @@ class Pool(ABC):
         self.num_timesteps, self.t_buckets = int(num_timesteps), int(t_buckets)
         self.ranges = shard_ranges(self.num_slots, cfg.shards)
         self.min_ready = min_ready_slots(cfg.min_ready_fraction, self.num_slots)
+        tune_malloc()        # each draw's batch reuses freed pages instead of faulting them in (memory.tune_malloc)
 
     def _shard_kw(self, i: int, seed: int) -> dict:
         """PoolShard's arguments for shard i of this pool."""
@@ -208,6 +204,26 @@ class Pool(ABC):
 
     def _arrays(self, n: int, zeros: bool = False) -> dict[str, np.ndarray]:
         return new_arrays(n, self.record_shape, self.storage_dtype, self.has_logvar, self.has_label, zeros)
+
+    def _check_fill(self, batch: RecordBatch, n: int) -> None:
+        """Raise ValueError (one line) unless ``batch`` is n records of this pool's layout."""
+        if len(batch) != n:
+            raise ValueError(f"fill got {len(batch)} records for a claim of {n} slots")
+        want = (n, *self.record_shape)
+        for name in ("x_t", "eps") + (("logvar",) if self.has_logvar else ()):
+            v = getattr(batch, name)
+            if v is None or tuple(v.shape) != want:
+                got = None if v is None else tuple(v.shape)
+                raise ValueError(f"fill: {name} has shape {got}, the pool stores {want}")
+        if not self.has_logvar and batch.logvar is not None:
+            raise ValueError("fill: records carry logvar but the pool was built without has_logvar")
+        if self.has_label != (batch.y is not None):
+            raise ValueError(f"fill: records {'lack' if self.has_label else 'carry'} labels y but the pool has "
+                             f"has_label={self.has_label}")
+        if n:
+            lo, hi = (int(v) for v in torch.aminmax(batch.t))
+            if lo < 0 or hi >= self.num_timesteps:
+                raise ValueError(f"fill: t must lie in [0, {self.num_timesteps}), got [{lo}, {hi}]")
 
     def _draw_args(self, b: int, timeout_s: float | None, group: str | None) -> tuple[float, str]:
         """-> (the draw's timeout, what it waits for); PoolError unless 1 <= b <= num_slots."""
@@ -222,20 +238,31 @@ class Pool(ABC):
             raise PoolError(f"claim_refill needs n >= 1, got {n}")
         return self.cfg.block_timeout_s if timeout_s is None else timeout_s
 
-    def _drawable(self, per: list[dict], n: int, group: str | None) -> bool:
-        """Whether shards with counts ``per`` (PoolShard.counts) let a draw of n through (warm, n to draw)."""
-        return sum(c["inserted"] for c in per) >= self.min_ready and sum(c[_drawn(group)] for c in per) >= n
+    def _split_draw(self, b: int, group: str | None) -> list[tuple[int, int]] | None:
+        """A draw of b over the shards' counts now: None unless the pool is warm and holds b records to draw (a
+        group draws among those new to it), else ``split_draw``'s [(shard, count)] of the shards drawn from."""
+        per = self._counts(group)
+        have = [c["READY" if group is None else "available"] for c in per]
+        if sum(c["inserted"] for c in per) < self.min_ready or sum(have) < b:
+            return None
+        return [(i, m) for i, m in enumerate(split_draw(have, b, self.rng).tolist()) if m]
 
-    def _split_draw(self, per: list[dict], b: int, group: str | None) -> list[tuple[int, int]]:
-        """``split_draw`` of b over shards with counts ``per`` -> [(shard, count)] of the shards drawn from."""
-        take = split_draw([c[_drawn(group)] for c in per], b, self.rng)
-        return [(i, m) for i, m in enumerate(take.tolist()) if m]
+    def _wait_refill(self, timeout_s: float) -> list[dict]:
+        """``_poll`` the shards' counts until one has a REFILL slot -> those counts (the wait counted as blocked)."""
+        def refill():
+            per = self._counts()
+            return per if any(c["REFILL"] for c in per) else None
+
+        per, blocked = self._poll(refill, "a REFILL slot", "fill", timeout_s)
+        if blocked:
+            self._add_time("fill", blocked, 0.0)
+        return per
 
     def _poll(self, attempt, what: str, side: str, timeout_s: float, group: str | None = None) -> tuple:
         """Call ``attempt()`` until it returns other than None -> (that, seconds blocked; 0 if the first call did).
 
         It pauses ``_POLL_S[0]`` between calls, doubling up to ``_POLL_S[1]``. After ``timeout_s`` the seconds
-        waited go to the backend's ``_add_blocked(side, s)`` and it raises PoolTimeout with the shards' counts summed.
+        waited go to ``_add_blocked(side, s)`` and it raises PoolTimeout with the shards' counts summed.
         """
         start, pause, slept = time.monotonic(), self._POLL_S[0], False
         while (got := attempt()) is None:
@@ -254,14 +281,28 @@ class Pool(ABC):
     def _sleep(self, s: float) -> None:
         time.sleep(s)
 
-    def _wait(self, ok, what: str, side: str, timeout_s: float, group: str | None = None) -> tuple[list[dict], float]:
-        """``_poll`` the shards' counts until ok(counts) -> (counts, seconds blocked)."""
-        return self._poll(lambda: per if ok(per := self._counts(group)) else None, what, side, timeout_s, group)
+    def _add_time(self, side: str, blocked_s: float, call_s: float, rejected: int = 0) -> None:
+        """Add seconds ``side`` spent blocked and inside its calls, and fills rejected, to the pool's totals."""
+        raise NotImplementedError
 
-    def _snapshot_header(self, inserted_total: int) -> dict:
-        header = {"num_slots": self.num_slots, "record_shape": list(self.record_shape),
-                  "storage_dtype": self.storage_dtype, "has_logvar": self.has_logvar, "has_label": self.has_label,
-                  "inserted_total": int(inserted_total)}
+    def _add_blocked(self, side: str, s: float) -> None:
+        """A timed-out call's seconds (``_poll``): blocked."""
+        self._add_time(side, s, 0.0)
+
+    def _timed(self, side: str, t0: float, blocked_s: float = 0.0, rejected: int = 0) -> float:
+        """A call's seconds since ``t0`` (perf_counter) to the totals (``_add_time``) and its histogram -> them."""
+        dt = time.perf_counter() - t0
+        self._add_time(side, blocked_s, dt, rejected)
+        metrics.observe(metrics.POOL_DRAW_SECONDS if side == "draw" else metrics.POOL_FILL_SECONDS, dt)
+        return dt
+
+    def _layout(self) -> dict:
+        """What a snapshot must share with the pool it restores into."""
+        return {"num_slots": self.num_slots, "record_shape": list(self.record_shape),
+                "storage_dtype": self.storage_dtype, "has_logvar": self.has_logvar, "has_label": self.has_label}
+
+    def _snapshot_header(self) -> dict:
+        header = {**self._layout(), "inserted_total": sum(c["inserted"] for c in self._counts())}
         identity = self.identity()           # a round trip on ray and redis
         if identity is not None:              # issue 8: a snapshot only restores into a pool of the same identity
             header["identity"] = json.dumps(identity, sort_keys=True)
@@ -274,9 +315,7 @@ class Pool(ABC):
         so that a pool warm when snapshotted is warm when restored.
         """
         header, frames = read_snapshot(path)
-        for key in ("num_slots", "record_shape", "storage_dtype", "has_logvar", "has_label"):
-            mine = getattr(self, key)
-            mine = list(mine) if key == "record_shape" else mine
+        for key, mine in self._layout().items():
             if header.get(key) != mine:
                 raise PoolError(f"snapshot {path} has {key}={header.get(key)!r}, this pool has {key}={mine!r}")
         if "identity" in header:
@@ -306,25 +345,21 @@ def new_key() -> str:
     return uuid.uuid4().hex
 
 
+def shard_share(total: int | None, i: int, shards: int) -> int | None:
+    """Shard i's part of ``total`` (its slots, or of a pool-wide lag bound; None: None) split evenly over the
+    shards, the first ``total % shards`` getting one more."""
+    if total is None:
+        return None
+    base, extra = divmod(int(total), shards)
+    return base + (1 if i < extra else 0)
+
+
 def shard_ranges(num_slots: int, shards: int) -> list[tuple[int, int]]:
-    """Contiguous global slot ranges [lo, hi) per shard; the first ``num_slots % shards`` get one more."""
+    """Contiguous global slot ranges [lo, hi) per shard, ``shard_share`` slots each."""
     if shards < 1 or num_slots < shards:
         raise PoolError(f"cannot split {num_slots} slots into {shards} shards (need at least one slot per shard)")
-    base, extra = divmod(num_slots, shards)
-    out, lo = [], 0
-    for i in range(shards):
-        hi = lo + base + (1 if i < extra else 0)
-        out.append((lo, hi))
-        lo = hi
-    return out
-
-
-def shard_lag(max_lag: int | None, i: int, shards: int) -> int | None:
-    """Shard i's part of a pool-wide lag bound (the first ``max_lag % shards`` shards get one more)."""
-    if max_lag is None:
-        return None
-    base, extra = divmod(int(max_lag), shards)
-    return base + (1 if i < extra else 0)
+    ends = list(accumulate(shard_share(num_slots, i, shards) for i in range(shards)))
+    return list(zip([0, *ends[:-1]], ends))
 
 
 def t_histogram(t: np.ndarray, num_timesteps: int, buckets: int) -> list[int]:
@@ -348,11 +383,6 @@ def split_draw(ready: np.ndarray, b: int, rng: np.random.Generator) -> np.ndarra
     if b == 0:
         return np.zeros_like(ready)
     return rng.multivariate_hypergeometric(ready, b).astype(np.int64)
-
-
-def _drawn(group: str | None) -> str:
-    """The count a draw takes its records from: a group draws among the records new to it."""
-    return "READY" if group is None else "available"
 
 
 def split_claim(refill, n: int, rng: np.random.Generator) -> list[tuple[int, int]]:

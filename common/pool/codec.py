@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from common.pool.errors import RecordCorrupt
-from common.records import EMPTY_T, RecordBatch
+from common.records import RecordBatch
 
 STORAGE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -84,34 +84,6 @@ def batch_over(arrays: dict[str, np.ndarray], storage: str) -> RecordBatch:
         return torch.from_numpy(np.ascontiguousarray(arrays[name]))
 
     return RecordBatch(x_t=tensor("x_t"), t=tensor("t"), eps=tensor("eps"), logvar=tensor("logvar"), y=tensor("y"))
-
-
-def zero_batch(n: int, record_shape, storage: str, has_logvar: bool, has_label: bool) -> RecordBatch:
-    """The previous records of n empty slots (a claim during the warm-up): one zero row broadcast to n
-    (read only), t = EMPTY_T."""
-    z = torch.zeros((1, *record_shape), dtype=STORAGE_DTYPES[storage]).expand(n, *record_shape)
-    return RecordBatch(x_t=z, t=torch.full((n,), EMPTY_T, dtype=torch.int64), eps=z,
-                       logvar=torch.zeros((1, *record_shape)).expand(n, *record_shape) if has_logvar else None,
-                       y=torch.zeros(n, dtype=torch.int64) if has_label else None)
-
-
-def check_batch(batch: RecordBatch, n: int, record_shape, has_logvar: bool, has_label: bool, num_timesteps: int) -> None:
-    """Raise ValueError (one line) unless ``batch`` is n records of the pool's layout."""
-    if len(batch) != n:
-        raise ValueError(f"fill got {len(batch)} records for a claim of {n} slots")
-    want = (n, *record_shape)
-    for name in ("x_t", "eps") + (("logvar",) if has_logvar else ()):
-        v = getattr(batch, name)
-        if v is None or tuple(v.shape) != want:
-            raise ValueError(f"fill: {name} has shape {None if v is None else tuple(v.shape)}, the pool stores {want}")
-    if not has_logvar and batch.logvar is not None:
-        raise ValueError("fill: records carry logvar but the pool was built without has_logvar")
-    if has_label != (batch.y is not None):
-        raise ValueError(f"fill: records {'lack' if has_label else 'carry'} labels y but the pool has has_label={has_label}")
-    if n:
-        lo, hi = (int(v) for v in torch.aminmax(batch.t))
-        if lo < 0 or hi >= num_timesteps:
-            raise ValueError(f"fill: t must lie in [0, {num_timesteps}), got [{lo}, {hi}]")
 
 
 def _crc(b: bytes | memoryview) -> int:

@@ -13,51 +13,23 @@ import time
 import numpy as np
 import torch
 
-from common import metrics
 from common.config import PoolConfig
-from common.pool.base import (
-    Claim,
-    Draw,
-    Pool,
-    PoolStats,
-    merge_groups,
-    new_key,
-    shard_lag,
-    split_claim,
-)
-from common.pool.codec import batch_over, check_batch, to_arrays, write_snapshot
-from common.pool.memory import tune_malloc
+from common.pool.base import Claim, Draw, Pool, PoolStats, merge_groups, new_key, shard_share, split_claim
+from common.pool.codec import batch_over, to_arrays, write_snapshot
 from common.pool.shard import PoolShard
 from common.records import RecordBatch
 
-_WAIT_SLICE_S = 0.05
-
 
 class LocalPool(Pool):
-    def __init__(
-        self,
-        cfg: PoolConfig,
-        num_slots: int,
-        record_shape: tuple[int, int, int],
-        has_logvar: bool = False,
-        has_label: bool = False,
-        num_timesteps: int = 1000,
-        seed: int = 0,
-        t_buckets: int = 10,
-    ):
+    def __init__(self, cfg: PoolConfig, num_slots: int, record_shape: tuple[int, int, int], has_logvar: bool = False,
+                 has_label: bool = False, num_timesteps: int = 1000, seed: int = 0, t_buckets: int = 10):
         self._init_layout(cfg, num_slots, record_shape, has_logvar, has_label, num_timesteps, t_buckets)
         self.shards = [PoolShard(**self._shard_kw(i, seed)) for i in range(len(self.ranges))]
         self.rng = np.random.default_rng(seed + 7919)
         self.cond = threading.Condition()
-        tune_malloc()        # each draw's batch reuses freed pages instead of faulting them in
         self.claims: dict[str, list[tuple[int, int]]] = {}      # claim id -> [(shard, count)] in slot order
-        self.blocked = {"draw": 0.0, "fill": 0.0}
-        self.seconds = {"draw": 0.0, "fill": 0.0}
-        self.fill_rejected = 0
 
-    # --- helpers ------------------------------------------------------------------------
-
-    _POLL_S = (_WAIT_SLICE_S, _WAIT_SLICE_S)
+    _POLL_S = (0.05, 0.05)
 
     def _sleep(self, s: float) -> None:
         self.cond.wait(s)            # a release or fill ends the wait early
@@ -65,10 +37,8 @@ class LocalPool(Pool):
     def _counts(self, group: str | None = None) -> list[dict]:
         return [s.counts(time.time(), group) for s in self.shards]
 
-    def _add_blocked(self, side: str, s: float) -> None:
-        if s > 1e-4:
-            self.blocked[side] += s
-            metrics.inc(metrics.POOL_BLOCKED_SECONDS_TOTAL, s, side=side)
+    def _add_time(self, side: str, blocked_s: float, call_s: float, rejected: int = 0) -> None:
+        self.shards[0].add_time(side, blocked_s, call_s, rejected)
 
     def _gather(self, method: str, asked: list[tuple[int, int]], key_id: str, now: float, **kw):
         """Each shard's part (shard, m) of a draw or claim, written straight into its rows of one batch (one copy)
@@ -88,17 +58,13 @@ class LocalPool(Pool):
         timeout_s, what = self._draw_args(b, timeout_s, group)
         t0 = time.perf_counter()
         with self.cond:
-            per, blocked = self._wait(lambda p: self._drawable(p, b, group), what, "draw", timeout_s, group)
-            self._add_blocked("draw", blocked)
+            asked, blocked = self._poll(lambda: self._split_draw(b, group), what, "draw", timeout_s, group)
             lease_id = new_key()
             now = time.time()
-            slots, out = self._gather("draw", self._split_draw(per, b, group), lease_id, now, group=group,
-                                      count_call=True)
+            slots, out = self._gather("draw", asked, lease_id, now, group=group, count_call=True)
             deadline = now + self.cfg.lease_timeout_s
         batch = batch_over(out, self.storage_dtype)
-        dt = time.perf_counter() - t0
-        self.seconds["draw"] += dt
-        metrics.observe(metrics.POOL_DRAW_SECONDS, dt)
+        self._timed("draw", t0, blocked)
         return Draw(lease_id=lease_id, slots=slots, batch=batch, deadline=deadline)
 
     def release(self, lease_id: str) -> None:
@@ -110,8 +76,7 @@ class LocalPool(Pool):
     def claim_refill(self, n: int, timeout_s: float | None = None) -> Claim:
         timeout_s = self._claim_args(n, timeout_s)
         with self.cond:
-            per, blocked = self._wait(lambda p: sum(c["REFILL"] for c in p) >= 1, "a REFILL slot", "fill", timeout_s)
-            self._add_blocked("fill", blocked)
+            per = self._wait_refill(timeout_s)
             claim_id = new_key()
             now = time.time()
             layout = split_claim([c["REFILL"] for c in per], n, self.rng)
@@ -125,31 +90,25 @@ class LocalPool(Pool):
         with self.cond:
             layout = self.claims.get(claim_id)
             now = time.time()
-            for s in self.shards:
-                s.expire(now)
             if layout is None or any(self.shards[i].claim_size(claim_id) != m for i, m in layout):
                 self.claims.pop(claim_id, None)
-                self.fill_rejected += 1
+                self._add_time("fill", 0.0, 0.0, rejected=1)
                 return False
-            check_batch(batch, sum(m for _, m in layout), self.record_shape, self.has_logvar, self.has_label,
-                        self.num_timesteps)
+            self._check_fill(batch, sum(m for _, m in layout))
             records, off = to_arrays(batch, self.storage_dtype), 0
             for i, m in layout:
                 self.shards[i].fill(claim_id, {k: v[off:off + m] for k, v in records.items()}, now, count_call=off == 0)
                 off += m
             del self.claims[claim_id]
             self.cond.notify_all()
-        dt = time.perf_counter() - t0
-        self.seconds["fill"] += dt
-        metrics.observe(metrics.POOL_FILL_SECONDS, dt)
+        self._timed("fill", t0)
         return True
 
     def attach_group(self, group: str, policy: str = "wait", max_lag: int | None = None) -> None:
-        """Attach consumer group ``group`` (``max_lag``: records, summed over shards, split evenly)."""
         with self.cond:
             now = time.time()
             for i, s in enumerate(self.shards):
-                s.attach_group(group, policy, shard_lag(max_lag, i, len(self.shards)), now)
+                s.attach_group(group, policy, shard_share(max_lag, i, len(self.shards)), now)
             self.cond.notify_all()
 
     def detach_group(self, group: str) -> None:
@@ -160,23 +119,18 @@ class LocalPool(Pool):
 
     def groups(self) -> dict[str, dict]:
         with self.cond:
-            now = time.time()
-            for s in self.shards:
-                s.expire(now)
             return merge_groups([s.group_stats() for s in self.shards])
 
     def stats(self) -> PoolStats:
         with self.cond:
             now = time.time()
-            per = [s.stats(now) for s in self.shards]
-            st = PoolStats.merged(self, per, self.blocked, self.seconds)
-            st.fill_rejected_total += self.fill_rejected
+            st = PoolStats.merged(self, [s.stats(now) for s in self.shards])
             self.cond.notify_all()       # expiry may have freed slots for waiters
         return st
 
     def snapshot(self, path: str) -> None:
         with self.cond:
-            inserted = sum(s.c["inserted"] for s in self.shards)
+            header = self._snapshot_header()
 
         def frames():
             for s in self.shards:
@@ -184,7 +138,6 @@ class LocalPool(Pool):
                     arrays = s.snapshot()
                 yield arrays
 
-        header = self._snapshot_header(inserted)
         # The draw/claim generators too, so a resumed single-process run continues exactly (JSON: 128-bit ints).
         header["rng"] = json.dumps({"pool": self.rng.bit_generator.state,
                                     "shards": [sh.rng.bit_generator.state for sh in self.shards]})

@@ -37,7 +37,7 @@ import zlib
 import numpy as np
 
 from common.metrics_discovery import pid_alive
-from common.pool.base import PoolError
+from common.pool.errors import PoolError
 from common.pool.codec import WIRE_DTYPES, field_storage
 
 MAGIC = 0x444B444D53484D31          # "DKDMSHM1"
@@ -52,24 +52,16 @@ def _align(off: int) -> int:
     return (off + 63) & ~63
 
 
-_RECORD_PAGE_OFFSET = 2048
-
-
 def _align_records(off: int) -> int:
     """The next offset at 2048 bytes past a page boundary, for record arrays: a batch that numpy or
     torch allocates starts just past a page, and a memcpy whose destination lies just past its
     source modulo 4 KiB ("4K aliasing") runs several times slower."""
-    return off + (_RECORD_PAGE_OFFSET - off) % 4096
-
-
-def layout_fingerprint(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool, counters: int) -> int:
-    """A 62-bit number that differs when anything about the arrays' layout differs."""
-    key = f"{n}|{tuple(record_shape)}|{storage_dtype}|{has_logvar}|{has_label}|{counters}|{VERSION}".encode()
-    return zlib.crc32(key) | (len(key) << 32)
+    return off + (2048 - off) % 4096
 
 
 def _plan(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool, counters: int):
-    """[(name, dtype, shape, offset)] and the total size in bytes."""
+    """[(name, dtype, shape, offset)], the total size in bytes, and the layout's fingerprint: a 62-bit number
+    that differs when anything about the arrays' layout differs."""
     rec = (n, *record_shape)
     fields = [("header", np.int64, (16,)), ("counters", np.int64, (counters,)),
               ("seconds", np.float64, (len(SECONDS),)), ("state", np.uint8, (n,)), ("t", np.int64, (n,)),
@@ -84,7 +76,8 @@ def _plan(n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label:
         off = _align_records(off) if name in ("x_t", "eps", "logvar") else _align(off)
         out.append((name, dt, shape, off))
         off += int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
-    return out, _align(off)
+    key = f"{n}|{tuple(record_shape)}|{storage_dtype}|{has_logvar}|{has_label}|{counters}|{VERSION}".encode()
+    return out, _align(off), zlib.crc32(key) | (len(key) << 32)
 
 
 class _FileLock:
@@ -126,10 +119,10 @@ class ShardMemory:
 
     @classmethod
     def private(cls, n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool, counters: int) -> "ShardMemory":
-        plan, _ = _plan(n, record_shape, storage_dtype, has_logvar, has_label, counters)
+        plan, _, layout = _plan(n, record_shape, storage_dtype, has_logvar, has_label, counters)
         arrays = {name: np.zeros(shape, dtype=dt) for name, dt, shape, _ in plan}
         mem = cls(arrays, None, contextlib.nullcontext(), owner=True)
-        mem._init_header(n, record_shape, storage_dtype, has_logvar, has_label, counters)
+        mem._init_header(n, layout)
         return mem
 
     @classmethod
@@ -137,7 +130,7 @@ class ShardMemory:
                counters: int) -> "ShardMemory":
         """New shared memory, every page reserved up front: PoolError (one line) when memory cannot hold it,
         instead of an out-of-memory kill later."""
-        plan, size = _plan(n, record_shape, storage_dtype, has_logvar, has_label, counters)
+        plan, size, layout = _plan(n, record_shape, storage_dtype, has_logvar, has_label, counters)
         check_memory(size, f"a pool shard ({tag})")
         if not hasattr(os, "memfd_create"):
             raise PoolError("shared pool memory needs Linux (memfd_create); set pool.shared_memory=false")
@@ -150,14 +143,14 @@ class ShardMemory:
             raise PoolError(f"cannot reserve {size / 2**20:.1f} MiB of shared memory for a pool shard ({err.strerror}); "
                             f"use fewer slots or pool.storage_dtype=fp16") from None
         mem = cls._map(f"/proc/{os.getpid()}/fd/{fd}", fd, plan, size, owner=True)
-        mem._init_header(n, record_shape, storage_dtype, has_logvar, has_label, counters)
+        mem._init_header(n, layout)
         return mem
 
     @classmethod
     def attach(cls, path: str, n: int, record_shape, storage_dtype: str, has_logvar: bool, has_label: bool,
                counters: int, uid: int) -> "ShardMemory":
         """Map an existing shard file; PoolError unless it is the segment ``uid`` with this layout."""
-        plan, size = _plan(n, record_shape, storage_dtype, has_logvar, has_label, counters)
+        plan, size, layout = _plan(n, record_shape, storage_dtype, has_logvar, has_label, counters)
         try:
             fd = os.open(path, os.O_RDWR)
         except OSError as err:
@@ -168,8 +161,7 @@ class ShardMemory:
             raise PoolError(f"pool shard memory {path} holds {have} bytes, its layout needs {size}")
         mem = cls._map(path, fd, plan, size, owner=False)
         h = mem.a["header"]
-        want = layout_fingerprint(n, record_shape, storage_dtype, has_logvar, has_label, counters)
-        if h[_H_MAGIC] != MAGIC or h[_H_UID] != uid or h[_H_LAYOUT] != want:
+        if h[_H_MAGIC] != MAGIC or h[_H_UID] != uid or h[_H_LAYOUT] != layout:
             mem.close()
             raise PoolError(f"pool shard memory {path} is not the expected segment (magic, uid or layout differ)")
         return mem
@@ -182,11 +174,10 @@ class ShardMemory:
         arrays = {name: np.ndarray(shape, dtype=dt, buffer=mm, offset=off) for name, dt, shape, off in plan}
         return cls(arrays, path, _FileLock(fd), owner=owner, mm=mm, fd=fd)
 
-    def _init_header(self, n, record_shape, storage_dtype, has_logvar, has_label, counters) -> None:
+    def _init_header(self, n: int, layout: int) -> None:
         h = self.a["header"]
         h[_H_MAGIC], h[_H_VERSION], h[_H_N], h[_H_PID] = MAGIC, VERSION, n, os.getpid()
-        h[_H_UID] = int.from_bytes(os.urandom(7), "little")
-        h[_H_LAYOUT] = layout_fingerprint(n, record_shape, storage_dtype, has_logvar, has_label, counters)
+        h[_H_UID], h[_H_LAYOUT] = int.from_bytes(os.urandom(7), "little"), layout
 
     # --- views -------------------------------------------------------------------------------
 

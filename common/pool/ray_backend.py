@@ -7,8 +7,7 @@ ones live in the namespace ``dkdm_pools`` and outlive the creating driver).
 Each shard's part of an operation runs on this process's mapped view of the shard's memfd
 (``pool.shared_memory``, a client on the actor's node: the same PoolShard transitions under the
 file's lock, records copied once) or as an RPC to the actor (other nodes, and while consumer groups,
-whose bookkeeping lives in the actor, are attached). Blocking is client-side polling, 1 ms doubling
-to 50 ms.
+whose bookkeeping lives in the actor, are attached). Blocking is client-side polling (Pool._poll).
 
 A shard actor that dies is restarted by Ray (``pool.shard_max_restarts``) empty, every slot in
 REFILL; its leases and claims are gone with it. Tasks are not retried (``max_task_retries=0``): a
@@ -17,6 +16,7 @@ call in flight when the shard died answers "nothing from this shard", as its new
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -30,22 +30,10 @@ import torch
 
 from common import metrics
 from common.config import PoolConfig
-from common.pool.base import (
-    STATE_NAMES,
-    Claim,
-    Draw,
-    Pool,
-    PoolError,
-    PoolStats,
-    PoolTimeout,
-    check_identity,
-    merge_groups,
-    new_key,
-    shard_lag,
-    split_claim,
-)
-from common.pool.codec import batch_over, check_batch, to_arrays, write_snapshot
-from common.pool.memory import FLAG_CLOSED, SECONDS, ShardMemory, tune_malloc
+from common.pool.base import (STATE_NAMES, Claim, Draw, Pool, PoolError, PoolStats, PoolTimeout, check_identity,
+                              merge_groups, new_key, shard_share, split_claim)
+from common.pool.codec import batch_over, to_arrays, write_snapshot
+from common.pool.memory import FLAG_CLOSED, ShardMemory
 from common.pool.shard import SHARD_COUNTERS, OwnerOnly, PoolShard
 from common.records import RecordBatch
 
@@ -134,37 +122,22 @@ class ShardServer:
         return out
 
     def stats(self) -> dict:
-        self.shard.expire()
-        t = dict(zip(SECONDS, self.shard.seconds.tolist()))       # as PoolShard.add_time summed them
-        return {**self.shard.stats(), "blocked": {"draw": t["draw_blocked"], "fill": t["fill_blocked"]},
-                "seconds": {"draw": t["draw"], "fill": t["fill"]}, "fill_rejected_client": int(t["fill_rejected"]),
-                "restarted": int(self.restarted), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+        return {**self.shard.stats(), "restarted": int(self.restarted), "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def _find_actor(name: str, i: int):
     """The shard actor i of pool ``name``: in this driver's namespace, else among the persistent pools."""
     for ns in (None, POOL_NAMESPACE):
-        try:
+        with contextlib.suppress(ValueError):
             return ray.get_actor(actor_name(name, i), namespace=ns)
-        except ValueError:
-            continue
     return None
 
 
 class RayPool(Pool):
-    def __init__(
-        self,
-        cfg: PoolConfig,
-        num_slots: int,
-        record_shape: tuple[int, int, int],
-        has_logvar: bool = False,
-        has_label: bool = False,
-        num_timesteps: int = 1000,
-        seed: int = 0,
-        t_buckets: int = 10,
-        detached: bool = False,
-        reuse_actors: bool = False,
-    ):
+    def __init__(self, cfg: PoolConfig, num_slots: int, record_shape: tuple[int, int, int], has_logvar: bool = False,
+                 has_label: bool = False, num_timesteps: int = 1000, seed: int = 0, t_buckets: int = 10,
+                 detached: bool = False, reuse_actors: bool = False):
         """Start ``cfg.shards`` shard actors named after ``cfg.name`` (Ray is initialized if it is not).
 
         ``reuse_actors``: running shard actors of the same name are reset to empty shards of this
@@ -202,7 +175,6 @@ class RayPool(Pool):
         self.leases: dict[str, list[int]] = {}               # lease id -> shards it spans
         self.claims: dict[str, list[tuple[int, int]]] = {}   # claim id -> [(shard, count)] in slot order
         self.views: dict[int, PoolShard | None] = {}         # shard -> its mapped slots (None: RPCs), once located
-        tune_malloc()        # each draw's batch reuses freed pages instead of faulting them in (memory.tune_malloc)
 
     @classmethod
     def attach(cls, name: str) -> "RayPool":
@@ -361,18 +333,15 @@ class RayPool(Pool):
         self.leases[lease_id] = list(range(len(self.handles)))
         while (off := sum(len(s) for _, s in got)) < b:     # another client may take slots between count and lease
             try:
-                per, waited = self._wait(lambda p: self._drawable(p, b - off, group), what, "draw",
-                                         deadline_s - time.monotonic(), group)
+                asked, waited = self._poll(lambda: self._split_draw(b - off, group), what, "draw",
+                                           deadline_s - time.monotonic(), group)
             except PoolTimeout:
                 self.release(lease_id)      # hand back the part already leased
                 raise
             blocked += waited
-            got += self._take(self._split_draw(per, b - off, group), "draw", lease_id, out, off, group=group,
-                              count_call=off == 0)
+            got += self._take(asked, "draw", lease_id, out, off, group=group, count_call=off == 0)
         self.leases[lease_id] = sorted({i for i, _ in got})
-        dt = time.perf_counter() - t0
-        self._add_time("draw", blocked, dt)
-        metrics.observe(metrics.POOL_DRAW_SECONDS, dt)
+        dt = self._timed("draw", t0, blocked)
         return Draw(lease_id=lease_id, slots=torch.from_numpy(np.concatenate([s for _, s in got])),
                     batch=batch_over(out, self.storage_dtype), deadline=time.time() + self.cfg.lease_timeout_s - dt)
 
@@ -385,10 +354,7 @@ class RayPool(Pool):
         deadline_s = time.monotonic() + self._claim_args(n, timeout_s)
         claim_id, got = new_key(), []
         while not got:          # another client may take the slots first: poll again
-            per, blocked = self._wait(lambda p: sum(c["REFILL"] for c in p) >= 1, "a REFILL slot", "fill",
-                                      deadline_s - time.monotonic())
-            if blocked:
-                self._add_time("fill", blocked, 0.0)
+            per = self._wait_refill(deadline_s - time.monotonic())
             asked = split_claim([c["REFILL"] for c in per], n, self.rng)
             out = self._arrays(sum(m for _, m in asked))
             got = self._take(asked, "claim", claim_id, out, 0)
@@ -406,16 +372,13 @@ class RayPool(Pool):
             layout = [(i, r[1]) for i, r in enumerate(sizes) if r is not None and r[1]]
         ok = bool(layout)
         if ok:
-            check_batch(batch, sum(m for _, m in layout), self.record_shape, self.has_logvar, self.has_label,
-                        self.num_timesteps)
+            self._check_fill(batch, sum(m for _, m in layout))
             records, calls, off = to_arrays(batch, self.storage_dtype), [], 0
             for i, m in layout:
                 calls.append((i, "fill", (claim_id, {k: v[off:off + m] for k, v in records.items()}), {"count_call": off == 0}))
                 off += m
             ok = all(r is not None and r[1] for r in self._on_shards(calls, "fill slots"))
-        dt = time.perf_counter() - t0
-        self._add_time("fill", 0.0, dt, 0 if ok else 1)
-        metrics.observe(metrics.POOL_FILL_SECONDS, dt)
+        self._timed("fill", t0, rejected=0 if ok else 1)
         return ok
 
     def _add_blocked(self, side: str, s: float) -> None:
@@ -431,10 +394,8 @@ class RayPool(Pool):
 
     def stats(self) -> PoolStats:
         per = self._call_all("stats", what="read stats")
-        st = PoolStats.merged(self, per, per[0]["blocked"], per[0]["seconds"])
-        st.fill_rejected_total += per[0]["fill_rejected_client"]
-        st.extra["shard_restarts"] = sum(p["restarted"] for p in per)
-        st.extra["shard_nodes"] = [p["node_id"] for p in per]
+        st = PoolStats.merged(self, per)
+        st.extra.update(shard_restarts=sum(p["restarted"] for p in per), shard_nodes=[p["node_id"] for p in per])
         return st
 
     def bind_identity(self, identity: dict) -> dict:
@@ -451,7 +412,7 @@ class RayPool(Pool):
     def attach_group(self, group: str, policy: str = "wait", max_lag: int | None = None) -> None:
         n = len(self.handles)
         self._call_all("attach_group", group, policy, what=f"attach consumer group {group!r}",
-                       per_shard=lambda i: (shard_lag(max_lag, i, n),))
+                       per_shard=lambda i: (shard_share(max_lag, i, n),))
 
     def detach_group(self, group: str) -> None:
         self._call_all("detach_group", group, what=f"detach consumer group {group!r}")
@@ -460,9 +421,8 @@ class RayPool(Pool):
         return merge_groups(self._call_all("group_stats", what="read the consumer groups"))
 
     def snapshot(self, path: str) -> None:
-        inserted = sum(c["inserted"] for c in self._counts())
         frames = (self._get(h.call.remote("snapshot"), "snapshot a shard") for h in self.handles)   # one shard at a time
-        write_snapshot(path, self._snapshot_header(inserted), frames)
+        write_snapshot(path, self._snapshot_header(), frames)
 
     def restore(self, path: str) -> None:
         _, parts = self._load_snapshot(path)
@@ -485,8 +445,6 @@ class RayPool(Pool):
         refs = [h.shutdown.remote() for h in self.handles]
         ray.wait(refs, num_returns=len(refs), timeout=10)
         for h in self.handles:
-            try:
+            with contextlib.suppress(Exception):     # already gone
                 ray.kill(h, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
         self.owner = False

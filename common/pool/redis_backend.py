@@ -13,7 +13,6 @@ refused and its slots expire back to REFILL.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 import uuid
@@ -22,35 +21,18 @@ import numpy as np
 import torch
 
 from common import metrics
-from common.config import PoolConfig
-from common.config import mask_url
-from common.pool.base import (
-    STATE_NAMES,
-    Claim,
-    Draw,
-    Pool,
-    PoolError,
-    PoolStats,
-    PoolTimeout,
-    check_samples_per_insert,
-    merge_groups,
-    new_key,
-    record_uses,
-    shard_lag,
-    split_draw,
-    t_histogram,
-)
-from common.pool.codec import SlotArrays, batch_over, check_batch, to_arrays, write_snapshot
+from common.config import PoolConfig, mask_url
+from common.pool.base import (STATE_NAMES, Claim, Draw, Pool, PoolError, PoolStats, PoolTimeout,
+                              check_samples_per_insert, merge_groups, new_key, record_uses, shard_share, split_draw,
+                              t_histogram)
+from common.pool.codec import SlotArrays, batch_over, to_arrays, write_snapshot
 from common.pool.groups import check_group
 from common.pool.identity import check_identity
-from common.pool.memory import tune_malloc
 from common.pool.redis_client import RedisShards, queued
 from common.pool.redis_records import RecordCodec
-from common.pool.shard import SHARD_COUNTERS
-from common.pool.states import READY, REFILL
+from common.pool.shard import AGE_SAMPLE, SHARD_COUNTERS
+from common.pool.states import READY, REFILL, restored
 from common.records import EMPTY_T, RecordBatch
-
-logger = logging.getLogger(__name__)
 
 LAYOUT_VERSION = "dkdm-pool-redis/5"     # 5: logvar in fp32 (codec.field_storage)
 _RESTORE_CHUNK = 4 << 20  # bytes of records per restore call
@@ -70,10 +52,9 @@ class RedisPool(Pool):
         self.shards = len(self.ranges)
         # a stream of its own per process: clients built with one seed must not draw the same splits
         self.rng = np.random.default_rng([seed, uuid.uuid4().int & 0xFFFFFFFF])
-        self.layout = (
-            f"{LAYOUT_VERSION} slots={self.num_slots} shards={self.shards} shape={'x'.join(map(str, self.record_shape))} "
-            f"dtype={self.storage_dtype} logvar={int(self.has_logvar)} label={int(self.has_label)} T={self.num_timesteps}"
-        )
+        self.layout = (f"{LAYOUT_VERSION} slots={self.num_slots} shards={self.shards} "
+                       f"shape={'x'.join(map(str, self.record_shape))} dtype={self.storage_dtype} "
+                       f"logvar={int(self.has_logvar)} label={int(self.has_label)} T={self.num_timesteps}")
         self.codec = RecordCodec(self.record_shape, self.storage_dtype, self.has_logvar, self.has_label)
         # tensor bytes of a record, counted as shard.py counts them (the stored record adds its header)
         self.record_bytes = sum(a.nbytes for a in self._arrays(1).values())
@@ -82,13 +63,11 @@ class RedisPool(Pool):
         self.local = self.redis.local               # retries and re-created shards, then this client's seconds
         self.local.update(draw_s=0.0, fill_s=0.0)
         self.redis.init(list(range(self.shards)), force=False)
-        tune_malloc()        # each draw's batch reuses freed pages instead of faulting them in (memory.tune_malloc)
 
     def __reduce__(self):
         # A pool travels to other processes (Ray actors, workers) as its arguments; the copy reconnects.
-        args = {"cfg": self.cfg, "num_slots": self.num_slots, "record_shape": self.record_shape, "has_logvar": self.has_logvar,
-                "has_label": self.has_label, "num_timesteps": self.num_timesteps, "seed": self._seed, "t_buckets": self.t_buckets}
-        return (_rebuild, (args,))
+        return (RedisPool, (self.cfg, self.num_slots, self.record_shape, self.has_logvar, self.has_label,
+                            self.num_timesteps, self._seed, self.t_buckets))
 
     @classmethod
     def attach(cls, cfg: PoolConfig) -> RedisPool:
@@ -112,10 +91,15 @@ class RedisPool(Pool):
         rows = self.redis.run([(s, ["counts", group or ""]) for s in range(self.shards)])
         return [dict(zip((*STATE_NAMES, "inserted", "available"), map(int, r))) for r in rows]
 
-    def _add_blocked(self, side: str, seconds: float) -> None:
-        if seconds > 0:
-            metrics.inc(metrics.POOL_BLOCKED_SECONDS_TOTAL, seconds, side=side)
-            self.redis.exec([(0, queued("hincrbyfloat", self.redis.key(0, "meta"), f"{side}_blocked_s", seconds))])
+    def _add_time(self, side: str, blocked_s: float, call_s: float, rejected: int = 0) -> None:
+        """Blocked seconds and rejected fills go to shard 0's meta hash (pool-wide), call seconds to this client's."""
+        meta = self.redis.key(0, "meta")
+        if blocked_s > 0:
+            metrics.inc(metrics.POOL_BLOCKED_SECONDS_TOTAL, blocked_s, side=side)
+            self.redis.exec([(0, queued("hincrbyfloat", meta, f"{side}_blocked_s", blocked_s))])
+        if rejected:
+            self.redis.exec([(0, queued("hincrby", meta, "fill_rejected", rejected))])
+        self.local[f"{side}_s"] += call_s
 
     def _read(self, members: dict[int, list[int]]) -> tuple[RecordBatch, np.ndarray]:
         """{shard: slots} -> (their intact records, shard by shard in the given order; ok [n]: which were intact)."""
@@ -136,26 +120,25 @@ class RedisPool(Pool):
         if self.shards == 1:
             r = self.redis.run([(0, [*argv, self.min_ready, 1, int(first)])])[0]
             return {0: (_split(r[0]), _split(r[1]))} if r[0] else None
-        per = self._counts(group)
-        if not self._drawable(per, need, group):
+        asked = self._split_draw(need, group)
+        if asked is None:
             return None
-        asked = self._split_draw(per, need, group)
         res = self.redis.run([(s, ["draw", m, *argv[2:], 0, 0, int(first and j == 0)])
                               for j, (s, m) in enumerate(asked)])
         return {s: (_split(r[0]), _split(r[1])) for (s, _), r in zip(asked, res) if r[0]} or None
 
     def draw(self, b: int, timeout_s: float | None = None, group: str | None = None) -> Draw:
-        """Lease b READY slots uniformly at random over all shards (multivariate hypergeometric split)."""
         timeout_s, what = self._draw_args(b, timeout_s, group)
-        t0, lease_id = time.monotonic(), new_key()
+        t0, lease_id = time.perf_counter(), new_key()
         parts, slots, ages, blocked, deadline = [], [], [], 0.0, math.inf
         while (have := sum(len(s) for s in slots)) < b:
             try:
                 got, waited = self._poll(lambda: self._lease(lease_id, b - have, group, first=have == 0), what, "draw",
-                                         t0 + timeout_s - time.monotonic(), group)
+                                         t0 + timeout_s - time.perf_counter(), group)
             except PoolTimeout:
-                self._release(lease_id, refund=True)      # hand back the part already leased
-                self._add_blocked("draw", blocked)
+                # hand back the part already leased, its uses refunded (ops.lua's release, refund '1')
+                self.redis.run([(s, ["release", lease_id, 1]) for s in range(self.shards)])
+                self._add_time("draw", blocked, 0.0)
                 raise
             blocked += waited
             deadline = min(deadline, time.time() + self.cfg.lease_timeout_s)
@@ -164,33 +147,26 @@ class RedisPool(Pool):
             shard_of = np.repeat(list(got), [len(got[s][0]) for s in got])
             parts.append(batch)
             slots.append(members[ok])
-            ages += [a for s in got for a in got[s][1]][:4]
+            ages += [a for s in got for a in got[s][1]][:AGE_SAMPLE]
             if not ok.all():            # damaged records go to REFILL; the loop tops the batch up
                 bad = {int(s): members[~ok & (shard_of == s)].tolist() for s in np.unique(shard_of[~ok])}
                 self.redis.run([(s, ["corrupt", lease_id, *bad[s]]) for s in bad])
                 for s, slots_bad in bad.items():
                     metrics.inc(metrics.POOL_CORRUPT_TOTAL, len(slots_bad), shard=s)
-        self._add_blocked("draw", blocked)
-        elapsed = time.monotonic() - t0
-        self.local["draw_s"] += elapsed
-        metrics.observe(metrics.POOL_DRAW_SECONDS, elapsed)
-        for a in ages[:4]:        # the slots are random: a sample suffices (as shard.py)
+        self._timed("draw", t0, blocked)
+        for a in ages[:AGE_SAMPLE]:        # the slots are random: a sample suffices (as shard.py)
             metrics.observe(metrics.POOL_RECORD_AGE_STEPS, a)
         batch = parts[0] if len(parts) == 1 else RecordBatch.cat(parts)
         return Draw(lease_id=lease_id, slots=torch.from_numpy(np.concatenate(slots)), batch=batch, deadline=deadline)
 
     def release(self, lease_id: str) -> None:
-        """Spend one use of each record still leased under ``lease_id``; a no-op otherwise (idempotent)."""
-        self._release(lease_id, refund=False)
-
-    def _release(self, lease_id: str, refund: bool) -> None:
-        self.redis.run([(s, ["release", lease_id, int(refund)]) for s in range(self.shards)])
+        self.redis.run([(s, ["release", lease_id, 0]) for s in range(self.shards)])     # refund '0': spend a use
 
     def claim_refill(self, n: int, timeout_s: float | None = None) -> Claim:
         """Claim up to n REFILL slots, spread uniformly over the shards' REFILL slots; previous records returned."""
         timeout_s, claim_id = self._claim_args(n, timeout_s), new_key()
         parts, blocked = self._poll(lambda: self._claim(claim_id, n), "a REFILL slot", "fill", timeout_s)
-        self._add_blocked("fill", blocked)
+        self._add_time("fill", blocked, 0.0)
         self._claims[claim_id] = parts
         return Claim(claim_id=claim_id, slots=torch.tensor([m for _, members in parts for m in members], dtype=torch.int64),
                      batch=self._previous(parts), deadline=time.time() + self.cfg.claim_timeout_s)
@@ -217,20 +193,18 @@ class RedisPool(Pool):
             out[name][ok] = v
         return batch_over(out, self.storage_dtype)
 
-    def _claim_parts(self, claim_id: str) -> list[tuple[int, list[int]]]:
-        """A claim made by another client object: its slots per shard, in order, read from the shards."""
-        raw = self.redis.exec([(s, queued("hget", self.redis.key(s, "claims"), claim_id)) for s in range(self.shards)])
-        return [(s, _split(r)) for s, r in enumerate(raw) if r and not isinstance(r, Exception)]
-
     def fill(self, claim_id: str, batch: RecordBatch) -> bool:
-        """FILLING -> READY with ``batch`` in the claim's slot order; False when the claim is unknown or expired."""
-        t0 = time.monotonic()
-        parts = self._claims.get(claim_id) or self._claim_parts(claim_id)
+        t0 = time.perf_counter()
+        parts = self._claims.get(claim_id)
+        if parts is None:      # claimed by another client object: its slots per shard, in order, from the shards
+            key = self.redis.key
+            raw = self.redis.exec([(s, queued("hget", key(s, "claims"), claim_id)) for s in range(self.shards)])
+            parts = [(s, _split(r)) for s, r in enumerate(raw) if r and not isinstance(r, Exception)]
         n = sum(len(m) for _, m in parts)
         if n == 0:
-            self.redis.exec([(0, queued("hincrby", self.redis.key(0, "meta"), "fill_rejected", 1))])
+            self._add_time("fill", 0.0, 0.0, rejected=1)
             return False
-        check_batch(batch, n, self.record_shape, self.has_logvar, self.has_label, self.num_timesteps)
+        self._check_fill(batch, n)
         self._claims.pop(claim_id, None)
         rows, t, uses = self.codec.encode(batch), batch.t.tolist(), record_uses(self.k, n, self.rng).tolist()
         calls, i = [], 0
@@ -242,9 +216,7 @@ class RedisPool(Pool):
                 i += 1
             calls.append((s, argv, [queued("execute_command", "MSET", *staged)]))
         accepted = sum(int(r) for r in self.redis.run(calls))
-        elapsed = time.monotonic() - t0
-        self.local["fill_s"] += elapsed
-        metrics.observe(metrics.POOL_FILL_SECONDS, elapsed)
+        self._timed("fill", t0)
         if accepted:
             for s, members in parts:
                 metrics.inc(metrics.POOL_RECORDS_PRODUCED_TOTAL, len(members), shard=s)
@@ -262,7 +234,8 @@ class RedisPool(Pool):
                 blocked[side] += float(meta.get(f"{side}_blocked_s", 0.0))
             for name, v in per[-1]["counts"].items():
                 metrics.set(metrics.POOL_SLOTS, v, shard=s, state=name)
-        st = PoolStats.merged(self, per, blocked, {"draw": self.local["draw_s"], "fill": self.local["fill_s"]})
+        per[0].update(blocked=blocked, seconds={"draw": self.local["draw_s"], "fill": self.local["fill_s"]})
+        st = PoolStats.merged(self, per)
         st.extra.update(backend="redis", urls=[mask_url(u) for u in self.redis.urls], **self.local)
         return st
 
@@ -279,9 +252,8 @@ class RedisPool(Pool):
         return out
 
     def attach_group(self, group: str, policy: str = "wait", max_lag: int | None = None) -> None:
-        """Attach consumer group ``group`` (``max_lag``: records, summed over shards, split evenly)."""
         check_group(group, policy, max_lag, self.k)
-        lags = [shard_lag(max_lag, s, self.shards) for s in range(self.shards)]
+        lags = [shard_share(max_lag, s, self.shards) for s in range(self.shards)]
         self.redis.run([(s, ["attach", group, policy, "" if lag is None else lag, self.cfg.lease_timeout_s])
                         for s, lag in enumerate(lags)])
 
@@ -328,18 +300,17 @@ class RedisPool(Pool):
 
     def snapshot(self, path: str) -> None:
         """Write the pool to ``path`` in the snapshot format every backend reads, one shard at a time."""
-        inserted = sum(c["inserted"] for c in self._counts())
-        write_snapshot(path, self._snapshot_header(inserted), (self._dump_shard(s) for s in range(self.shards)))
+        write_snapshot(path, self._snapshot_header(), (self._dump_shard(s) for s in range(self.shards)))
 
     def restore(self, path: str) -> None:
         """Replace the pool's contents with a snapshot (slot count and record layout must match; the shard
-        count may differ). LEASED come back READY, FILLING and damaged records as REFILL."""
+        count may differ) as states.restored says."""
         _, parts = self._load_snapshot(path)
         chunk = max(1, _RESTORE_CHUNK // self.codec.record_bytes)
         for s, (a, bad, extra) in enumerate(parts):
-            bad = bad | (a.state > 3)
-            keep = ~bad & (a.t != EMPTY_T)
-            ready = np.isin(a.state, (0, 1)) & keep
+            state, bad = restored(a.state, a.t, a.uses, bad)
+            keep = a.t != EMPTY_T         # restored emptied the damaged slots
+            ready = (state == READY) & keep
             self.redis.run([(s, ["restore_begin", self.layout, a.lo, a.lo + len(a), self.record_bytes, extra])])
             for c0 in range(0, len(a), chunk):
                 c1 = min(len(a), c0 + chunk)
@@ -370,7 +341,3 @@ class RedisPool(Pool):
     def close(self) -> None:
         if hasattr(self, "redis"):
             self.redis.close()
-
-
-def _rebuild(args: dict) -> RedisPool:
-    return RedisPool(**args)

@@ -19,9 +19,8 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from common.config import PoolConfig
+from common.config import PoolConfig, mask_url, with_env_password
 from common.pool.base import PoolError
-from common.config import mask_url, with_env_password
 from common.pool.redis_records import CLUSTER_SCHEME, parse_urls
 
 logger = logging.getLogger("common.pool.redis_backend")     # one logger for the whole backend

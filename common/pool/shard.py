@@ -52,25 +52,11 @@ def _locked(fn):
 class PoolShard(ShardGroups):
     """Global slots [lo, lo + n) of a pool; ``rng`` seeded with seed + shard_id (STYLE: base seed plus index)."""
 
-    def __init__(
-        self,
-        shard_id: int,
-        lo: int,
-        n: int,
-        record_shape: tuple[int, int, int],
-        storage_dtype: str = "fp32",
-        has_logvar: bool = False,
-        has_label: bool = False,
-        lease_timeout_s: float = 60.0,
-        claim_timeout_s: float = 60.0,
-        samples_per_insert: float = 1.0,
-        num_timesteps: int = 1000,
-        t_buckets: int = 10,
-        seed: int = 0,
-        record_metrics: bool = True,
-        memory: ShardMemory | None = None,
-        view: bool = False,
-    ):
+    def __init__(self, shard_id: int, lo: int, n: int, record_shape: tuple[int, int, int], storage_dtype: str = "fp32",
+                 has_logvar: bool = False, has_label: bool = False, lease_timeout_s: float = 60.0,
+                 claim_timeout_s: float = 60.0, samples_per_insert: float = 1.0, num_timesteps: int = 1000,
+                 t_buckets: int = 10, seed: int = 0, record_metrics: bool = True, memory: ShardMemory | None = None,
+                 view: bool = False):
         """``memory``: where the slots live (default: private arrays); ``view``: this process maps a
         shard another process owns (it keeps no groups and publishes no gauges)."""
         if storage_dtype not in STORAGE_DTYPES:
@@ -303,13 +289,17 @@ class PoolShard(ShardGroups):
 
     @_locked
     def stats(self, now: float | None = None) -> dict:
+        """Counts, counters and groups; ``blocked``, ``seconds`` and ``fill_rejected_client`` are add_time's."""
         counts = self.counts(now)
         hist = t_histogram(self.t[self.state == READY], self.num_timesteps, self.t_buckets)
         if self.record_metrics:
             for i, v in enumerate(hist):
                 metrics.set(metrics.POOL_READY_T, v, shard=self.shard_id, bucket=i)
+        t = dict(zip(SECONDS, self.seconds.tolist()))
         return {"shard": self.shard_id, "counts": {k: counts[k] for k in STATE_NAMES}, "t_histogram": hist,
-                **dict(zip(SHARD_COUNTERS, self.c.item())), "groups": self.group_stats()}
+                **dict(zip(SHARD_COUNTERS, self.c.item())), "groups": self.group_stats(),
+                "blocked": {s: t[f"{s}_blocked"] for s in ("draw", "fill")},
+                "seconds": {s: t[s] for s in ("draw", "fill")}, "fill_rejected_client": int(t["fill_rejected"])}
 
     @_locked
     def snapshot(self, now: float | None = None) -> SlotArrays:

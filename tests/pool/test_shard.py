@@ -22,10 +22,9 @@ from common.pool.base import (
     t_histogram,
 )
 from common.pool import codec
-from common.pool.codec import batch_over, new_arrays, read_snapshot, to_arrays, write_snapshot, zero_batch
+from common.pool.codec import batch_over, new_arrays, read_snapshot, to_arrays, write_snapshot
 from common.pool.local import LocalPool
 from common.pool.shard import PoolShard
-from common.records import EMPTY_T
 from pool_conftest import check_records, make_records
 
 SHAPE = (2, 4, 4)
@@ -90,13 +89,6 @@ def test_uses_and_samples_per_insert():
         s.draw(8, f"L{k}", 0.0)
         s.release(f"L{k}", 0.0)
     assert s.counts(0.0)["REFILL"] == 8 and s.c["consumed"] == 24
-
-
-def test_zero_batch_is_empty_read_only_rows():
-    a = zero_batch(5, (3, 4, 4), "fp32", True, True)
-    assert a.x_t.shape == (5, 3, 4, 4) and not a.x_t.any() and (a.t == EMPTY_T).all() and not a.y.any()
-    with pytest.raises(RuntimeError):
-        a.x_t.add_(1)          # one row broadcast: a write would change every row
 
 
 @pytest.mark.parametrize("dtype,logvar,label", [("fp32", True, False), ("bf16", False, True), ("fp16", True, True)])
