@@ -125,7 +125,7 @@ def test_pool_timeout_says_whether_teachers_are_alive(ray_cluster):
 @pytest.mark.slow
 def test_killed_teacher_restarts_and_its_claims_expire(ray_cluster):
     # A long chain makes every warm-up claim take a while, so the kill lands while slots are FILLING.
-    cfg = tiny_config("grp_kill", T=1000, num_slots=96, claim_timeout_s=5.0, microbatch=32)
+    cfg = tiny_config("grp_kill", T=1000, num_slots=96, claim_timeout_s=15.0, microbatch=32)
     pool, group = build(cfg, num_teachers=1)
     try:
         assert group.wait_until(lambda s: s.counts["FILLING"] > 0, 60)
