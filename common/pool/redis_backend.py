@@ -208,13 +208,13 @@ class RedisPool(Pool):
         self._claims.pop(claim_id, None)
         rows, t, uses = self.codec.encode(batch), batch.t.tolist(), record_uses(self.k, n, self.rng).tolist()
         calls, i = [], 0
-        for j, (s, members) in enumerate(parts):
-            staged, argv = [], ["fill", claim_id, int(j == 0)]
-            for m in members:
-                staged += [self.redis.key(s, f"f:{claim_id}:{m}"), rows[i].data]
-                argv += [m, t[i], uses[i]]
-                i += 1
+        for j, (s, members) in enumerate(parts):      # one argument per list: redis-py encodes each argument
+            staged, k = [], len(members)
+            for m, row in zip(members, rows[i:i + k]):
+                staged += [self.redis.key(s, f"f:{claim_id}:{m}"), row.data]
+            argv = ["fill", claim_id, int(j == 0), *(",".join(map(str, v)) for v in (members, t[i:i + k], uses[i:i + k]))]
             calls.append((s, argv, [queued("execute_command", "MSET", *staged)]))
+            i += k
         accepted = sum(int(r) for r in self.redis.run(calls))
         self._timed("fill", t0)
         if accepted:

@@ -118,28 +118,30 @@ function ops.claim()
   return {table.concat(members, ','), tostring(deadline)}
 end
 
--- ARGV: claim id, count_call, then (slot, t, uses) per record in claim order; the records wait in
--- staging keys (f:<claim>:<slot>) -> records accepted (0: unknown or expired claim, staging deleted)
+-- ARGV: claim id, count_call, then the slots, their t and their uses, each "v1,v2,..." in claim order; the
+-- records wait in staging keys (f:<claim>:<slot>) -> records accepted (0: unknown or expired claim, staging deleted)
 function ops.fill()
-  local id, n = ARGV[2], (#ARGV - 3) / 3
-  local members = split(redis.call('HGET', CLAIMS, id))
+  local id, slots, ts, uses_left = ARGV[2], split(ARGV[4]), split(ARGV[5]), split(ARGV[6])
+  local members, n, keys = split(redis.call('HGET', CLAIMS, id)), #slots, {}
   local ok = #members == n
   for i = 1, n do
-    local m = ARGV[1 + 3 * i]
-    ok = ok and members[i] == m and redis.call('EXISTS', staged(id, m)) == 1
+    ok = ok and members[i] == slots[i]
+    keys[i] = staged(id, slots[i])
   end
-  if not ok then
-    for i = 1, n do redis.call('DEL', staged(id, ARGV[1 + 3 * i])) end
+  local found = 0           -- one EXISTS per 4000 keys: a call per slot costs more than the check itself
+  for i = 1, n, 4000 do found = found + redis.call('EXISTS', unpack(keys, i, math.min(i + 3999, n))) end
+  if not (ok and found == n) then
+    for i = 1, n, 4000 do redis.call('DEL', unpack(keys, i, math.min(i + 3999, n))) end
     bump('fill_rejected', tonumber(ARGV[3]))
     return 0
   end
   redis.call('HDEL', CLAIMS, id); redis.call('ZREM', CLAIMED, id)
   local produced, t, uses, born = stat('produced'), {}, {}, {}
   for i = 1, n do
-    local m = ARGV[1 + 3 * i]
-    redis.call('RENAME', staged(id, m), rec(m))
-    t[2 * i - 1], t[2 * i] = m, ARGV[2 + 3 * i]
-    uses[2 * i - 1], uses[2 * i] = m, ARGV[3 + 3 * i]
+    local m = slots[i]
+    redis.call('RENAME', keys[i], rec(m))
+    t[2 * i - 1], t[2 * i] = m, ts[i]
+    uses[2 * i - 1], uses[2 * i] = m, uses_left[i]
     born[2 * i - 1], born[2 * i] = m, produced
   end
   each('HSET', T, t); each('HSET', USES, uses); each('HSET', BORN, born)
