@@ -22,6 +22,7 @@ def pool_size(cfg: PoolConfig, T: int, b: int) -> int:
 
 
 def _backend(name: str) -> type[Pool]:
+    # imported on demand, not to break a cycle: a local pool should not start importing Ray or redis-py
     if name == "local":
         from common.pool.local import LocalPool
         return LocalPool
