@@ -179,22 +179,18 @@ def plot_sweep(exp: dict, path: Path, xkey: str | None, xlabel: str, title: str,
 # --- verdicts -----------------------------------------------------------------------------------------
 
 def _cmp(methods: dict, a: str, b: str, metric: str) -> tuple[bool, str] | None:
-    """Is ``a`` better than ``b`` on ``metric``? -> (verdict, 'a ± s vs b ± s')."""
+    """Is ``a`` better than ``b`` on ``metric``? -> (verdict, 'a ± s vs b ± s; separated or not')."""
     if a not in methods or b not in methods:
         return None
     (ma, sa), (mb, sb) = mean_std(methods[a], metric), mean_std(methods[b], metric)
     if not (math.isfinite(ma) and math.isfinite(mb)):
         return None
     better = ma < mb if LOWER_IS_BETTER[metric] else ma > mb
-    return better, f"{fmt(ma, sa)} vs {fmt(mb, sb)}"
-
-
-def _significant(methods: dict, a: str, b: str, metric: str) -> str:
-    (ma, sa), (mb, sb) = mean_std(methods[a], metric), mean_std(methods[b], metric)
-    n = min(len(methods[a]), len(methods[b]))
-    if n < 2:
-        return "one seed: no error bar"
-    return "outside one std of each other" if abs(ma - mb) > max(sa, sb) else "within one std (not separated)"
+    if min(len(methods[a]), len(methods[b])) < 2:
+        spread = "one seed: no error bar"
+    else:
+        spread = "outside one std of each other" if abs(ma - mb) > max(sa, sb) else "within one std (not separated)"
+    return better, f"{fmt(ma, sa)} vs {fmt(mb, sb)}; {spread}"
 
 
 def verdicts(results: dict) -> list[str]:
@@ -213,29 +209,29 @@ def verdicts(results: dict) -> list[str]:
                               ("data_limited_5", "data-limited 5%")):
             r = _cmp(m, "dkdm", other, metric)
             if r:
-                claim(f"Table 2: DKDM beats {olabel} ({label})", r[0], f"{r[1]}; {_significant(m, 'dkdm', other, metric)}")
+                claim(f"Table 2: DKDM beats {olabel} ({label})", *r)
         r = _cmp(m, "data_limited_20", "data_free", metric)
         if r:
-            claim(f"Table 2: adding real data (20%) helps the data-free baseline ({label})", r[0], r[1])
+            claim(f"Table 2: adding real data (20%) helps the data-free baseline ({label})", *r)
     if "table5_cross" in exps:
         m = exps["table5_cross"]["methods"]
         for s in ("CNN", "ViT"):
             for t in ("CNN", "ViT"):
                 r = _cmp(m, f"{s}S_{t}T_dkdm", f"{s}S_{t}T_data_free", "fid")
                 if r:
-                    claim(f"Table 5: {t} teacher → {s} student, DKDM beats data-free (FID)", r[0], r[1])
+                    claim(f"Table 5: {t} teacher → {s} student, DKDM beats data-free (FID)", *r)
     if "fig4a_variants" in exps:
         m = exps["fig4a_variants"]["methods"]
         for a, b in (("dynamic", "shuffled"), ("shuffled", "iterative"), ("dynamic", "iterative")):
             r = _cmp(m, a, b, "sliced_wasserstein")
             if r:
-                claim(f"Fig. 4a: {a} ends better than {b} (SW2)", r[0], f"{r[1]}; {_significant(m, a, b, 'sliced_wasserstein')}")
+                claim(f"Fig. 4a: {a} ends better than {b} (SW2)", *r)
     if "fig4b_rho" in exps:
         m = exps["fig4b_rho"]["methods"]
         keys = list(m)
         if len(keys) >= 2:
             r = _cmp(m, keys[-1], keys[0], "sliced_wasserstein")
-            claim(f"Fig. 4b: larger rho is better ({keys[-1]} vs {keys[0]}, SW2)", r[0], r[1])
+            claim(f"Fig. 4b: larger rho is better ({keys[-1]} vs {keys[0]}, SW2)", *r)
     return out
 
 
