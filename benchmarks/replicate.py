@@ -44,6 +44,7 @@ from common.teachers import make_teacher
 from student_trainer import experiments as ex
 
 ROOT = Path(__file__).resolve().parent.parent
+logger = logging.getLogger("benchmarks.replicate")     # not __name__: run as a script it is __main__
 DIGITS_TEACHER = ROOT / "common" / "assets" / "digits_teacher"
 # Ordered cheap (exact mixture) first, so a run stopped early keeps the most experiments.
 EXPERIMENTS = ("table2_mixture", "fig4a_variants", "fig4b_rho", "beyond_spi", "beyond_chain", "table2_digits",
@@ -155,7 +156,7 @@ def digits_teacher_path(ctx: Context) -> str:
 def vit_teacher_path(ctx: Context) -> str:
     """A DiT-tiny/2 teacher trained on the digits with the CNN teacher's recipe (configs/digits_teacher.yaml:
     data-based, hybrid objective, batch 128, EMA 0.999), cached under the work folder. The DiT learns more
-    slowly than the UNet: 600 steps left its EMA near its initialisation (FID 95), 30,000 reach FID ~15."""
+    slowly than the UNet, hence more steps (``Budget.vit_teacher_steps``) for a teacher worth distilling."""
     folder = ctx.work / "digits_vit_teacher" / "checkpoint"
     if not (folder / "config.json").is_file():
         from student_trainer.baselines import train_on_data
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--jobs", type=int, default=2, help="runs side by side, one process each")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("benchmarks").setLevel(logging.INFO)      # the curves' progress; the libraries stay quiet
+    logging.getLogger("benchmarks").setLevel(logging.INFO)      # the experiments' progress; the libraries stay quiet
     if args.curves and (args.eval_every < 1 or args.steps % args.eval_every or args.max_steps < args.steps):
         p.error("--curves: --steps must be a multiple of --eval-every and no more than --max-steps")
     torch.set_num_threads(1)
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         t_all = time.perf_counter()
         for name in args.only or EXPERIMENTS:
             t0 = time.perf_counter()
-            print(f"[replicate] {name} ...", flush=True)
+            logger.info("%s ...", name)
             res = RUNNERS[name](ctx)
             res["wall_s"] = time.perf_counter() - t0
             res["seeds"], res["command"] = ctx.seeds, command_line(args)
@@ -419,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             results["notes"] = sorted(set(results.get("notes", []) + ctx.notes))
             results_path.write_text(json.dumps(results, indent=1, default=float))
             write_report(results, out)
-            print(f"[replicate] {name} done in {res['wall_s']:.0f} s", flush=True)
+            logger.info("%s done in %.0f s", name, res["wall_s"])
         results["total_wall_s"] = time.perf_counter() - t_all
         results_path.write_text(json.dumps(results, indent=1, default=float))
     write_report(results, out)

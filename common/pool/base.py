@@ -281,9 +281,9 @@ class Pool(ABC):
     def _sleep(self, s: float) -> None:
         time.sleep(s)
 
+    @abstractmethod
     def _add_time(self, side: str, blocked_s: float, call_s: float, rejected: int = 0) -> None:
         """Add seconds ``side`` spent blocked and inside its calls, and fills rejected, to the pool's totals."""
-        raise NotImplementedError
 
     def _add_blocked(self, side: str, s: float) -> None:
         """A timed-out call's seconds (``_poll``): blocked."""
