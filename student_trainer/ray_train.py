@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.train.v2.api.callback import UserCallback
 
 from common import metrics
@@ -307,10 +308,18 @@ def report(trainer: StudentTrainer, ck_config: dict, pool: Pool, rank: int, out:
 
 
 class TrainerLedger:
-    """The worker group's failures and the steps it resumed at (it lives outside the processes that fail)."""
+    """The worker group's failures and the steps it resumed at (it lives outside the processes that fail),
+    and Ray Train's controller, so that the driver can abort a run it stops (run.fit_watching)."""
 
     def __init__(self):
         self.failures, self.resumed_at = 0, []
+        self._controller = None
+
+    def set_controller(self, controller) -> None:
+        self._controller = controller
+
+    def controller(self):
+        return self._controller
 
     def failed(self) -> int:
         self.failures += 1
@@ -338,6 +347,19 @@ class TrainerFailureLog(UserCallback):
                 else "no restarts left: the run fails")
         logger.warning("trainer worker failed (%s); %s (failure %d of ray.max_failures=%d)", what, then, n,
                        self.max_failures)
+
+
+class ControllerToLedger(ControllerCallback):
+    """Runs on Ray Train's controller as it starts (a DeveloperAPI hook; Ray Train passes RunConfig
+    callbacks that are not UserCallbacks to the controller): names the controller to the ledger, so
+    that the driver can abort a run it stops (run.abort_fit)."""
+
+    def __init__(self, ledger):
+        self.ledger = ledger
+
+    def after_controller_start(self, train_run_context) -> None:
+        import ray
+        self.ledger.set_controller.remote(ray.get_runtime_context().current_actor)
 
 
 def spec_decoder(spec: TeacherSpec, device):

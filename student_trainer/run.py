@@ -265,7 +265,7 @@ def distill_on_ray(cfg: Config) -> dict:
     from ray.train.torch import TorchTrainer
 
     from common.teachers import make_teacher
-    from student_trainer.ray_train import TeacherSpec, TrainerFailureLog, TrainerLedger, train_loop
+    from student_trainer.ray_train import ControllerToLedger, TeacherSpec, TrainerFailureLog, TrainerLedger, train_loop
     from student_trainer.run_dir import RunDir
     from teacher_workers.group import TeacherGroup, on_the_drivers_node
 
@@ -319,9 +319,9 @@ def distill_on_ray(cfg: Config) -> dict:
             run_config=RunConfig(name=TRAIN_NAME, storage_path=str(run.root),
                                  failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                 callbacks=[TrainerFailureLog(ledger, cfg.ray.max_failures)]))
+                                 callbacks=[TrainerFailureLog(ledger, cfg.ray.max_failures), ControllerToLedger(ledger)]))
         t0 = time.time()
-        result = fit_watching(trainer, group)
+        result = fit_watching(trainer, group, ledger)
         trainer_log = ray.get(ledger.summary.remote())
         health = group.health() if group is not None else []
         stats = pool.stats()
@@ -354,11 +354,12 @@ def distill_on_ray(cfg: Config) -> dict:
                          for h in health]}
 
 
-def fit_watching(trainer, group, interval_s: float = 1.0):
+def fit_watching(trainer, group, ledger=None, interval_s: float = 1.0):
     """``trainer.fit()`` while the driver watches the teachers (``TeacherGroup.watch``: restarts logged as
     they happen, TeacherFailed once a teacher's restarts are spent). Ray Train runs in a daemon thread,
-    as under Tune, so that the driver can stop the run whatever Ray Train is waiting for. A trainer that
-    timed out on an empty pool is told with the teachers' state (PoolStarved)."""
+    as under Tune, so that the driver can stop the run whatever Ray Train is waiting for; a run the driver
+    stops (TeacherFailed, Ctrl-C) is aborted and its thread ended before this returns (abort_fit). A
+    trainer that timed out on an empty pool is told with the teachers' state (PoolStarved)."""
     box: dict = {}
 
     def fit() -> None:
@@ -369,10 +370,14 @@ def fit_watching(trainer, group, interval_s: float = 1.0):
 
     thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
     thread.start()
-    while thread.is_alive():
-        thread.join(interval_s)
-        if group is not None and thread.is_alive():
-            group.watch()
+    try:
+        while thread.is_alive():
+            thread.join(interval_s)
+            if group is not None and thread.is_alive():
+                group.watch()
+    except BaseException:
+        abort_fit(thread, ledger)
+        raise
     err = box.get("error")
     if err is None:
         return box["result"]
@@ -381,6 +386,31 @@ def fit_watching(trainer, group, interval_s: float = 1.0):
         raise err
     teachers = group.alive() if group is not None else "teachers run elsewhere (attached pool)"
     raise PoolStarved(f"a trainer's draw failed, {timeout.group(0).rstrip('.')}: {teachers}") from None
+
+
+def abort_fit(thread: threading.Thread, ledger, timeout_s: float = 60.0) -> None:
+    """End a Ray Train run the driver stops: its controller's abort (what Ray Train does on Ctrl-C in a
+    main thread), then, if the run is still there, the controller killed. A fit thread left blocked in
+    ray.get outlives ray.shutdown and takes the process down (SIGABRT) once Ray is initialised again."""
+    import ray
+    if not thread.is_alive() or ledger is None:
+        return
+    try:
+        controller = ray.get(ledger.controller.remote(), timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - the ledger went with its node: nothing to abort through
+        controller = None
+    if controller is None:
+        logger.warning("Ray Train's controller is unknown; the run's thread is left to end with the cluster")
+        return
+    for stop in (lambda: ray.get(controller.abort.remote(), timeout=timeout_s), lambda: ray.kill(controller)):
+        try:
+            stop()
+        except Exception:  # noqa: BLE001 - abort ends the controller's process, so its call fails by design
+            pass
+        thread.join(timeout_s)
+        if not thread.is_alive():
+            return
+    logger.warning("Ray Train's run did not end within %g s of its abort", 2 * timeout_s)
 
 
 class PoolStarved(RuntimeError):

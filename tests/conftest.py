@@ -1,4 +1,4 @@
-"""Suite-wide: how the pytest process ends once Ray has been used in it.
+"""Suite-wide: the root logger cleaned after each test, and how the pytest process ends once Ray has been used in it.
 
 Ray's core worker leaves native threads behind in a driver process even after ``ray.shutdown()``
 (threads that call back into Python appear as ``Dummy-N`` in ``threading.enumerate()``). Interpreter
@@ -11,12 +11,27 @@ under test run in the subprocesses and Ray workers the tests start, which exit n
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 import pytest
 
 _exit_status: int | None = None
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """A test that runs a CLI's main() leaves setup_logging's handler on that test's captured stderr, and
+    every later test would log into a closed file: the plain StreamHandlers a test added go with it
+    (pytest's own handlers are subclasses, added and removed by pytest per phase)."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for h in root.handlers[:]:
+        if type(h) is logging.StreamHandler and h not in before:
+            root.removeHandler(h)
+    root.setLevel(level)
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
