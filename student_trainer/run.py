@@ -393,12 +393,18 @@ def abort_fit(thread: threading.Thread, ledger, timeout_s: float = 60.0) -> None
     main thread), then, if the run is still there, the controller killed. A fit thread left blocked in
     ray.get outlives ray.shutdown and takes the process down (SIGABRT) once Ray is initialised again."""
     import ray
-    if not thread.is_alive() or ledger is None:
+    if ledger is None:
         return
-    try:
-        controller = ray.get(ledger.controller.remote(), timeout=timeout_s)
-    except Exception:  # noqa: BLE001 - the ledger went with its node: nothing to abort through
-        controller = None
+    controller, deadline = None, time.monotonic() + timeout_s
+    while controller is None and thread.is_alive() and time.monotonic() < deadline:   # it may be starting
+        try:
+            controller = ray.get(ledger.controller.remote(), timeout=timeout_s)
+        except Exception:  # noqa: BLE001 - the ledger went with its node: nothing to abort through
+            break
+        if controller is None:
+            time.sleep(0.2)
+    if not thread.is_alive():
+        return
     if controller is None:
         logger.warning("Ray Train's controller is unknown; the run's thread is left to end with the cluster")
         return

@@ -206,7 +206,7 @@ class RedisShards:
             client = self.clients[server]
             info = self.call(server, lambda client=client: client.info("memory"))
             limit, used = int(info.get("maxmemory", 0) or 0), int(info["used_memory"])
-            new = [s for s in mine if not self.call(server, lambda s=s, client=client: client.exists(self.key(s, "meta")))]
+            new = [s for s in mine if not self.call(server, lambda s=s, client=client: client.hexists(self.key(s, "meta"), "layout"))]
             slots = sum(self.ranges[s][1] - self.ranges[s][0] for s in new)
             need = slots * (self.stored_bytes + _SLOT_OVERHEAD)
             if limit > 0 and new and used + need > limit:

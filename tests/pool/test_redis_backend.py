@@ -76,6 +76,30 @@ def test_restart_without_persistence_reinitialises_empty_and_teachers_rebuild(re
     pool.close()
 
 
+def test_a_counter_written_just_after_the_server_lost_the_pool_does_not_hide_the_loss(redis_server):
+    """Blocked seconds and rejected fills go straight to shard 0's meta hash (HINCRBY, no script). One that lands
+    after the server came back empty makes a meta hash with counters and no layout: that is still a lost shard,
+    re-created empty, and a client built then (a teacher Ray restarted at that moment) starts on it, where
+    it used to fail in its constructor on every restart and take the run down."""
+    pool = make_redis_pool(redis_server, 20, record_shape=SHAPE, shards=2, min_ready_fraction=1.0,
+                           redis_retry_timeout_s=10.0)
+    fill_all(pool)
+    redis_server.restart(kill=True)               # the server comes back empty
+    pool._add_time("fill", 0.5, 0.0, rejected=1)  # before any script of this client meets the loss
+    teacher = make_redis_pool(redis_server, 20, record_shape=SHAPE, shards=2, name=pool.cfg.name)
+    for client in (teacher, pool):
+        st = client.stats()
+        st.check_invariant()
+        assert st.counts == {"READY": 0, "LEASED": 0, "REFILL": 20, "FILLING": 0}
+    c = teacher.claim_refill(20)
+    assert len(c) == 20 and (c.batch.t == -1).all()
+    assert fill_claim(teacher, c, SHAPE)
+    d = pool.draw(20, timeout_s=2.0)
+    check_records(d.slots, d.batch)
+    teacher.close()
+    pool.close()
+
+
 def test_connection_loss_is_retried_until_the_server_returns(redis_server):
     pool = make_redis_pool(redis_server, 8, record_shape=SHAPE, shards=2, redis_retry_timeout_s=20.0)
     fill_all(pool)

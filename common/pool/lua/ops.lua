@@ -5,8 +5,12 @@
 
 local now, op = now_s(), ARGV[1]
 
+-- A shard exists when its meta hash has a layout: a client's counter written straight to meta (HINCRBY)
+-- just after the server lost the shard makes a meta hash without one, which is no shard.
+local function exists() return redis.call('HEXISTS', META, 'layout') == 1 end
+
 local function init()                 -- ARGV: layout, lo, hi, record_bytes, force -> {created, layout}
-  if redis.call('EXISTS', META) == 1 and ARGV[6] ~= '1' then return {0, redis.call('HGET', META, 'layout')} end
+  if exists() and ARGV[6] ~= '1' then return {0, redis.call('HGET', META, 'layout')} end
   local lo, hi = tonumber(ARGV[3]), tonumber(ARGV[4])
   local identity = redis.call('HGET', META, 'identity')
   clear(lo, hi)
@@ -19,7 +23,7 @@ local function init()                 -- ARGV: layout, lo, hi, record_bytes, for
   return {1, ARGV[2]}
 end
 if op == 'init' then return init() end
-if redis.call('EXISTS', META) == 0 then error({err = 'DKDMNOINIT ' .. META}) end
+if not exists() then error({err = 'DKDMNOINIT ' .. META}) end
 
 local function expire()
   local n = 0
