@@ -163,7 +163,7 @@ class Prefetcher:
 def train_loop(config: dict) -> None:
     """Ray Train's train_loop_per_worker. ``config``: cfg (dict), pool (RayPool or any picklable Pool), spec,
     run_root, storage (Ray Train's run folder, on a file system every node sees) and ledger (a TrainerLedger
-    actor, told the step each resume starts at)."""
+    actor, told the step each resume starts at and this worker's actor)."""
     import ray.train
     import ray.train.torch
 
@@ -173,6 +173,8 @@ def train_loop(config: dict) -> None:
     run_root = Path(config["run_root"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if config.get("ledger") is not None:
+        config["ledger"].worker_started.remote(ray.get_runtime_context().current_actor)
     torch.set_num_threads(max(1, int(cfg.ray.worker_num_cpus)))
     device = ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")
     if cfg.metrics.enabled:
@@ -309,17 +311,24 @@ def report(trainer: StudentTrainer, ck_config: dict, pool: Pool, rank: int, out:
 
 class TrainerLedger:
     """The worker group's failures and the steps it resumed at (it lives outside the processes that fail),
-    and Ray Train's controller, so that the driver can abort a run it stops (run.fit_watching)."""
+    and Ray Train's controller and workers, so that the driver can abort a run it stops (run.abort_fit)."""
 
     def __init__(self):
         self.failures, self.resumed_at = 0, []
-        self._controller = None
+        self._controller, self._workers = None, []
 
     def set_controller(self, controller) -> None:
         self._controller = controller
 
     def controller(self):
         return self._controller
+
+    def worker_started(self, worker) -> None:
+        self._workers.append(worker)
+
+    def workers(self) -> list:
+        """Every train worker actor of the run (those of failed worker groups are dead already)."""
+        return self._workers
 
     def failed(self) -> int:
         self.failures += 1

@@ -361,22 +361,24 @@ def fit_watching(trainer, group, ledger=None, interval_s: float = 1.0):
     stops (TeacherFailed, Ctrl-C) is aborted and its thread ended before this returns (abort_fit). A
     trainer that timed out on an empty pool is told with the teachers' state (PoolStarved)."""
     box: dict = {}
+    done = threading.Event()    # not thread.is_alive(): on Python 3.11 a Ctrl-C that interrupts a join
+                                # leaves the running thread marked stopped (seen in the Ctrl-C test)
 
     def fit() -> None:
         try:
             box["result"] = trainer.fit()
         except BaseException as err:  # noqa: BLE001 - handed to the driver's thread below
             box["error"] = err
+        finally:
+            done.set()
 
-    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
-    thread.start()
+    threading.Thread(target=fit, name="ray-train-fit", daemon=True).start()
     try:
-        while thread.is_alive():
-            thread.join(interval_s)
-            if group is not None and thread.is_alive():
+        while not done.wait(interval_s):
+            if group is not None:
                 group.watch()
     except BaseException:
-        abort_fit(thread, ledger)
+        abort_fit(done, ledger)
         raise
     err = box.get("error")
     if err is None:
@@ -388,35 +390,58 @@ def fit_watching(trainer, group, ledger=None, interval_s: float = 1.0):
     raise PoolStarved(f"a trainer's draw failed, {timeout.group(0).rstrip('.')}: {teachers}") from None
 
 
-def abort_fit(thread: threading.Thread, ledger, timeout_s: float = 60.0) -> None:
-    """End a Ray Train run the driver stops: its controller's abort (what Ray Train does on Ctrl-C in a
-    main thread), then, if the run is still there, the controller killed. A fit thread left blocked in
-    ray.get outlives ray.shutdown and takes the process down (SIGABRT) once Ray is initialised again."""
+def abort_fit(done: threading.Event, ledger, timeout_s: float = 60.0) -> None:
+    """End a Ray Train run the driver stops (``done``: set when its fit thread ends): the controller's abort
+    (what Ray Train does on Ctrl-C in a main thread), then, if the run is still there, the controller
+    killed; then its workers, dead before the driver drops the pool. A fit thread left blocked in ray.get
+    outlives ray.shutdown and takes the process down (SIGABRT) once Ray is initialised again."""
     import ray
     if ledger is None:
         return
     controller, deadline = None, time.monotonic() + timeout_s
-    while controller is None and thread.is_alive() and time.monotonic() < deadline:   # it may be starting
+    while controller is None and not done.is_set() and time.monotonic() < deadline:   # it may be starting
         try:
             controller = ray.get(ledger.controller.remote(), timeout=timeout_s)
         except Exception:  # noqa: BLE001 - the ledger went with its node: nothing to abort through
             break
         if controller is None:
             time.sleep(0.2)
-    if not thread.is_alive():
-        return
-    if controller is None:
+    if not done.is_set() and controller is None:
         logger.warning("Ray Train's controller is unknown; the run's thread is left to end with the cluster")
         return
     for stop in (lambda: ray.get(controller.abort.remote(), timeout=timeout_s), lambda: ray.kill(controller)):
+        if done.is_set():
+            break
         try:
             stop()
         except Exception:  # noqa: BLE001 - abort ends the controller's process, so its call fails by design
             pass
-        thread.join(timeout_s)
-        if not thread.is_alive():
-            return
-    logger.warning("Ray Train's run did not end within %g s of its abort", 2 * timeout_s)
+        done.wait(timeout_s)
+    if not done.is_set():
+        logger.warning("Ray Train's run did not end within %g s of its abort", 2 * timeout_s)
+        return
+    _wait_workers_gone(ledger, timeout_s)
+
+
+def _wait_workers_gone(ledger, timeout_s: float) -> None:
+    """The aborted run's train workers, dead before the driver drops the pool: the controller's abort kills
+    them without waiting, and a worker still drawing then would fail on the dropped pool with a traceback."""
+    import ray
+    try:
+        workers = ray.get(ledger.workers.remote(), timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - the ledger went with its node
+        return
+    deadline = time.monotonic() + timeout_s
+    for w in workers:
+        ray.kill(w)             # the abort's own kill may still be on its way
+        while time.monotonic() < deadline:
+            try:
+                ray.get(w.__ray_ready__.remote(), timeout=1.0)
+            except ray.exceptions.RayActorError:
+                break           # dead
+            except ray.exceptions.GetTimeoutError:
+                pass
+            time.sleep(0.1)
 
 
 class PoolStarved(RuntimeError):

@@ -158,6 +158,30 @@ def test_job_submit_then_same_name_resumes(head, tmp_path):
     assert steps == list(range(5, 61, 5)), steps        # the steps after 20 redone, each logged once
 
 
+def test_ctrl_c_aborts_the_run_in_one_line(head, tmp_path):
+    """Ctrl-C during training: the driver aborts Ray Train's run through its controller (as Ray Train's own
+    Ctrl-C handler would, which it cannot install when fit runs in the driver's watch thread), stops the
+    teachers and the pool, and exits with status 130 and one line; the checkpoints written stay."""
+    address, _ = head
+    cfg = _config(tmp_path, "ctrlc")
+    proc = subprocess.Popen([sys.executable, "-m", "student_trainer.run", "--config", str(cfg),
+                             "--set", "distill.steps=100000"], cwd=ROOT, env=_env(tmp_path, RAY_ADDRESS=address),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    train = tmp_path / "runs" / "tiny" / "train"
+    deadline = time.time() + 300
+    while not list(train.glob("checkpoint_*")):            # training, with a checkpoint written
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("dkdm:")]
+    assert lines == ["dkdm: interrupted"], err[-3000:]
+    assert "Traceback" not in err and "controller is unknown" not in err and "did not end" not in err, err[-3000:]
+    assert list(train.glob("checkpoint_*"))
+
+
 def test_user_errors_are_one_line(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "student_trainer.run", "--set", "pool.shardz=2"], cwd=ROOT,
                          env=_env(tmp_path), capture_output=True, text=True, timeout=120)
