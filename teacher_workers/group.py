@@ -195,8 +195,9 @@ class TeacherActor:
         w = self.worker
         alive = self._thread is not None and self._thread.is_alive()
         up = max(time.time() - self.started, 1e-9)
-        return {"worker": self.index, "pid": os.getpid(), "running": alive, "records": w.records,
-                "forwards": w.forwards, "busy_s": w.busy_s, "busy_fraction": w.busy_s / up, "uptime_s": up,
+        records, forwards = w.totals()
+        return {"worker": self.index, "pid": os.getpid(), "running": alive, "records": records,
+                "forwards": forwards, "busy_s": w.busy_s, "busy_fraction": w.busy_s / up, "uptime_s": up,
                 "restarts": self.restarts, "metrics_port": self.metrics_port, "last_error": self.last_error}
 
     def noise_probe(self, n: int = 4) -> list[float]:

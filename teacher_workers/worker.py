@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -148,6 +149,7 @@ class TeacherWorker:
         self._expired_in_a_row = 0
         self.forwards = 0
         self.records = 0
+        self._counting = threading.Lock()     # totals() is read from another thread (the actor's health)
         self.busy_s = 0.0
         metrics.inc(metrics.TEACHER_RESTARTS_TOTAL, 0, worker=self.worker)   # the series exists from the start
 
@@ -165,9 +167,16 @@ class TeacherWorker:
         # The pool keeps x_t in its storage dtype: round it first, so the stored eps/logvar are the teacher's at
         # the stored x_t and the student's input is exactly the teacher's (fp32 storage: a no-op).
         rec = teacher_record(self.teacher, x.to(self.x_dtype).to(x.dtype), t, y)
-        self.forwards += len(t)
+        with self._counting:
+            self.forwards += len(t)
         metrics.inc(metrics.TEACHER_FORWARDS_TOTAL, len(t), worker=self.worker)
         return rec
+
+    def totals(self) -> tuple[int, int]:
+        """(records, forwards) at one instant: read one at a time, the loop could fill a claim and forward
+        the next in between, and the pair would count a claim more in flight than there ever was."""
+        with self._counting:
+            return self.records, self.forwards
 
     @property
     def chains_running(self) -> int:
@@ -221,7 +230,8 @@ class TeacherWorker:
             # The claim expired (we were too slow or were presumed dead): its slots went back to REFILL and
             # another claim will refill them; these records are dropped.
             return 0
-        self.records += len(order)
+        with self._counting:
+            self.records += len(order)
         self._expired_in_a_row = 0
         metrics.inc(metrics.TEACHER_RECORDS_TOTAL, len(order), worker=self.worker)
         return len(order)
