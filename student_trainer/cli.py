@@ -82,8 +82,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
-def resolve(args) -> Config | None:
-    cfg = load_config(config_path(args.config), args.overrides)
+def resolve(args, load=None) -> Config | None:
+    """The config of ``--config``/``--set`` (``load(args)``, by default load_config); printed instead with --dry-run."""
+    cfg = load(args) if load is not None else load_config(config_path(args.config), args.overrides)
     if args.dry_run:
         print(json.dumps(public_dump(cfg), indent=2))
         return None
@@ -205,11 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_cli(fn, args) -> int:
-    """Run ``fn(args)``; user errors become one line on stderr and exit status 2."""
+def run_cli(fn, args, fatal: tuple[type[BaseException], ...] = ()) -> int:
+    """Run ``fn(args)``; user errors become one line on stderr and exit status 2, ``fatal`` errors (the
+    service cannot go on: their whole message) one line and exit status 1."""
     setup_logging(getattr(args, "log_level", "INFO"))
     try:
         fn(args)
+    except fatal as err:
+        if os.environ.get("DKDM_DEBUG"):
+            raise
+        print(f"dkdm: error: {err}", file=sys.stderr)
+        return 1
     except _user_errors() as err:
         if os.environ.get("DKDM_DEBUG"):
             raise

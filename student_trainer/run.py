@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 
 from common import metrics
-from common.config import Config, config_from_dict, load_config, public_dump
-from student_trainer.cli import UserError, add_config_args, add_log_level, config_path, report, run_cli
+from common.config import Config, config_from_dict, load_config
+from student_trainer.cli import UserError, add_config_args, add_log_level, config_path, report, resolve, run_cli
 
 from student_trainer.ray_console import install_log_filter, wait_for_train_cleanup
 
@@ -392,35 +392,40 @@ def fit_watching(trainer, group, ledger=None, interval_s: float = 1.0):
 
 def abort_fit(done: threading.Event, ledger, timeout_s: float = 60.0) -> None:
     """End a Ray Train run the driver stops (``done``: set when its fit thread ends): the controller's abort
-    (what Ray Train does on Ctrl-C in a main thread), then, if the run is still there, the controller
-    killed; then its workers, dead before the driver drops the pool. A fit thread left blocked in ray.get
+    (what Ray Train does on Ctrl-C in a main thread), the controller killed if the run is still there,
+    then its workers, dead before the driver drops the pool. A fit thread left blocked in ray.get
     outlives ray.shutdown and takes the process down (SIGABRT) once Ray is initialised again."""
     import ray
     if ledger is None:
         return
-    controller, deadline = None, time.monotonic() + timeout_s
-    while controller is None and not done.is_set() and time.monotonic() < deadline:   # it may be starting
+    controller = _controller(ledger, done, timeout_s)
+    if controller is not None and not done.is_set():
+        try:
+            ray.get(controller.abort.remote(), timeout=timeout_s)
+        except Exception:  # noqa: BLE001 - abort ends the controller's process, so its call fails by design
+            pass
+        if not done.wait(timeout_s):
+            ray.kill(controller)
+            done.wait(timeout_s)
+    if not done.is_set():
+        logger.warning("Ray Train's run did not end after its abort; its thread is left to end with the cluster")
+        return
+    _wait_workers_gone(ledger, timeout_s)
+
+
+def _controller(ledger, done: threading.Event, timeout_s: float):
+    """Ray Train's controller as the ledger knows it, waiting while it may still be starting; None if unknown."""
+    import ray
+    deadline = time.monotonic() + timeout_s
+    while not done.is_set() and time.monotonic() < deadline:
         try:
             controller = ray.get(ledger.controller.remote(), timeout=timeout_s)
         except Exception:  # noqa: BLE001 - the ledger went with its node: nothing to abort through
-            break
-        if controller is None:
-            time.sleep(0.2)
-    if not done.is_set() and controller is None:
-        logger.warning("Ray Train's controller is unknown; the run's thread is left to end with the cluster")
-        return
-    for stop in (lambda: ray.get(controller.abort.remote(), timeout=timeout_s), lambda: ray.kill(controller)):
-        if done.is_set():
-            break
-        try:
-            stop()
-        except Exception:  # noqa: BLE001 - abort ends the controller's process, so its call fails by design
-            pass
-        done.wait(timeout_s)
-    if not done.is_set():
-        logger.warning("Ray Train's run did not end within %g s of its abort", 2 * timeout_s)
-        return
-    _wait_workers_gone(ledger, timeout_s)
+            return None
+        if controller is not None:
+            return controller
+        time.sleep(0.2)
+    return None
 
 
 def _wait_workers_gone(ledger, timeout_s: float) -> None:
@@ -458,9 +463,8 @@ def _teacher_running(cfg: Config) -> bool:
 
 
 def cmd_run(args) -> None:
-    cfg = load_run_config(args.config, args.overrides)
-    if args.dry_run:
-        print(json.dumps(public_dump(cfg), indent=2))
+    cfg = resolve(args, lambda a: load_run_config(a.config, a.overrides))
+    if cfg is None:         # --dry-run: printed
         return
     from student_trainer.report import finish
     result = distill_on_ray(cfg)
@@ -479,13 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     from teacher_workers.group import TeacherFailed
 
     args = build_parser().parse_args(argv)
-    try:
-        return run_cli(cmd_run, args)
-    except (TeacherFailed, PoolStarved) as err:     # the service cannot go on: one line, no traceback
-        if os.environ.get("DKDM_DEBUG"):
-            raise
-        print(f"dkdm: error: {err}", file=sys.stderr)
-        return 1
+    return run_cli(cmd_run, args, fatal=(TeacherFailed, PoolStarved))
 
 
 if __name__ == "__main__":
